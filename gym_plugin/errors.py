@@ -1,0 +1,80 @@
+"""The one error hierarchy of gym_plugin.
+
+Every error a user can cause is one of these. Messages name the thing, the bad value and the fix,
+e.g. ``UnknownAgentError: agent_ref 'math_agnet' is not configured. Configured agents: ['math_agent'].
+Did you mean 'math_agent'? Fix the row's agent_ref or add the agent to your config.``
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def truncate(payload: object, limit: int = 500) -> str:
+    """A payload for an error message: repr'd and cut to ``limit`` characters."""
+    text = payload if isinstance(payload, str) else repr(payload)
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
+
+
+class GymPluginError(Exception):
+    """Base class of every error gym_plugin raises on purpose."""
+
+
+class ConfigError(GymPluginError):
+    """The configuration is invalid. ``problems`` lists every problem found (dotted key, value, fix)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+
+
+class UnknownAgentError(GymPluginError, KeyError):
+    """An example's ``agent_ref`` names no configured agent (also a KeyError, as in NeMo Gym)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ProtocolError(GymPluginError):
+    """A row, request or server reply does not have the shape the wire protocol requires."""
+
+
+class MalformedResponseError(ProtocolError):
+    """A server replied with something that cannot be parsed (payload truncated in the message)."""
+
+
+class MissingTokenIdsError(ProtocolError):
+    """A model output item lacks prompt_token_ids / generation_token_ids / generation_log_probs."""
+
+
+class EndpointError(GymPluginError):
+    """An HTTP endpoint failed (connection refused, timeout, 5xx after retries). ``url`` names it."""
+
+    def __init__(self, message: str, url: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class EndpointUnreachableError(EndpointError, ConnectionError):
+    """Cannot connect to an endpoint (nothing listening, DNS, refused)."""
+
+
+class EndpointTimeoutError(EndpointError, TimeoutError):
+    """An endpoint did not answer within the configured timeout."""
+
+
+class VerifierError(GymPluginError):
+    """A resource server's verify step failed: the rollout is a failure, never reward 0."""
+
+
+class ModelLoadError(GymPluginError):
+    """A model or tokenizer could not be loaded or converted (path, package, format)."""
