@@ -1,0 +1,97 @@
+"""Wire shapes of example rows and collector records, parsed and validated once, at the edge.
+
+An example row is a dict with ``responses_create_params`` (OpenAI Responses API create params: ``input`` is a
+string or a list of input items) and ``agent_ref`` (``{"name": ...}`` or a bare string). Extra keys travel to
+the verifier. The collector yields success records (the agent's reply) and failure records (see
+docs/architecture.md); `is_failure` is the one test for the latter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from gym_plugin.errors import ProtocolError, truncate
+
+TASK_INDEX_KEY = "_ng_task_index"
+ROLLOUT_INDEX_KEY = "_ng_rollout_index"
+TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+
+FAILURE_KINDS = (
+    "timeout",
+    "connection",
+    "http_status",
+    "malformed_response",
+    "verifier",
+    "agent",
+    "invalid_row",
+)
+
+
+def agent_name(row: Mapping[str, Any]) -> str:
+    """The agent a row is routed to: ``agent_ref`` as ``{"name": ...}`` or a string."""
+    ref = row.get("agent_ref")
+    if isinstance(ref, Mapping):
+        ref = ref.get("name")
+    if not isinstance(ref, str) or not ref:
+        raise ProtocolError(
+            f"example row has no usable 'agent_ref' (got {truncate(row.get('agent_ref'), 100)}); "
+            'add "agent_ref": {"name": "<agent instance name from your config>"} to the row'
+        )
+    return ref
+
+
+def validate_example(row: Any, index: int | None = None) -> dict:
+    """Check a row has the shape the agents need; returns it (as a dict). Raises ProtocolError naming the row."""
+    where = f"example row {index}" if index is not None else "example row"
+    if not isinstance(row, Mapping):
+        raise ProtocolError(f"{where} is a {type(row).__name__}, expected a JSON object: {truncate(row, 200)}")
+    params = row.get("responses_create_params")
+    if not isinstance(params, Mapping):
+        raise ProtocolError(
+            f"{where} has no 'responses_create_params' object (got {truncate(params, 100)}); "
+            'expected e.g. {"responses_create_params": {"input": [{"role": "user", "content": "..."}]}}'
+        )
+    inp = params.get("input")
+    if not isinstance(inp, (str, list)) or (isinstance(inp, list) and not inp):
+        raise ProtocolError(
+            f"{where}: responses_create_params.input must be a non-empty string or list of items, "
+            f"got {truncate(inp, 100)}"
+        )
+    agent_name(row)
+    return dict(row)
+
+
+def is_failure(record: Mapping[str, Any]) -> bool:
+    """True for a collector failure record (the row did not produce a usable rollout)."""
+    return record.get("failure") is not None
+
+
+def failure_record(
+    row: Mapping[str, Any] | Any,
+    *,
+    kind: str,
+    reason: str,
+    attempts: int = 0,
+    last_error: str = "",
+    url: str | None = None,
+    task_index: int | None = None,
+    rollout_index: int = 0,
+) -> dict:
+    """A failure record: the input row's keys, ``reward: None`` and a ``failure`` object that says why."""
+    assert kind in FAILURE_KINDS, kind
+    base = dict(row) if isinstance(row, Mapping) else {"invalid_row": truncate(row, 500)}
+    base.update(
+        {
+            TASK_INDEX_KEY: task_index,
+            ROLLOUT_INDEX_KEY: rollout_index,
+            "reward": None,
+            "failure": {
+                "kind": kind,
+                "reason": reason,
+                "attempts": attempts,
+                "last_error": last_error,
+                "url": url,
+            },
+        }
+    )
+    return base
