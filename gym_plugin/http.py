@@ -130,7 +130,11 @@ class Transport:
         if not LOCAL_SERVERS:
             return None, ""
         host, port, path = split_url(url)
-        return LOCAL_SERVERS.get((host, port)), path
+        server = LOCAL_SERVERS.get((host, port))
+        # Only call directly on the server's own loop: its clients and locks belong to that loop.
+        if server is None or server.loop is not asyncio.get_running_loop():
+            return None, path
+        return server, path
 
     async def request(
         self,

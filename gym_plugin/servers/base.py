@@ -75,6 +75,8 @@ class Server:
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop serving this server; direct calls are only made from this loop."""
         self._routes: dict[tuple[str, str], Handler] = {}
         for method, path, handler in self.routes():
             self._routes[(method.upper(), path)] = handler
@@ -177,6 +179,7 @@ class Server:
             self.host = host
         if port is not None:
             self.port = port
+        self.loop = asyncio.get_running_loop()
         await self.on_start()
         self._runner = web.AppRunner(self.build_app(), access_log=None)
         await self._runner.setup()
