@@ -1,8 +1,42 @@
-"""Configuration: load (Hydra/OmegaConf compose), validate (every problem at once), and the server directory."""
+"""Configuration: load (OmegaConf compose of YAML files + initial dict + dotlist overrides), validate (every
+problem reported at once), and the server directory.
+
+The merged config has NeMo Gym's shape (see docs/architecture.md): a few global keys (``policy_model_name``,
+``policy_base_url``, ``policy_api_key``, the aiohttp connector limits, ``head_server``) and one section per
+server instance, ``instance: {server_type: {implementation: {...params}}}``.
+"""
 
 from __future__ import annotations
 
-from gym_plugin.errors import ConfigError, did_you_mean
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gym_plugin.errors import ConfigError, did_you_mean, truncate
+
+HEAD_SERVER_KEY_NAME = "head_server"
+SERVER_TYPES = ("responses_api_agents", "resources_servers", "responses_api_models")
+GLOBAL_KEYS = {
+    "policy_model_name": "name the policy endpoint serves (e.g. 'Qwen/Qwen3-4B')",
+    "policy_base_url": "OpenAI-compatible base URL, or a list of them (e.g. 'http://127.0.0.1:8000/v1')",
+    "policy_api_key": "API key for the policy endpoint ('dummy_key' for local endpoints)",
+    "global_aiohttp_connector_limit_per_host": "max connections per host (e.g. 16384)",
+    "global_aiohttp_connector_limit": "max connections in total (e.g. 65536)",
+    HEAD_SERVER_KEY_NAME: "{host, port} of the head server",
+    "collector": "collector settings (concurrency, timeout_s, max_attempts, ...)",
+    "auth_token": "optional shared-secret bearer token between collector and servers",
+}
+# Keys NeMo Gym puts in a server section that we accept and ignore (they describe NeMo Gym's launcher).
+LAUNCHER_KEYS = {"entrypoint", "host", "port", "datasets", "domain", "verified", "description", "value", "license"}
+
+_SEED_ENV_REF = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 
 class Directory:
@@ -13,7 +47,9 @@ class Directory:
     """
 
     def __init__(self, urls: dict[str, str] | None = None):
-        self._urls: dict[str, str] = dict(urls or {})
+        self._urls: dict[str, str] = {}
+        for k, v in (urls or {}).items():
+            self.set(k, v)
 
     def set(self, name: str, url: str) -> None:
         self._urls[name] = url.rstrip("/")
@@ -32,3 +68,290 @@ class Directory:
 
     def __contains__(self, name: str) -> bool:
         return name in self._urls
+
+
+@dataclass
+class ServerSpec:
+    """One server instance of the config."""
+
+    name: str
+    """Instance name (top-level key), e.g. 'math_agent'."""
+    server_type: str
+    """'responses_api_agents' | 'resources_servers' | 'responses_api_models'."""
+    impl: str
+    """Implementation name, a key of gym_plugin.servers.SERVER_REGISTRY, e.g. 'simple_agent'."""
+    host: str = "127.0.0.1"
+    """Bind address; 127.0.0.1 unless configured."""
+    port: int = 0
+    """Port; 0 picks a free one at start."""
+    params: dict = field(default_factory=dict)
+    """The implementation's parameters (fields of its Config dataclass)."""
+
+
+@dataclass
+class GymConfig:
+    """A loaded, resolved and validated config."""
+
+    data: dict
+    """The merged config as plain containers (what the head server serves)."""
+    servers: dict[str, ServerSpec]
+    """Server instances by name."""
+
+    @property
+    def head_host(self) -> str:
+        return str(self.data.get(HEAD_SERVER_KEY_NAME, {}).get("host", "127.0.0.1"))
+
+    @property
+    def head_port(self) -> int:
+        return int(self.data.get(HEAD_SERVER_KEY_NAME, {}).get("port", 11000))
+
+    def names_of(self, server_type: str) -> list[str]:
+        return sorted(n for n, s in self.servers.items() if s.server_type == server_type)
+
+    @property
+    def agents(self) -> list[str]:
+        return self.names_of("responses_api_agents")
+
+    @property
+    def base_urls(self) -> list[str]:
+        value = self.data.get("policy_base_url")
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+def _seed_env_refs(text: str, top_keys: Iterable[str]) -> str:
+    """The seed's ``${POLICY_BASE_URL}`` means an environment variable when no such config key exists."""
+    keys = set(top_keys)
+    return _SEED_ENV_REF.sub(lambda m: m.group(0) if m.group(1) in keys else "${oc.env:" + m.group(1) + "}", text)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Fix the path (relative to {os.getcwd()!r}).")
+    text = path.read_text()
+    try:
+        probe = OmegaConf.create(text)
+    except OmegaConfBaseException as e:  # includes YAML syntax errors
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}. Fix the syntax there.") from e
+    except Exception as e:  # yaml.YAMLError
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}. Fix the syntax there.") from e
+    if not isinstance(probe, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got a list.")
+    return OmegaConf.create(_seed_env_refs(text, probe.keys()))
+
+
+def compose(
+    config_paths: Sequence[str | Path] | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    initial: Mapping[str, Any] | None = None,
+) -> DictConfig:
+    """Merge YAML files (in order), then ``initial`` (e.g. GymIntegration's model/base URLs), then dotlist
+    overrides (``key.sub=value``, Hydra style). Nothing is resolved yet."""
+    if config_paths is None:
+        config_paths = []
+    elif isinstance(config_paths, (str, Path)):
+        config_paths = [config_paths]
+    parts = [_load_yaml(Path(p)) for p in config_paths]
+    if initial:
+        parts.append(OmegaConf.create(dict(initial)))
+    if overrides:
+        try:
+            parts.append(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"overrides {list(overrides)} could not be parsed: {e}. Use key.sub=value.") from e
+    return OmegaConf.merge(*parts) if parts else OmegaConf.create({})
+
+
+def _resolve_all(cfg: DictConfig, problems: list[str]) -> dict:
+    """Resolve every leaf separately so that every broken interpolation is reported, not just the first."""
+
+    def walk(node: Any, prefix: str) -> Any:
+        if isinstance(node, DictConfig):
+            out = {}
+            for key in node.keys():
+                dotted = f"{prefix}{key}"
+                try:
+                    value = node[key]  # resolves this key's interpolation, if any
+                except OmegaConfBaseException as e:
+                    raw = node._get_node(key)._value()  # noqa: SLF001 (the unresolved text, for the message)
+                    m = re.search(r"oc\.env:([A-Za-z0-9_]+)", str(raw))
+                    hint = f" Set the environment variable {m.group(1)} or override {dotted}=<value>." if m else ""
+                    problems.append(f"{dotted}: cannot resolve {raw!r}: {str(e).splitlines()[0]}.{hint}")
+                    out[key] = None
+                    continue
+                out[key] = walk(value, dotted + ".")
+            return out
+        if isinstance(node, ListConfig):
+            items = []
+            for i in range(len(node)):
+                try:
+                    items.append(walk(node[i], f"{prefix.rstrip('.')}[{i}]."))
+                except OmegaConfBaseException as e:
+                    problems.append(f"{prefix.rstrip('.')}[{i}]: cannot resolve: {str(e).splitlines()[0]}")
+                    items.append(None)
+            return items
+        return node
+
+    return walk(cfg, "")
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+def _check_params(spec: ServerSpec, problems: list[str]) -> None:
+    from gym_plugin.servers import get_server_class
+
+    where = f"{spec.name}.{spec.server_type}.{spec.impl}"
+    try:
+        cls = get_server_class(spec.server_type, spec.impl)
+    except ConfigError as e:
+        problems.append(f"{where}: {' '.join(e.problems)}")
+        return
+    cfg_cls = getattr(cls, "Config", None)
+    if cfg_cls is None or not dataclasses.is_dataclass(cfg_cls):
+        return
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    for key in spec.params:
+        if key not in fields:
+            problems.append(
+                f"{where}.{key}: unknown parameter (value {truncate(spec.params[key], 80)}).{did_you_mean(key, fields)} "
+                f"Known parameters of {spec.impl!r}: {sorted(fields)}."
+            )
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if required and name not in spec.params:
+            problems.append(f"{where}.{name}: required parameter is missing. Add `{name}: ...` under {where}.")
+    try:
+        hints = typing.get_type_hints(cfg_cls)
+    except Exception:
+        hints = {}
+    for key, value in spec.params.items():
+        if key in hints and value is not None:
+            msg = _type_problem(hints[key], value)
+            if msg:
+                problems.append(f"{where}.{key}: {msg}")
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """A message when ``value`` clearly does not fit ``hint`` (simple types only), else None."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if any(_type_problem(a, value) is None for a in args if a is not type(None)):
+            return None
+        return f"value {truncate(value, 80)} ({type(value).__name__}) does not fit {hint}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"expected true/false, got {truncate(value, 80)}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"expected an integer, got {truncate(value, 80)}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {truncate(value, 80)}"
+    if hint is str:
+        return None if isinstance(value, str) else f"expected a string, got {truncate(value, 80)}"
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        return None if isinstance(value, (list, tuple)) else f"expected a list, got {truncate(value, 80)}"
+    if origin in (dict, Mapping) or hint is dict:
+        return None if isinstance(value, dict) else f"expected a mapping, got {truncate(value, 80)}"
+    return None
+
+
+def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
+    """Check a resolved config; raise ConfigError listing every problem (dotted key, value, fix)."""
+    problems = list(problems or [])
+    servers: dict[str, ServerSpec] = {}
+    base = data.get("policy_base_url")
+    if base is not None:
+        urls = [base] if isinstance(base, str) else base
+        if not isinstance(urls, list) or not urls:
+            problems.append(f"policy_base_url: {truncate(base, 80)} must be a URL or a non-empty list of URLs")
+        else:
+            for i, u in enumerate(urls):
+                if not isinstance(u, str) or not re.match(r"^https?://[^/\s]+", u):
+                    problems.append(
+                        f"policy_base_url[{i}]: {u!r} is not an http(s) URL; expected e.g. 'http://127.0.0.1:8000/v1'"
+                    )
+    for key in ("global_aiohttp_connector_limit_per_host", "global_aiohttp_connector_limit"):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            problems.append(f"{key}: {v!r} must be a non-negative integer (0 = unlimited)")
+    head = data.get(HEAD_SERVER_KEY_NAME)
+    if head is not None:
+        if not isinstance(head, dict):
+            problems.append(f"{HEAD_SERVER_KEY_NAME}: must be a mapping {{host, port}}, got {truncate(head, 80)}")
+        else:
+            port = head.get("port", 11000)
+            if not isinstance(port, int) or not 0 <= port <= 65535:
+                problems.append(f"{HEAD_SERVER_KEY_NAME}.port: {port!r} must be an integer 0..65535")
+    for name, section in data.items():
+        if name in GLOBAL_KEYS or name.startswith("_"):
+            continue
+        if not isinstance(section, dict):
+            problems.append(
+                f"{name}: {truncate(section, 60)} is neither a known global key ({sorted(GLOBAL_KEYS)})"
+                f"{did_you_mean(name, GLOBAL_KEYS)} nor a server section "
+                f"({{server_type: {{implementation: {{...}}}}}} with server_type in {list(SERVER_TYPES)})"
+            )
+            continue
+        types = [k for k in section if k in SERVER_TYPES]
+        if len(types) != 1 or len(section) != 1:
+            bad = [k for k in section if k not in SERVER_TYPES]
+            hint = "".join(did_you_mean(b, SERVER_TYPES) for b in bad)
+            problems.append(
+                f"{name}: a server section needs exactly one server type key out of {list(SERVER_TYPES)}, "
+                f"got {sorted(section)}.{hint}"
+            )
+            continue
+        stype = types[0]
+        impls = section[stype]
+        if not isinstance(impls, dict) or len(impls) != 1:
+            problems.append(f"{name}.{stype}: needs exactly one implementation name, got {truncate(impls, 80)}")
+            continue
+        impl, params = next(iter(impls.items()))
+        params = dict(params or {})
+        host = params.pop("host", "127.0.0.1")
+        port = params.pop("port", 0)
+        for k in LAUNCHER_KEYS - {"host", "port"}:
+            params.pop(k, None)
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            problems.append(f"{name}.{stype}.{impl}.port: {port!r} must be an integer 0..65535 (0 = any free)")
+            port = 0
+        spec = ServerSpec(name=name, server_type=stype, impl=impl, host=str(host), port=port, params=params)
+        servers[name] = spec
+        _check_params(spec, problems)
+    # references between servers: {type, name}
+    for spec in servers.values():
+        for key, value in spec.params.items():
+            if isinstance(value, dict) and set(value) == {"type", "name"}:
+                target = servers.get(value["name"])
+                where = f"{spec.name}.{spec.server_type}.{spec.impl}.{key}"
+                if target is None:
+                    problems.append(
+                        f"{where}.name: {value['name']!r} is not a configured server.{did_you_mean(value['name'], servers)} "
+                        f"Configured: {sorted(servers)}."
+                    )
+                elif target.server_type != value["type"]:
+                    problems.append(
+                        f"{where}.type: {value['type']!r} but {value['name']!r} is a {target.server_type}; "
+                        f"set type: {target.server_type}"
+                    )
+    if problems:
+        raise ConfigError(problems)
+    return GymConfig(data=data, servers=servers)
+
+
+def load_config(
+    config_paths: Sequence[str | Path] | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    initial: Mapping[str, Any] | None = None,
+) -> GymConfig:
+    """Compose, resolve and validate. Raises ConfigError listing every problem found."""
+    cfg = compose(config_paths, overrides, initial)
+    problems: list[str] = []
+    data = _resolve_all(cfg, problems)
+    return validate(data, problems)
+
+
+def to_yaml(data: Mapping[str, Any]) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(dict(data)))
