@@ -120,6 +120,30 @@ class GymConfig:
         return [value] if isinstance(value, str) else list(value)
 
 
+DEFAULT_POLICY_INSTANCE = "policy_model"
+
+
+def with_default_policy_server(data: dict) -> dict:
+    """When the config sets ``policy_base_url`` but names no policy model server, add the standard one
+    (``policy_model``: vllm_model pointed at policy_base_url/policy_api_key/policy_model_name), as the
+    seed's minimal gym_env.yaml expects."""
+    has_model = any(isinstance(v, dict) and "responses_api_models" in v for v in data.values())
+    if has_model or data.get("policy_base_url") is None or DEFAULT_POLICY_INSTANCE in data:
+        return data
+    data = dict(data)
+    data[DEFAULT_POLICY_INSTANCE] = {
+        "responses_api_models": {
+            "vllm_model": {
+                "base_url": data["policy_base_url"],
+                "api_key": data.get("policy_api_key", "dummy_key"),
+                "model": data.get("policy_model_name", "policy"),
+            }
+        }
+    }
+    return data
+
+
+
 # ---- loading ---------------------------------------------------------------------------------------------
 def _seed_env_refs(text: str, top_keys: Iterable[str]) -> str:
     """The seed's ``${POLICY_BASE_URL}`` means an environment variable when no such config key exists."""
@@ -349,7 +373,7 @@ def load_config(
     """Compose, resolve and validate. Raises ConfigError listing every problem found."""
     cfg = compose(config_paths, overrides, initial)
     problems: list[str] = []
-    data = _resolve_all(cfg, problems)
+    data = with_default_policy_server(_resolve_all(cfg, problems))
     return validate(data, problems)
 
 

@@ -1,0 +1,280 @@
+"""The seed's API: `GymIntegration` and `RolloutCollectionHelper` (see docs/seed: "Connect Gym to Your Training Loop").
+
+`GymIntegration` starts the configured servers (agents, resource servers, the policy model server, a head
+server) in this process, on an event loop of their own in a background thread, so it works the same from
+async code (the seed's ``async for rollout in gym.collect_rollouts(batch)``) and from plain code
+(``gym.collect(batch)``). The collector runs on that same loop, so collector, agents, verifiers and the policy
+model server call each other directly; only the policy endpoint (vLLM) is reached over HTTP.
+
+`RolloutCollectionHelper().run_examples(examples, head_server_config=...)` reads the config from a head server
+(ours or NeMo Gym's) and returns awaitables that give results in completion order, as in the seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
+
+from gym_plugin.collect import CollectorConfig, RolloutCollector
+from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
+from gym_plugin.errors import GymPluginError
+from gym_plugin.http import Transport
+from gym_plugin.launch import RunningServers, directory_from_config, fetch_head_config, start_servers
+from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
+from gym_plugin.servers.base import Server
+
+__all__ = ["GymIntegration", "RolloutCollectionHelper", "BaseServerConfig", "HEAD_SERVER_KEY_NAME"]
+
+_END = object()
+
+
+@dataclass
+class BaseServerConfig:
+    """Where a server listens (the seed's ``BaseServerConfig(host=..., port=...)``)."""
+
+    host: str = "127.0.0.1"
+    """Host name or address."""
+    port: int = 11000
+    """TCP port."""
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def _collector_config(data: Mapping[str, Any], override: CollectorConfig | None) -> CollectorConfig:
+    if override is not None:
+        return override
+    cfg = CollectorConfig(**dict(data.get("collector") or {}))
+    if data.get("global_aiohttp_connector_limit") is not None:
+        cfg.connector_limit = int(data["global_aiohttp_connector_limit"])
+    if data.get("global_aiohttp_connector_limit_per_host") is not None:
+        cfg.connector_limit_per_host = int(data["global_aiohttp_connector_limit_per_host"])
+    if data.get("auth_token") and cfg.auth_token is None:
+        cfg.auth_token = str(data["auth_token"])
+    return cfg
+
+
+class GymIntegration:
+    """Start Gym servers from a config and collect rollouts from them.
+
+    model_name / base_urls: the policy endpoint(s) (OpenAI-compatible, e.g. vLLM), written into the config as
+    ``policy_model_name`` / ``policy_base_url``. config_path: YAML file(s) with the agents, resource servers
+    and settings (``${oc.env:VAR}`` and the seed's ``${VAR}`` read environment variables). overrides: dotlist
+    overrides (``math_agent.responses_api_agents.simple_agent.max_turns=4``). extra_servers: servers to start
+    first on the same loop (e.g. an embedded policy, so the policy model server calls it directly).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        base_urls: Sequence[str] | str,
+        config_path: str | Path | Sequence[str | Path] | None = None,
+        head_server_host: str = "127.0.0.1",
+        head_server_port: int = 8080,
+        *,
+        policy_api_key: str = "dummy_key",
+        overrides: Sequence[str] = (),
+        collector_config: CollectorConfig | None = None,
+        extra_servers: Sequence[Server] = (),
+    ):
+        self.model_name = model_name
+        self.base_urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        initial = {
+            "policy_model_name": model_name,
+            "policy_base_url": self.base_urls,
+            "policy_api_key": policy_api_key,
+            HEAD_SERVER_KEY_NAME: {"host": head_server_host, "port": head_server_port},
+        }
+        self.config: GymConfig = load_config(config_path, overrides, initial)
+        self.collector_config = _collector_config(self.config.data, collector_config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gym_plugin-servers", daemon=True)
+        self._thread.start()
+        self._closed = False
+        try:
+            self.servers: RunningServers = self._call(start_servers(self.config, extra=list(extra_servers)))
+            self._collector = self._call(self._make_collector())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.head_server_config = BaseServerConfig(
+            host=self.servers.config.head_host, port=self.servers.config.head_port
+        )
+
+    async def _make_collector(self) -> RolloutCollector:
+        return RolloutCollector(self.servers.agent_urls(), self.collector_config)
+
+    def _call(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    @property
+    def agents(self) -> list[str]:
+        return self.config.agents
+
+    @property
+    def last_stats(self):
+        """CollectionStats of the last collection (counts of rollouts and failures by kind)."""
+        return self._collector.last_stats
+
+    async def collect_rollouts(self, examples: Iterable[Mapping[str, Any]], repeats: int = 1) -> AsyncIterator[dict]:
+        """Yield one record per (example, repeat) as they finish: a rollout, or a failure record."""
+        if self._closed:
+            raise GymPluginError("GymIntegration is shut down; create a new one to collect again.")
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        examples = list(examples)
+
+        async def pump() -> None:
+            try:
+                async for record in self._collector.collect(examples, repeats=repeats):
+                    caller.call_soon_threadsafe(queue.put_nowait, record)
+            except BaseException as e:  # reaches the caller instead of hanging it
+                caller.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                caller.call_soon_threadsafe(queue.put_nowait, _END)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()
+
+    def collect(
+        self, examples: Iterable[Mapping[str, Any]], repeats: int = 1, progress: bool = False
+    ) -> list[dict]:
+        """Blocking collection for plain code: every record, sorted by (row index, repeat index)."""
+
+        async def run() -> list[dict]:
+            bar = None
+            rows = list(examples)
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(rows) * repeats, desc="rollouts", unit="rollout", leave=False)
+            out = []
+            try:
+                async for record in self._collector.collect(rows, repeats=repeats):
+                    out.append(record)
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                if bar is not None:
+                    bar.close()
+            return out
+
+        if self._closed:
+            raise GymPluginError("GymIntegration is shut down; create a new one to collect again.")
+        records = self._call(run())
+        records.sort(key=lambda r: (r[TASK_INDEX_KEY], r[ROLLOUT_INDEX_KEY]))
+        return records
+
+    def shutdown(self) -> None:
+        """Stop the servers and the background loop. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._collector.close())
+            self._call(self.servers.stop())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> "GymIntegration":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    async def __aenter__(self) -> "GymIntegration":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+class RolloutCollectionHelper:
+    """The seed's collection helper: ``run_examples`` returns awaitables giving results in completion order."""
+
+    def __init__(self, collector_config: CollectorConfig | None = None):
+        self.collector_config = collector_config
+        self._tasks: set[asyncio.Task] = set()
+
+    def run_examples(
+        self,
+        examples: Iterable[Mapping[str, Any]],
+        head_server_config: BaseServerConfig | Mapping[str, Any] | str | None = None,
+        repeats: int = 1,
+    ) -> Iterator[Awaitable[dict]]:
+        """Dispatch every example to its agent (agents found through the head server's config) and return
+        ``len(examples) * repeats`` awaitables; awaiting the k-th gives the k-th record to finish."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise GymPluginError(
+                "RolloutCollectionHelper.run_examples must be called from async code (inside asyncio.run); "
+                "from plain code use GymIntegration.collect(examples)."
+            ) from None
+        head_url = _head_url(head_server_config)
+        rows = list(examples)
+        total = len(rows) * repeats
+        queue: asyncio.Queue = asyncio.Queue()
+        delivered = {"n": 0}
+
+        async def drive() -> None:
+            transport = Transport(timeout_s=60.0)
+            try:
+                data = await fetch_head_config(head_url, transport)
+                directory, agents = directory_from_config(data)
+                config = _collector_config(data, self.collector_config)
+                collector = RolloutCollector({a: directory.url(a) for a in agents}, config)
+                async with collector:
+                    async for record in collector.collect(rows, repeats=repeats):
+                        delivered["n"] += 1
+                        queue.put_nowait(record)
+            except BaseException as e:
+                for _ in range(total - delivered["n"]):
+                    queue.put_nowait(e)
+                if not isinstance(e, Exception):
+                    raise
+            finally:
+                await transport.close()
+
+        task = loop.create_task(drive())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        async def next_record() -> dict:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+        return (next_record() for _ in range(total))
+
+
+def _head_url(head: BaseServerConfig | Mapping[str, Any] | str | None) -> str:
+    if head is None:
+        return BaseServerConfig().url
+    if isinstance(head, str):
+        return head.rstrip("/")
+    if isinstance(head, Mapping):
+        return BaseServerConfig(host=head.get("host", "127.0.0.1"), port=int(head.get("port", 11000))).url
+    return BaseServerConfig(host=head.host, port=head.port).url

@@ -1,0 +1,161 @@
+"""Start the servers a config names, in this process (one event loop) or one process per server.
+
+`start_servers(cfg)` builds every configured server, binds it (port 0 picks a free port), fills a `Directory`
+with the bound URLs so servers find each other, and starts a head server that serves the merged config with
+the real ports. Servers started this way call each other directly (no HTTP) when they share the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from gym_plugin.config import HEAD_SERVER_KEY_NAME, Directory, GymConfig, ServerSpec
+from gym_plugin.errors import ConfigError, EndpointError
+from gym_plugin.servers.base import Server
+
+logger = logging.getLogger(__name__)
+
+def build_dataclass(cls: type, params: dict[str, Any]) -> Any:
+    """Instantiate a Config dataclass from plain params, building nested dataclass fields too."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in params.items():
+        hint = hints.get(key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(hint):
+            value = build_dataclass(hint, value)  # type: ignore[arg-type]
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__qualname__}: {e}") from e
+
+
+def build_server(spec: ServerSpec, directory: Directory) -> Server:
+    from gym_plugin.servers import get_server_class
+
+    cls = get_server_class(spec.server_type, spec.impl)
+    cfg_cls = getattr(cls, "Config", None)
+    config = build_dataclass(cfg_cls, spec.params) if cfg_cls is not None else spec.params
+    return cls(spec.name, config, directory, host=spec.host, port=spec.port)
+
+
+@dataclass
+class RunningServers:
+    """Servers started in this process."""
+
+    config: GymConfig
+    """The validated config, with the bound host/port of every server written into ``config.data``."""
+    directory: Directory
+    """Instance name -> URL."""
+    servers: list[Server] = field(default_factory=list)
+    """Started servers (head server last)."""
+    head: Server | None = None
+    """The head server, if started."""
+
+    def agent_urls(self) -> dict[str, str]:
+        return {name: self.directory.url(name) for name in self.config.agents}
+
+    async def stop(self) -> None:
+        for s in reversed(self.servers):
+            try:
+                await s.stop()
+            except Exception:  # keep stopping the others
+                logger.exception("stopping %s failed", s.name)
+        self.servers.clear()
+
+
+async def start_servers(
+    cfg: GymConfig,
+    *,
+    start_head: bool = True,
+    extra: list[Server] = (),  # type: ignore[assignment]
+) -> RunningServers:
+    """Start ``extra`` servers (e.g. an embedded policy), then every configured server, then the head."""
+    data = copy.deepcopy(cfg.data)
+    directory = Directory()
+    running = RunningServers(config=GymConfig(data=data, servers=cfg.servers), directory=directory)
+    try:
+        for s in extra:
+            await s.start()
+            running.servers.append(s)
+        for name, spec in cfg.servers.items():
+            server = build_server(spec, directory)
+            try:
+                await server.start()
+            except OSError as e:
+                raise EndpointError(
+                    f"server {name!r} could not bind {spec.host}:{spec.port}: {e}. Pick another port "
+                    f"({name}.{spec.server_type}.{spec.impl}.port) or 0 for any free port.",
+                    url=f"http://{spec.host}:{spec.port}",
+                ) from e
+            running.servers.append(server)
+            directory.set(name, server.url)
+            params = data[name][spec.server_type][spec.impl]
+            if params is None:
+                params = data[name][spec.server_type][spec.impl] = {}
+            params["host"], params["port"] = server.host, server.port
+        if start_head:
+            from gym_plugin.servers.head import HeadServer
+
+            head_cfg = data.setdefault(HEAD_SERVER_KEY_NAME, {})
+            host, port = head_cfg.get("host", "127.0.0.1"), int(head_cfg.get("port", 11000))
+            head = HeadServer(data, host=host, port=port)
+            try:
+                await head.start()
+            except OSError as e:
+                raise EndpointError(
+                    f"head server could not bind {host}:{port}: {e}. Set head_server.port to a free port "
+                    f"(or 0 for any free port).",
+                    url=f"http://{host}:{port}",
+                ) from e
+            head_cfg["host"], head_cfg["port"] = head.host, head.port
+            running.servers.append(head)
+            running.head = head
+    except BaseException:
+        await running.stop()
+        raise
+    return running
+
+
+async def fetch_head_config(head_url: str, transport) -> dict:
+    """The merged config a head server serves (NeMo Gym's JSON-encoded YAML, or plain YAML/JSON)."""
+    from omegaconf import OmegaConf
+
+    reply = await transport.get(head_url.rstrip("/") + "/global_config_dict_yaml")
+    data = reply.data
+    if isinstance(data, str):
+        data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    if not isinstance(data, dict):
+        from gym_plugin.errors import MalformedResponseError, truncate
+
+        raise MalformedResponseError(
+            f"head server {head_url} returned no config mapping: {truncate(reply.data, 200)}. "
+            f"Is that address a gym_plugin / NeMo Gym head server?"
+        )
+    return data
+
+
+def directory_from_config(data: dict) -> tuple[Directory, list[str]]:
+    """(Directory of every server instance with host/port in a served config, agent instance names)."""
+    directory, agents = Directory(), []
+    for name, section in data.items():
+        if not isinstance(section, dict):
+            continue
+        for stype, impls in section.items():
+            if stype not in ("responses_api_agents", "resources_servers", "responses_api_models"):
+                continue
+            if not isinstance(impls, dict):
+                continue
+            for _impl, params in impls.items():
+                if isinstance(params, dict) and "host" in params and "port" in params:
+                    host = "127.0.0.1" if params["host"] in ("0.0.0.0", "::") else params["host"]
+                    directory.set(name, f"http://{host}:{params['port']}")
+                    if stype == "responses_api_agents":
+                        agents.append(name)
+    return directory, agents
