@@ -159,3 +159,24 @@ def directory_from_config(data: dict) -> tuple[Directory, list[str]]:
                     if stype == "responses_api_agents":
                         agents.append(name)
     return directory, agents
+
+
+async def start_only(cfg: GymConfig, name: str) -> RunningServers:
+    """Start one server of a process-per-server launch (every port fixed in the config), or the head server
+    alone when ``name`` is '__head__'. The directory is filled from the configured ports."""
+    directory, _ = directory_from_config(cfg.data)
+    running = RunningServers(config=cfg, directory=directory)
+    if name == "__head__":
+        from gym_plugin.servers.head import HeadServer
+
+        head = HeadServer(cfg.data, host=cfg.head_host, port=cfg.head_port)
+        await head.start()
+        running.servers.append(head)
+        running.head = head
+        return running
+    if name not in cfg.servers:
+        raise ConfigError(f"--only {name!r}: no such server. Configured: {sorted(cfg.servers)}")
+    server = build_server(cfg.servers[name], directory)
+    await server.start()
+    running.servers.append(server)
+    return running

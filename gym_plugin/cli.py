@@ -1,0 +1,266 @@
+"""Console entry point ``gym-plugin``.
+
+  gym-plugin serve   --config env.yaml [key=value ...] [--process-per-server]
+  gym-plugin collect --config env.yaml --input rows.jsonl --output out.jsonl [--repeats N] [--resume]
+  gym-plugin collect --head-url http://127.0.0.1:11000 --input rows.jsonl --output out.jsonl
+  gym-plugin embedded --model smollm2 --port 8000          (OpenAI-compatible embedded policy)
+  gym-plugin fake-openai --port 8000                       (scripted fake endpoint, for trying things out)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from gym_plugin.errors import GymPluginError
+
+logger = logging.getLogger("gym_plugin")
+
+
+# ---- serve ----------------------------------------------------------------------------------------------
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from gym_plugin.config import load_config
+    from gym_plugin.launch import start_servers
+    from gym_plugin.redact import redact
+
+    cfg = load_config(args.config, args.overrides)
+    if args.only:
+        # one server of a process-per-server launch: ports of all servers are fixed in the config
+        from gym_plugin.launch import start_only
+
+        running = await start_only(cfg, args.only)
+    else:
+        running = await start_servers(cfg)
+    for s in running.servers:
+        print(f"{s.name:>24}  {type(s).__name__:<24} {s.url}", flush=True)
+    if args.print_config:
+        from gym_plugin.config import to_yaml
+
+        print(to_yaml(redact(running.config.data)), flush=True)
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def _serve_process_per_server(args: argparse.Namespace) -> int:
+    """Fix a free port for every server, start one child process per server, then the head server here."""
+    from gym_plugin.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    port_overrides = []
+    for name, spec in cfg.servers.items():
+        port = spec.port or _free_port(spec.host)
+        port_overrides.append(f"{name}.{spec.server_type}.{spec.impl}.port={port}")
+    overrides = list(args.overrides) + port_overrides
+    children = []
+    try:
+        for name in cfg.servers:
+            cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", *sum((["--config", c] for c in args.config), []),
+                   "--only", name, *overrides]
+            children.append(subprocess.Popen(cmd))
+        args.overrides = overrides
+        args.only = "__head__"
+        asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(timeout=10)
+    return 0
+
+
+# ---- collect --------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    from gym_plugin.errors import ProtocolError
+
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProtocolError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from e
+
+
+def _done_units(path: Path) -> set[tuple[int, int]]:
+    """(task index, rollout index) of records already in an output file (for --resume)."""
+    done = set()
+    if not path.exists():
+        return done
+    with path.open() as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that unit runs again
+            if "_ng_task_index" in rec:
+                done.add((rec["_ng_task_index"], rec.get("_ng_rollout_index", 0)))
+    return done
+
+
+async def _collect(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from gym_plugin.collect import RolloutCollector
+    from gym_plugin.http import Transport
+    from gym_plugin.integration import _collector_config
+    from gym_plugin.launch import directory_from_config, fetch_head_config, start_servers
+
+    running = None
+    if args.head_url:
+        transport = Transport(timeout_s=60)
+        try:
+            data = await fetch_head_config(args.head_url, transport)
+        finally:
+            await transport.close()
+        directory, agents = directory_from_config(data)
+        agent_urls = {a: directory.url(a) for a in agents}
+    else:
+        from gym_plugin.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        running = await start_servers(cfg, start_head=False)
+        data = running.config.data
+        agent_urls = running.agent_urls()
+    config = _collector_config(data, None)
+    if args.concurrency:
+        config.concurrency = args.concurrency
+    if args.timeout_s:
+        config.timeout_s = args.timeout_s
+    if args.max_attempts:
+        config.max_attempts = args.max_attempts
+    config.invalid_rows = "record"
+    out_path = Path(args.output)
+    done = _done_units(out_path) if args.resume else set()
+    if out_path.exists() and not args.resume and not args.overwrite:
+        raise GymPluginError(f"output {str(out_path)!r} exists; pass --resume to skip finished rows or --overwrite")
+    in_path = Path(args.input)
+    if not in_path.exists():
+        raise GymPluginError(f"input {str(in_path)!r} does not exist; pass a jsonl file of example rows")
+    n_rows = sum(1 for line in in_path.open() if line.strip())
+    total = n_rows * args.repeats - len(done)
+    stats = None
+    try:
+        async with RolloutCollector(agent_urls, config) as collector:
+            with out_path.open("a" if args.resume else "w") as out, tqdm(
+                total=total, desc="collect", unit="rollout", disable=args.quiet, mininterval=0.5
+            ) as bar:
+                rewards = 0.0
+                t0 = time.perf_counter()
+                async for record in collector.collect(
+                    _read_jsonl(in_path), repeats=args.repeats, skip=(lambda i, r: (i, r) in done) if done else None
+                ):
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()  # a crash loses nothing that finished
+                    if record.get("reward") is not None:
+                        rewards += record["reward"]
+                    bar.update(1)
+                elapsed = time.perf_counter() - t0
+                stats = collector.last_stats
+    finally:
+        if running is not None:
+            await running.stop()
+    assert stats is not None
+    rate = stats.done / elapsed if elapsed > 0 else 0.0
+    mean = rewards / stats.succeeded if stats.succeeded else float("nan")
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(stats.failures_by_kind.items())) or "none"
+    skipped = f", {len(done)} skipped (--resume)" if done else ""
+    print(
+        f"collected {stats.done} records ({stats.succeeded} rollouts, {stats.failed} failures: {kinds}{skipped}) "
+        f"in {elapsed:.2f}s: {rate:.1f} rollouts/s, reward mean {mean:.3f} -> {out_path}",
+        flush=True,
+    )
+    return 0
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gym-plugin", description="NeMo-Gym-style environments for RL training.")
+    p.add_argument("--log-level", default=os.environ.get("GYM_PLUGIN_LOG_LEVEL", "WARNING"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start the servers a config names")
+    s.add_argument("--config", action="append", required=True, help="YAML config (repeatable, merged in order)")
+    s.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value")
+    s.add_argument("--process-per-server", action="store_true", help="one process per server (+ head here)")
+    s.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--print-config", action="store_true", help="print the merged config (secrets redacted)")
+
+    c = sub.add_parser("collect", help="input jsonl of example rows -> output jsonl of rollouts")
+    c.add_argument("--config", action="append", default=None, help="YAML config: start the servers in process")
+    c.add_argument("--head-url", default=None, help="use running servers: the head server's URL")
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.add_argument("--repeats", type=int, default=1, help="rollouts per row")
+    c.add_argument("--concurrency", type=int, default=None)
+    c.add_argument("--timeout-s", type=float, default=None)
+    c.add_argument("--max-attempts", type=int, default=None)
+    c.add_argument("--resume", action="store_true", help="append; skip rows already in the output")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value")
+
+    e = sub.add_parser("embedded", help="serve a local HF model, OpenAI-compatible (see gym_plugin.servers.embedded)",
+                       add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    f = sub.add_parser("fake-openai", help="serve the scripted fake OpenAI-compatible endpoint")
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=8000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "embedded":
+        from gym_plugin.servers.embedded import main as embedded_main
+
+        return embedded_main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            if args.process_per_server:
+                return _serve_process_per_server(args)
+            asyncio.run(_serve(args))
+            return 0
+        if args.command == "collect":
+            if not args.config and not args.head_url:
+                raise GymPluginError("collect needs --config (start servers here) or --head-url (running servers)")
+            return asyncio.run(_collect(args))
+        if args.command == "fake-openai":
+            from gym_plugin.testing.fake_openai import serve_main
+
+            return serve_main(args.host, args.port)
+    except GymPluginError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
