@@ -1,0 +1,341 @@
+"""Policy model server: Responses API in, OpenAI Chat Completions out (vLLM token styles A and B).
+
+``POST /v1/responses`` takes Responses create params, sends ``POST {base_url}/chat/completions`` to one of the
+configured backends asking for token ids and log-probs, and answers a Responses object whose output items
+carry ``prompt_token_ids``, ``generation_token_ids`` and ``generation_log_probs`` on the last item of the call
+(protocol.md). ``POST /v1/chat/completions`` passes a chat request through to a backend unchanged.
+
+Backend choice: ``round_robin`` or ``least_busy`` (fewest requests in flight), made once per rollout: a caller
+that sends the ``x-gym-plugin-route-key`` header (the agent sends one per rollout) gets the same backend for
+every turn of that rollout, so a backend's prefix cache is reused and the backend is "chosen once per rollout"
+as in NeMo Gym.
+
+Failures: connection errors, timeouts, 429 and 5xx are retried (bounded, ``max_attempts``); when they run out
+the server answers HTTP 502 whose message names the backend URL. A 400 about the context length becomes an
+empty completion with ``incomplete_details: {"reason": "max_output_tokens"}`` (the agent then stops).
+A reply without the token information that was asked for raises MissingTokenIdsError (HTTP 400) naming the
+backend and the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from gym_plugin.config import Directory
+from gym_plugin.errors import (
+    ConfigError,
+    EndpointError,
+    MalformedResponseError,
+    MissingTokenIdsError,
+    ProtocolError,
+    did_you_mean,
+    truncate,
+)
+from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
+from gym_plugin.responses import choice_to_output_items, create_params_to_chat, next_id
+from gym_plugin.servers.base import HandlerError, RequestContext, Server
+
+ROUTE_KEY_HEADER = "x-gym-plugin-route-key"
+"""Request header that pins all requests with the same value to one backend (one value per rollout)."""
+
+ROUTINGS = ("round_robin", "least_busy")
+TOKEN_STYLES = ("A", "B", "none")
+
+_CONTEXT_LENGTH_MARKERS = ("maximum context length", "context_length_exceeded", "context length",
+                           "maximum model length", "max_model_len")
+
+
+@dataclass
+class PolicyModelConfig:
+    """YAML keys under ``responses_api_models: vllm_model:``."""
+
+    base_url: str | list[str] = ""
+    """OpenAI-compatible base URL(s) ending in /v1, e.g. 'http://127.0.0.1:8000/v1' (usually ${policy_base_url})."""
+    model: str = ""
+    """Model name sent to the backend (usually ${policy_model_name})."""
+    api_key: str = "dummy_key"
+    """Sent as 'Authorization: Bearer <api_key>' (usually ${policy_api_key})."""
+    routing: str = "round_robin"
+    """How a rollout's backend is chosen among base_urls: 'round_robin' or 'least_busy'."""
+    token_style: str = "B"
+    """How token ids are asked for: 'B' (return_token_ids, vLLM >= 0.10.2), 'A' (return_tokens_as_token_ids +
+    /tokenize for prompt ids), 'none' (no token ids: evaluation against a backend that has none)."""
+    timeout_s: float = 600.0
+    """Timeout of one backend request, seconds."""
+    max_attempts: int = 3
+    """Attempts per backend request (connection errors, timeouts, 429, 5xx are retried)."""
+    backoff_s: float = 0.2
+    """Delay before the 2nd attempt (doubles each attempt, with jitter)."""
+    connector_limit: int = 65536
+    """aiohttp connection limit of this server's client (usually ${global_aiohttp_connector_limit})."""
+    connector_limit_per_host: int = 16384
+    """aiohttp per-host connection limit (usually ${global_aiohttp_connector_limit_per_host})."""
+    extra_body: dict = field(default_factory=dict)
+    """Extra keys merged into every chat completion request (e.g. chat_template_kwargs, top_k)."""
+    max_sticky_rollouts: int = 100_000
+    """How many rollout -> backend assignments are remembered (oldest forgotten first)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
+        if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+            problems.append(
+                f"base_url={self.base_url!r}: expected an http(s) URL or a list of them, e.g. "
+                "'http://127.0.0.1:8000/v1' (set policy_base_url)"
+            )
+        if self.routing not in ROUTINGS:
+            problems.append(f"routing={self.routing!r}: expected one of {ROUTINGS}.{did_you_mean(self.routing, ROUTINGS)}")
+        if self.token_style not in TOKEN_STYLES:
+            problems.append(
+                f"token_style={self.token_style!r}: expected one of {TOKEN_STYLES}."
+                f"{did_you_mean(str(self.token_style), TOKEN_STYLES)}"
+            )
+        if self.max_attempts < 1:
+            problems.append(f"max_attempts={self.max_attempts}: must be >= 1")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def base_urls(self) -> list[str]:
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+        return [u.rstrip("/") for u in urls]
+
+
+def _tokenize_url(base_url: str) -> str:
+    """vLLM serves /tokenize at the server root, not under /v1."""
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return f"{root}/tokenize"
+
+
+def _is_context_length_error(e: HTTPStatusError) -> bool:
+    if e.status != 400:
+        return False
+    body = e.body.lower() if e.body else str(e).lower()
+    return any(m in body for m in _CONTEXT_LENGTH_MARKERS)
+
+
+class PolicyModelServer(Server):
+    """``responses_api_models / vllm_model``: see the module docstring."""
+
+    server_type: ClassVar[str] = "responses_api_models"
+    Config: ClassVar[type] = PolicyModelConfig
+
+    def __init__(self, name: str, config: PolicyModelConfig, directory: Directory | None = None, *,
+                 host: str = "127.0.0.1", port: int = 0):
+        super().__init__(name, host=host, port=port)
+        self.config = config
+        self.directory = directory
+        self.base_urls = config.base_urls
+        self._retry = RetryPolicy(max_attempts=config.max_attempts, backoff_s=config.backoff_s)
+        self._in_flight = [0] * len(self.base_urls)
+        self.requests_per_backend = [0] * len(self.base_urls)
+        """Chat completion requests sent to each backend (same order as base_urls)."""
+        self._rr = 0
+        self._sticky: dict[str, int] = {}
+        self.transport: Transport | None = None
+        style = config.token_style
+        self._token_flags: dict[str, Any] = {"logprobs": True, "top_logprobs": 0} if style != "none" else {}
+        if style == "A":
+            self._token_flags["return_tokens_as_token_ids"] = True
+        elif style == "B":
+            self._token_flags["return_token_ids"] = True
+
+    def routes(self):
+        return [
+            ("POST", "/v1/responses", self.responses),
+            ("POST", "/v1/chat/completions", self.chat_completions),
+        ]
+
+    async def on_start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        self.transport = Transport(
+            limit=self.config.connector_limit,
+            limit_per_host=self.config.connector_limit_per_host,
+            timeout_s=self.config.timeout_s,
+            headers=headers,
+        )
+
+    async def on_stop(self) -> None:
+        if self.transport is not None:
+            await self.transport.close()
+
+    # ---- backend choice -----------------------------------------------------------------------------------
+    def _pick(self, route_key: str | None) -> int:
+        if route_key is not None:
+            idx = self._sticky.get(route_key)
+            if idx is not None:
+                return idx
+        n = len(self.base_urls)
+        if n == 1:
+            idx = 0
+        elif self.config.routing == "least_busy":
+            inflight = self._in_flight
+            idx = min(range(n), key=inflight.__getitem__)
+        else:
+            idx = self._rr % n
+            self._rr += 1
+        if route_key is not None and n > 1:
+            sticky = self._sticky
+            if len(sticky) >= self.config.max_sticky_rollouts:
+                sticky.pop(next(iter(sticky)))  # dicts keep insertion order: forget the oldest rollout
+            sticky[route_key] = idx
+        return idx
+
+    def _transport(self) -> Transport:
+        if self.transport is None:
+            raise HandlerError(503, f"policy model server {self.name!r} is not started (call start() first)")
+        return self.transport
+
+    # ---- routes ---------------------------------------------------------------------------------------------
+    async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
+        """Pass a chat completion request through to a backend (model name filled in when missing)."""
+        if not isinstance(body, Mapping):
+            raise ProtocolError(f"{self.name}: /v1/chat/completions expects a JSON object, got {truncate(body, 200)}")
+        payload = dict(body)
+        payload.setdefault("model", self.config.model)
+        idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
+        reply, _ = await self._post_backend(idx, "/chat/completions", payload)
+        return reply
+
+    async def responses(self, body: Any, ctx: RequestContext) -> dict:
+        if not isinstance(body, Mapping):
+            raise ProtocolError(f"{self.name}: /v1/responses expects Responses create params, got {truncate(body, 200)}")
+        chat = create_params_to_chat(body, self.config.model)
+        if self._token_flags:
+            chat.update(self._token_flags)
+        if self.config.extra_body:
+            chat.update(self.config.extra_body)
+        idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
+        base_url = self.base_urls[idx]
+
+        tokenize_task = None
+        if self.config.token_style == "A":
+            # Prompt ids come from a second call; run it alongside the completion.
+            tok_body = {"model": chat["model"], "messages": chat["messages"]}
+            if "tools" in chat:
+                tok_body["tools"] = chat["tools"]
+            tokenize_task = asyncio.ensure_future(self._post_backend(idx, None, tok_body, url=_tokenize_url(base_url)))
+        try:
+            completion, _ = await self._post_backend(idx, "/chat/completions", chat)
+        except HTTPStatusError as e:
+            if tokenize_task is not None:
+                tokenize_task.cancel()
+            if _is_context_length_error(e):
+                return self._response(body, [], None, {"reason": "max_output_tokens"})
+            raise
+        except BaseException:
+            if tokenize_task is not None:
+                tokenize_task.cancel()
+            raise
+
+        if not isinstance(completion, Mapping) or not completion.get("choices"):
+            if tokenize_task is not None:
+                tokenize_task.cancel()
+            raise MalformedResponseError(
+                f"{base_url}/chat/completions answered without 'choices': {truncate(completion, 300)}"
+            )
+        choice = completion["choices"][0]
+        token_fields = None
+        if self.config.token_style != "none":
+            prompt_ids = None
+            if tokenize_task is not None:
+                tok, _ = await tokenize_task
+                prompt_ids = tok.get("tokens") if isinstance(tok, Mapping) else None
+            token_fields = self._token_fields(completion, choice, base_url, prompt_ids)
+            if completion.get("policy_version") is not None:
+                token_fields["policy_version"] = completion["policy_version"]
+        output = choice_to_output_items(choice, token_fields)
+        incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
+        return self._response(body, output, completion.get("usage"), incomplete)
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    async def _post_backend(self, idx: int, path: str | None, payload: Any, url: str | None = None):
+        base_url = self.base_urls[idx]
+        url = url or f"{base_url}{path}"
+        self._in_flight[idx] += 1
+        self.requests_per_backend[idx] += 1
+        try:
+            reply, attempts = await post_with_retries(self._transport(), url, payload, self._retry)
+        except HTTPStatusError as e:
+            if e.status >= 500 or e.status == 429:
+                raise HandlerError(
+                    502,
+                    f"policy model server {self.name!r}: backend {url} failed after {getattr(e, 'attempts', 1)} "
+                    f"attempt(s): HTTP {e.status}: {truncate(e.body, 300)}",
+                    "upstream_error",
+                ) from e
+            raise
+        except EndpointError as e:
+            raise HandlerError(
+                502,
+                f"policy model server {self.name!r}: backend {url} failed after {getattr(e, 'attempts', 1)} "
+                f"attempt(s): {e}",
+                "upstream_error",
+            ) from e
+        finally:
+            self._in_flight[idx] -= 1
+        return reply.data, attempts
+
+    def _token_fields(self, completion: Mapping, choice: Mapping, base_url: str,
+                      prompt_ids: list[int] | None) -> dict:
+        style = self.config.token_style
+        logprobs = choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+        if style == "B":
+            prompt_ids = completion.get("prompt_token_ids")
+            gen_ids = choice.get("token_ids")
+        else:
+            gen_ids = None
+            if content is not None:
+                try:
+                    # "token_id:123" -> 123 (vLLM's return_tokens_as_token_ids format)
+                    gen_ids = [int(c["token"][9:]) for c in content]
+                except (ValueError, KeyError, TypeError):
+                    gen_ids = None
+        missing = []
+        if prompt_ids is None:
+            missing.append("prompt token ids" + (" (/tokenize)" if style == "A" else " ('prompt_token_ids')"))
+        if gen_ids is None:
+            missing.append("generation token ids" + (" ('token_id:<int>' log-prob tokens)" if style == "A"
+                                                     else " ('choices[0].token_ids')"))
+        if content is None:
+            missing.append("log-probs ('choices[0].logprobs.content')")
+        if missing:
+            fix = ("use a vLLM server (>= 0.10.2 supports return_token_ids), or set token_style: A for older vLLM"
+                   if style == "B" else "use a vLLM server (it supports return_tokens_as_token_ids and /tokenize)")
+            raise MissingTokenIdsError(
+                f"policy model server {self.name!r}: backend {base_url} returned no {', no '.join(missing)} with "
+                f"token_style {style!r}. Training needs them: {fix}; for evaluation only, set token_style: none."
+            )
+        gen_log_probs = [c["logprob"] for c in content]
+        if len(gen_log_probs) != len(gen_ids):
+            raise MalformedResponseError(
+                f"backend {base_url}: {len(gen_ids)} generation token ids but {len(gen_log_probs)} log-probs"
+            )
+        return {
+            "prompt_token_ids": prompt_ids,
+            "generation_token_ids": gen_ids,
+            "generation_log_probs": gen_log_probs,
+        }
+
+    def _response(self, params: Mapping[str, Any], output: list, usage: Mapping | None,
+                  incomplete: dict | None) -> dict:
+        u = usage or {}
+        in_tok = u.get("prompt_tokens", 0)
+        out_tok = u.get("completion_tokens", 0)
+        return {
+            "id": next_id("resp"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": self.config.model or params.get("model", ""),
+            "status": "incomplete" if incomplete else "completed",
+            "output": output,
+            "usage": {"input_tokens": in_tok, "output_tokens": out_tok, "total_tokens": in_tok + out_tok},
+            "incomplete_details": incomplete,
+            "tool_choice": params.get("tool_choice", "auto"),
+            "tools": params.get("tools") or [],
+            "parallel_tool_calls": params.get("parallel_tool_calls", True),
+        }

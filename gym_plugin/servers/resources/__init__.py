@@ -1,0 +1,1 @@
+"""Resource servers (tools + verifiers): exact_match, math_verify, calculator. See `base.ResourceServer`."""
