@@ -22,16 +22,19 @@ from dataclasses import dataclass, field
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
-# ChatML with Hermes-style tools. transformers compiles templates with trim_blocks (the newline right after a
-# block tag is dropped), so newlines that follow a tag are written as {{ '\\n' }}.
 # ChatML with Hermes-style tools. Written for gym_plugin; the wording of the tool instructions follows the
 # common Hermes convention so that models trained on it recognise the format.
 # - tools: listed as JSON (one per line) inside <tools></tools> in the system turn (a default system text is
 #   used when the conversation has none);
 # - assistant tool_calls: one <tool_call> block each, arguments rendered as JSON (a JSON string is used as is);
 # - tool messages: a user turn holding a <tool_response> block (consecutive ones are grouped in one turn).
-CHATML_TOOLS_TEMPLATE = (
-    "{% set default_system = 'You are a helpful assistant.' %}"
+# transformers compiles templates with trim_blocks (the newline right after a block tag is dropped), so
+# newlines that follow a tag are written as {{ '\\n' }}.
+def chatml_tools_template(default_system: str = "You are a helpful assistant.", always_system: bool = False) -> str:
+    """The ChatML+Hermes tools template; ``always_system`` adds ``default_system`` to conversations without
+    a system message even when there are no tools (SmolLM2's own template does that)."""
+    return (
+    "{% set default_system = " + json.dumps(default_system) + " %}"
     "{% if tools %}"
     "<|im_start|>system\n"
     "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
@@ -43,7 +46,8 @@ CHATML_TOOLS_TEMPLATE = (
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
     "{% elif messages and messages[0]['role'] == 'system' %}"
     "<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
-    "{% endif %}"
+    + ("{% else %}<|im_start|>system\n{{ default_system }}<|im_end|>\n" if always_system else "")
+    + "{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' and loop.first %}"
     "{% elif message['role'] == 'tool' %}"
@@ -66,7 +70,11 @@ CHATML_TOOLS_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+    )
+
+
+CHATML_TOOLS_TEMPLATE = chatml_tools_template()
+"""The template of the tiny test tokenizer: a default system turn only when there are tools."""
 
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 

