@@ -32,7 +32,9 @@ GLOBAL_KEYS = {
     HEAD_SERVER_KEY_NAME: "{host, port} of the head server",
     "collector": "collector settings (concurrency, timeout_s, max_attempts, ...)",
     "auth_token": "optional shared-secret bearer token between collector and servers",
+    "policy_endpoint": "optional OpenAI-compatible endpoint served in this process: {impl: embedded|fake_openai, ...}",
 }
+LOCAL_ENDPOINT_IMPLS = ("embedded", "fake_openai")
 # Keys NeMo Gym puts in a server section that we accept and ignore (they describe NeMo Gym's launcher).
 LAUNCHER_KEYS = {"entrypoint", "host", "port", "datasets", "domain", "verified", "description", "value", "license"}
 
@@ -373,8 +375,36 @@ def load_config(
     """Compose, resolve and validate. Raises ConfigError listing every problem found."""
     cfg = compose(config_paths, overrides, initial)
     problems: list[str] = []
+    _place_local_endpoint(cfg, problems)
     data = with_default_policy_server(_resolve_all(cfg, problems))
     return validate(data, problems)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
+    """With ``policy_endpoint`` set, fix its port now (a free one if 0) and point ``policy_base_url`` at it
+    (unless set), before interpolations like ``${policy_base_url}`` are resolved."""
+    ep = cfg.get("policy_endpoint")
+    if ep is None:
+        return
+    if not isinstance(ep, DictConfig) or ep.get("impl") not in LOCAL_ENDPOINT_IMPLS:
+        problems.append(
+            f"policy_endpoint.impl: {ep.get('impl') if isinstance(ep, DictConfig) else ep!r} must be one of "
+            f"{list(LOCAL_ENDPOINT_IMPLS)} (or remove policy_endpoint and set policy_base_url)"
+        )
+        return
+    host = str(ep.get("host", "127.0.0.1"))
+    port = ep.get("port", 0) or _free_port(host)
+    ep.port = port
+    if cfg.get("policy_base_url") in (None, "local"):
+        cfg.policy_base_url = f"http://{host}:{port}/v1"
 
 
 def to_yaml(data: Mapping[str, Any]) -> str:

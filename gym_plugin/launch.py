@@ -36,6 +36,20 @@ def build_dataclass(cls: type, params: dict[str, Any]) -> Any:
         raise ConfigError(f"{cls.__qualname__}: {e}") from e
 
 
+def build_local_endpoint(spec: dict) -> Server:
+    """The OpenAI-compatible endpoint named by the config's ``policy_endpoint`` (port fixed at load time)."""
+    params = dict(spec)
+    impl = params.pop("impl")
+    host, port = params.pop("host", "127.0.0.1"), int(params.pop("port"))
+    if impl == "fake_openai":
+        from gym_plugin.testing.fake_openai import FakeOpenAIServer
+
+        return FakeOpenAIServer("policy_endpoint", host=host, port=port, **params)
+    from gym_plugin.servers.embedded import EmbeddedPolicyConfig, EmbeddedPolicyServer
+
+    return EmbeddedPolicyServer(build_dataclass(EmbeddedPolicyConfig, params), host=host, port=port)
+
+
 def build_server(spec: ServerSpec, directory: Directory) -> Server:
     from gym_plugin.servers import get_server_class
 
@@ -81,6 +95,8 @@ async def start_servers(
     directory = Directory()
     running = RunningServers(config=GymConfig(data=data, servers=cfg.servers), directory=directory)
     try:
+        if data.get("policy_endpoint"):
+            extra = [build_local_endpoint(data["policy_endpoint"]), *extra]
         for s in extra:
             await s.start()
             running.servers.append(s)
