@@ -9,7 +9,7 @@ current weights to every policy replica and returns only when all of them serve 
   model, so overlapped collection never samples from weights the optimizer is changing.
 - ``CheckpointWeightSync(base_urls, directory)``: an embedded policy server in another process (or host with
   shared disk). The state dict is written once as safetensors, then ``POST {root}/update_weights_from_path``
-  ``{"path", "policy_version"}`` goes to every replica; each reply must report the new version.
+  ``{"path", "policy_version"}`` goes to every replica; each reply must report a version above its last one.
 - ``VLLMWeightSync(base_urls, ...)``: vLLM's own weight-transfer API (vLLM >= 0.16, server started with
   ``VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --weight-transfer-config '{"backend": "nccl"}'``). The HTTP control
   plane is driven here; NCCL moves the tensors (``NCCLSender``, vLLM imported lazily, optional dependency).
@@ -154,9 +154,8 @@ class InProcessWeightSync:
 
     async def sync(self, model: torch.nn.Module, version: int) -> int:
         state = {k: v.detach() for k, v in unwrap_model(model).state_dict().items()}
-        reported = self.server.update_weights(state)
-        if asyncio.iscoroutine(reported):
-            reported = await reported
+        # update_weights waits for the batch being generated to finish: off the event loop.
+        reported = await asyncio.to_thread(self.server.update_weights, state)
         return int(reported) if reported is not None else version
 
     async def close(self) -> None:
@@ -181,6 +180,8 @@ class CheckpointWeightSync:
         self.timeout_s = timeout_s
         self.transport = transport or Transport(timeout_s=timeout_s)
         self._written: list[Path] = []
+        self._versions: dict[str, int] = {}
+        """Last policy_version each replica reported."""
 
     def write(self, model: torch.nn.Module, version: int) -> Path:
         """Save the state dict as ``policy_v{version}.safetensors`` (atomically); returns the path."""
@@ -207,19 +208,26 @@ class CheckpointWeightSync:
                     f"and that it can read {self.directory} (shared disk).", url=url, status=e.status
                 ) from e
             data = reply.data if isinstance(reply.data, dict) else {}
-            got = data.get("policy_version", data.get("version"))
-            if got is None or int(got) != version:
+            got = data.get("policy_version")
+            before = self._versions.get(url)
+            # The embedded server counts its own versions (+1 per load), so the check is "it moved forward",
+            # not "it equals the trainer's step": a server restarted mid-run starts again from 0.
+            if not isinstance(got, int) or (before is not None and got <= before):
                 raise WeightSyncError(
-                    f"policy replica {url} answered {data!r} after loading {path}; expected policy_version="
-                    f"{version}. The replica did not take the new weights.", url=url
+                    f"policy replica {url} answered {data!r} after loading {path}; expected a policy_version "
+                    f"greater than {before}. The replica did not take the new weights.", url=url
                 )
-            return int(got)
+            self._versions[url] = got
+            return got
 
         versions = await asyncio.gather(*(one(u) for u in self.base_urls))
+        if len(set(versions)) > 1:
+            logger.warning("policy replicas report different versions after the sync: %s",
+                           dict(zip(self.base_urls, versions)))
         self._written.append(path)
         while len(self._written) > self.keep_last:
             self._written.pop(0).unlink(missing_ok=True)
-        return versions[0]
+        return max(versions)
 
     async def close(self) -> None:
         await self.transport.close()

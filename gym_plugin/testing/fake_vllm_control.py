@@ -52,6 +52,8 @@ class FakeVLLMControlServer(Server):
         self.received_names: list[str] = []
         """Parameter names announced by /update_weights since the last /start_weight_update."""
         self.loaded_paths: list[str] = []
+        self.stale_loads = False
+        """When True, /update_weights_from_path reads the file but keeps reporting the old version."""
         super().__init__(name, host=host, port=port)
 
     def routes(self):
@@ -154,8 +156,10 @@ class FakeVLLMControlServer(Server):
         except Exception as e:
             raise HandlerError(400, f"cannot read {path}: {type(e).__name__}: {e}") from e
         self.loaded_paths.append(path)
-        self.weight_version = str(body.get("policy_version"))
-        return {"policy_version": body.get("policy_version")}
+        # like the embedded server: its own counter, +1 per load (the trainer's number is not echoed)
+        version = int(self.weight_version or 0) + (0 if self.stale_loads else 1)
+        self.weight_version = str(version)
+        return {"policy_version": version}
 
 
 class RecordingSender:

@@ -205,6 +205,25 @@ def test_checkpoint_sync_writes_file_and_every_replica_reports_version(tmp_path)
     assert torch.equal(loaded["head.weight"], model.embed.weight.detach())
 
 
+def test_checkpoint_sync_detects_replica_that_did_not_advance(tmp_path):
+    async def scenario():
+        r = FakeVLLMControlServer("e")
+        await r.start()
+        sync = CheckpointWeightSync([r.url], tmp_path)
+        try:
+            assert await sync.sync(TiedLM(), 1) == 1  # the fake counts loads: 0 -> 1
+            r.stale_loads = True
+            with pytest.raises(WeightSyncError, match="greater than 1") as info:
+                await sync.sync(TiedLM(), 2)
+        finally:
+            await sync.close()
+            await r.stop()
+        return r, info.value
+
+    r, err = run(scenario())
+    assert err.url == r.url
+
+
 def test_checkpoint_sync_error_names_replica(tmp_path):
     async def scenario():
         bad = FakeVLLMControlServer("bad", fail_routes={"/update_weights_from_path": 503})
