@@ -78,3 +78,8 @@ class VerifierError(GymPluginError):
 
 class ModelLoadError(GymPluginError):
     """A model or tokenizer could not be loaded or converted (path, package, format)."""
+
+
+class SandboxError(GymPluginError):
+    """The code sandbox itself failed (interpreter would not start, no free sandbox uid): not the answer's fault,
+    so the rollout is a failure, never reward 0."""
