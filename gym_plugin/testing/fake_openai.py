@@ -13,7 +13,7 @@ generation prompt is ``[IM_START, ASSISTANT]`` and a generation is ``word ids + 
 turn k+1 starts with exactly turn k's prompt + generation, as a real model server's would, and
 process_rollouts sees realistic multi-turn data. Segment ids are cached per (role, text).
 
-What the fake says is SCRIPTED: ``script`` is a list of ``(marker, behaviour)`` rules (the first rule whose
+What the fake says is SCRIPTED: ``script`` is one behaviour for every request, a list of ``(marker, behaviour)`` rules (the first rule whose
 marker is a substring of the last user message wins) or a callable ``(messages, body) -> behaviour``; a
 behaviour is a `Behaviour`, a `Turn`, or a plain string (the reply text). A `Behaviour` gives one `Turn` per
 assistant turn (reply text and/or tool calls), and can fail with an HTTP status N times per prompt, delay,
@@ -88,7 +88,7 @@ class Behaviour:
 
 
 ScriptEntry = Union[Behaviour, Turn, str]
-Script = Union[Sequence[tuple[str, ScriptEntry]], Callable[[list, dict], ScriptEntry], None]
+Script = Union[ScriptEntry, Sequence[tuple[str, ScriptEntry]], Callable[[list, dict], ScriptEntry], None]
 
 
 class _DropConnection(web.StreamResponse):
@@ -192,6 +192,8 @@ class FakeOpenAIServer(Server):
                 last_user = content_text(m.get("content"))
                 break
         script = self.script
+        if isinstance(script, (Behaviour, Turn, str)):
+            return script, last_user
         if callable(script):
             return script(messages, body), last_user
         if script:
