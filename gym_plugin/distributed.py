@@ -1,0 +1,166 @@
+"""torchrun helpers: process-group setup from the environment, prompt-group sharding, reductions.
+
+``torchrun --nproc_per_node N recipes/grpo.py`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; ``init_distributed()`` reads them (gloo on CPU, nccl on GPU) and is a no-op for a plain
+``python`` launch. Everything here works unchanged with one process (world size 1), so the recipe has no
+``if distributed`` branches beyond "only rank 0 writes".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from gym_plugin.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    """Global rank (0 for a plain launch)."""
+    world_size: int
+    """Number of processes (1 for a plain launch)."""
+    local_rank: int
+    """Rank on this host (picks the GPU)."""
+    device: torch.device
+    """cuda:<local_rank> with the nccl backend, else cpu."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that syncs weights, logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the torchrun job described by the environment, or return a single-process DistInfo.
+
+    ``backend``: "auto" (nccl when CUDA is available, else gloo), "gloo" or "nccl". ``timeout_s`` bounds
+    every collective (a rank that dies makes the others fail after this long instead of hanging forever).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"distributed.backend={backend!r} must be 'auto', 'gloo' or 'nccl'.")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("distributed.backend=nccl needs CUDA GPUs; use distributed.backend=gloo on CPU.")
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (if any)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_groups(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This rank's share of a step's prompts: whole prompts (each becomes a complete group of G rollouts on
+    one rank), dealt round-robin so shares differ by at most one. ``items`` must be the same on every rank.
+
+    Example: 5 prompts on 2 ranks -> rank 0 gets [p0, p2, p4], rank 1 gets [p1, p3].
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    if len(items) < world_size:
+        raise ConfigError(
+            f"train.prompts_per_step={len(items)} is smaller than the number of ranks ({world_size}): a rank would "
+            f"get no prompt group. Set train.prompts_per_step >= {world_size}."
+        )
+    return list(items[rank::world_size])
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects; e.g. the run directory, the policy URL)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (e.g. per-rank rollout records for rank 0's log)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sums(values: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """Sum each value over ranks (one collective for the whole dict; keys must match on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device or "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
+    """Wrap for data parallel training: "ddp" (CPU or GPU) or "fsdp" (GPU only; FSDP2 ``fully_shard``).
+    Returns ``model`` unchanged for a single process."""
+    if not info.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.local_rank] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if strategy == "fsdp":
+        if info.device.type != "cuda":
+            raise ConfigError("distributed.strategy=fsdp needs GPUs (nccl); use distributed.strategy=ddp on CPU.")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(getattr(model, "model", model), "layers", []):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    raise ConfigError(f"distributed.strategy={strategy!r} must be 'ddp' or 'fsdp'.")
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The complete (unsharded) state dict on every rank, names without wrapper prefixes. For FSDP this
+    gathers the shards (a collective: call it on every rank)."""
+    from gym_plugin.weight_sync import unwrap_model
+
+    inner = unwrap_model(model)
+    if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return inner.state_dict()
+
+
+def params_checksum(model: torch.nn.Module) -> float:
+    """Sum of every parameter (float64): equal across ranks when their parameters are identical (a cheap
+    test; the smoke test compares full tensors)."""
+    from gym_plugin.weight_sync import unwrap_model
+
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in unwrap_model(model).parameters()))

@@ -1,0 +1,175 @@
+"""What a training run shows and leaves behind: progress bars, one line per step, metrics.jsonl, rollouts.
+
+``RunLogger`` is created on every rank but only rank 0 prints or writes (``enabled=False`` elsewhere), so the
+recipe calls it unconditionally. Files in the run directory:
+
+- ``metrics.jsonl``: one JSON object per step (``step`` plus namespaced metrics, ``rollout/...``, ``loss/...``,
+  ``perf/...``), appended and flushed as each step ends, so a crash keeps every finished step;
+- ``rollouts/step_000001.jsonl``: the step's collector records (rollouts and failure records), one per line;
+- ``reward_curve.png``: written by ``gym_plugin.plotting`` from metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from gym_plugin.protocol import is_failure
+
+STEP_LINE_KEYS = (
+    ("rollout/reward_mean", "reward {:.3f}"),
+    ("rollout/accuracy", "acc {:.3f}"),
+    ("loss/total", "loss {:+.4f}"),
+    ("perf/num_trained_tokens", "tokens {:.0f}"),
+    ("perf/collect_time_s", "collect {:.1f}s"),
+    ("perf/step_time_s", "train {:.1f}s"),
+    ("perf/weight_sync_s", "sync {:.2f}s"),
+    ("perf/iteration_time_s", "step {:.1f}s"),
+    ("rollout/num_failed", "failed {:.0f}"),
+    ("policy/staleness", "stale {:.0f}"),
+)
+"""(metric key, format) of the per-step line, in order; missing keys are skipped."""
+
+
+def reward_metrics(records: Sequence[Mapping[str, Any]], accuracy_threshold: float = 1.0) -> dict[str, float]:
+    """``rollout/reward_mean``, ``rollout/reward_std``, ``rollout/accuracy`` (share of rollouts with reward >=
+    ``accuracy_threshold``), ``rollout/num_rollouts``, ``rollout/num_failed`` and the mean generated tokens per
+    rollout, over the successful records (failure records are counted, never scored 0)."""
+    rewards, gen_tokens = [], []
+    failed = 0
+    for r in records:
+        if is_failure(r) or r.get("reward") is None:
+            failed += 1
+            continue
+        rewards.append(float(r["reward"]))
+        n = 0
+        for item in (r.get("response") or {}).get("output") or []:
+            if isinstance(item, Mapping):
+                n += len(item.get("generation_token_ids") or [])
+        gen_tokens.append(n)
+    out = {"rollout/num_rollouts": float(len(records)), "rollout/num_failed": float(failed)}
+    if rewards:
+        mean = sum(rewards) / len(rewards)
+        out["rollout/reward_mean"] = mean
+        out["rollout/reward_std"] = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
+        out["rollout/accuracy"] = sum(x >= accuracy_threshold for x in rewards) / len(rewards)
+        out["rollout/gen_tokens_mean"] = sum(gen_tokens) / len(gen_tokens)
+    return out
+
+
+def format_step_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
+    """'step 3/6 | reward 0.469 | acc 0.469 | ...' from the keys in ``STEP_LINE_KEYS`` that are present."""
+    parts = [f"step {step}/{total_steps}"]
+    for key, fmt in STEP_LINE_KEYS:
+        value = metrics.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(fmt.format(value))
+    return " | ".join(parts)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None  # strict JSON: NaN/inf are not allowed
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+class RunLogger:
+    """Progress bars and files of one run (rank 0 only; a no-op elsewhere)."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, start_step: int = 0,
+                 progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self._step_bar = None
+        if enabled:
+            (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
+            self.metrics_path = self.run_dir / "metrics.jsonl"
+            if start_step == 0 and self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run in a reused folder starts a fresh log
+            elif start_step > 0 and self.metrics_path.exists():
+                self._truncate_after(start_step)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._step_bar = tqdm(total=total_steps, initial=start_step, desc="steps", unit="step",
+                                  position=0, dynamic_ncols=True, file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop metric lines of steps after the checkpoint (they will be redone)."""
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def rollout_bar(self, total: int, desc: str = "rollouts"):
+        """A progress bar over the rollouts of one step (``update(1)`` per record); a dummy when disabled."""
+        if not self.progress:
+            return _NullBar()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="rollout", position=1, leave=False, dynamic_ncols=True,
+                    file=sys.stderr)
+
+    def info(self, message: str) -> None:
+        """One line to the console without breaking the bars."""
+        if not self.enabled:
+            return
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append the step's metrics to metrics.jsonl, print the step line, advance the step bar."""
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        self.info(format_step_line(step, self.total_steps, metrics))
+        if self._step_bar is not None:
+            self._step_bar.update(1)
+
+    def write_rollouts(self, step: int, records: Iterable[Mapping[str, Any]]) -> Path | None:
+        """Write the step's records to ``rollouts/step_{step:06d}.jsonl``; returns the path."""
+        if not self.enabled:
+            return None
+        path = self.run_dir / "rollouts" / f"step_{step:06d}.jsonl"
+        with open(path, "w") as fh:
+            for r in records:
+                fh.write(json.dumps(r, default=str) + "\n")
+        return path
+
+    def close(self) -> None:
+        if self._step_bar is not None:
+            self._step_bar.close()
+            self._step_bar = None
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file (skipping blank lines)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
