@@ -102,8 +102,17 @@ class Server:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
 
-    def build_app(self, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE) -> web.Application:
-        app = web.Application(client_max_size=client_max_size)
+    def build_app(
+        self, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE, auth_token: str | None = None
+    ) -> web.Application:
+        """The aiohttp app; with `auth_token`, every route but /health requires 'Authorization: Bearer <token>'
+        (gym_plugin.auth). Bodies over `client_max_size` bytes are refused with HTTP 413."""
+        middlewares = []
+        if auth_token:
+            from gym_plugin.auth import bearer_auth_middleware
+
+            middlewares.append(bearer_auth_middleware(auth_token))
+        app = web.Application(client_max_size=client_max_size, middlewares=middlewares)
         for (method, path), handler in self._routes.items():
             app.router.add_route(method, path, self._wrap(handler))
         return app
@@ -173,15 +182,19 @@ class Server:
             raise HTTPStatusError(f"{method} {url} answered HTTP 500: {msg}", url, 500, msg) from e
         return Reply(status=200, data=result, session_id=ctx.new_session_id or session_id)
 
-    async def start(self, host: str | None = None, port: int | None = None, register_local: bool = True) -> int:
-        """Bind and serve; returns the bound port (port 0 picks a free one)."""
+    async def start(
+        self, host: str | None = None, port: int | None = None, register_local: bool = True,
+        auth_token: str | None = None,
+    ) -> int:
+        """Bind and serve; returns the bound port (port 0 picks a free one). With `auth_token`, HTTP callers must
+        send it as a bearer token (in-process calls are not checked)."""
         if host is not None:
             self.host = host
         if port is not None:
             self.port = port
         self.loop = asyncio.get_running_loop()
         await self.on_start()
-        self._runner = web.AppRunner(self.build_app(), access_log=None)
+        self._runner = web.AppRunner(self.build_app(auth_token=auth_token), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
