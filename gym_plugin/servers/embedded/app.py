@@ -296,7 +296,8 @@ class EmbeddedPolicyServer:
         self.config = cfg
         if (model is None) != (tokenizer is None):
             raise ModelLoadError("Pass both model= and tokenizer= to EmbeddedPolicyServer, or neither.")
-        if model is None:
+        given = model is not None
+        if not given:
             from gym_plugin.models import load_policy_model
 
             model, tokenizer = load_policy_model(cfg.model, cfg.dtype)
@@ -309,8 +310,13 @@ class EmbeddedPolicyServer:
         )
         mpe = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(cfg.max_model_len or min(int(mpe), 8192))
-        self.served_model_name = cfg.served_model_name or _default_served_name(cfg.model)
-        self.model_aliases = {self.served_model_name, str(cfg.model)}
+        if given:  # cfg.model did not pick this module: name it after its own path, if any
+            own = Path(getattr(model, "name_or_path", "") or "embedded-policy").name
+            self.served_model_name = cfg.served_model_name or own
+            self.model_aliases = {self.served_model_name}
+        else:
+            self.served_model_name = cfg.served_model_name or _default_served_name(cfg.model)
+            self.model_aliases = {self.served_model_name, str(cfg.model)}
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self._host = cfg.host
