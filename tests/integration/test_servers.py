@@ -467,3 +467,58 @@ def test_config_errors_name_field_value_and_fix():
     assert "3 problem(s)" in text and "Did you mean 'round_robin'" in text and "'localhost:8000'" in text
     with pytest.raises(ConfigError, match="max_turns=0"):
         AgentConfig(resources_server="r", model_server="p", max_turns=0)
+
+
+def test_math_symbolic_check_works_off_the_main_thread():
+    # signal.alarm only works in the main thread: off it, the server runs math_verify in a worker thread.
+    import threading
+
+    server = MathVerifyResourceServer("m", MathVerifyResourceServer.Config(), Directory())
+    resp = {"output": [{"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "\\boxed{\\frac{3}{4}}"}]}]}
+    results = []
+    th = threading.Thread(target=lambda: results.append(
+        asyncio.run(server.verify_row({"expected_answer": "0.75"}, resp, None))))
+    th.start()
+    th.join(30)
+    assert results and results[0]["reward"] == 1.0  # 3/4 == 0.75
+
+
+def test_finish_reason_length_is_incomplete_and_stops_the_agent():
+    async def body():
+        cut = Behaviour(turns=[Turn(text="partial", tool_calls=[ToolCall("add", {"a": 1, "b": 2})],
+                                    finish_reason="length")])
+        async with stack(cut, resource_cls=CalculatorResourceServer) as ns:
+            out = await run_row(ns, calculator_row(3, 4, 5), True)
+            calls = ns.fake.requests["/v1/chat/completions"]
+        assert calls == 1 and out["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert out["tool_calls"] == 0  # the agent stopped before running the tool call of a cut-off turn
+        assert "generation_token_ids" in out["response"]["output"][-1]  # the cut-off turn keeps its tokens
+
+    asyncio.run(body())
+
+
+def test_policy_version_and_sampling_params_reach_the_items_and_backend():
+    async def body():
+        async with stack("\\boxed{4}", fake_kw={"policy_version": 7},
+                         agent_kw={"extra_params": {"temperature": 0.5, "max_output_tokens": 32}}) as ns:
+            out = await run_row(ns, row("What is 2+2?"), False)
+            sent = ns.fake.last_request
+        assert out["response"]["output"][-1]["policy_version"] == 7
+        assert sent["temperature"] == 0.5 and sent["max_tokens"] == 32 and sent["model"] == "fake-model"
+
+    asyncio.run(body())
+
+
+def test_chat_completions_passthrough():
+    async def body():
+        async with stack("hello there") as ns:
+            t = Transport(allow_local=False)
+            reply = (await t.post(f"{ns.policy.url}/v1/chat/completions",
+                                  {"messages": [{"role": "user", "content": "hi"}], "return_token_ids": True})).data
+            await t.close()
+        assert reply["choices"][0]["message"]["content"] == "hello there"
+        assert reply["model"] == "fake-model"  # filled in by the policy server
+        assert reply["prompt_token_ids"][:2] == [1, 4] and len(reply["choices"][0]["token_ids"]) == 3  # 2 words + end
+
+    asyncio.run(body())

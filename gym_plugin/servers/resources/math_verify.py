@@ -5,13 +5,15 @@ the common case without sympy: when the ``\\boxed{}`` content (or the whole mess
 numbers ("42", "-3.5", "1,000"), they are compared as numbers (relative tolerance 1e-9). Everything else goes to
 the ``math_verify`` package (``parse`` both, ``verify(gold, prediction)``): LaTeX, fractions, expressions, sets.
 
-math_verify bounds its work with ``signal.alarm``, which only works in the main thread. The server passes its
-timeout when it runs in the main thread and disables it (None) elsewhere. A timeout is a verifier failure
+math_verify bounds its work with ``signal.alarm``, which only works in the main thread. In the main thread the
+server passes its timeout to math_verify; elsewhere it disables math_verify's timeout and runs the check in a
+worker thread, bounded by ``asyncio.wait_for``. A timeout is a verifier failure
 (raised: the rollout fails), never a reward of 0; a prediction that cannot be parsed scores 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from dataclasses import dataclass
@@ -78,13 +80,26 @@ class MathVerifyResourceServer(ResourceServer):
         gold_num = plain_number(gold)
         if pred_num is not None and gold_num is not None:
             return {"reward": 1.0 if numbers_equal(pred_num, gold_num) else 0.0, "extracted_answer": candidate.strip()}
-        return self._verify_symbolic(gold, text)
+        if threading.current_thread() is threading.main_thread():
+            # signal.alarm works here: math_verify bounds each parse/compare itself.
+            return self._verify_symbolic(gold, text, self.config.timeout_s)
+        # Not the main thread (e.g. servers run on a background event loop): signal.alarm is unavailable, so
+        # run it in a worker thread without math_verify's timeout and bound the wait here instead.
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, self._verify_symbolic, gold, text, None), self.config.timeout_s
+            )
+        except asyncio.TimeoutError as e:
+            raise VerifierError(
+                f"{self.name}: math_verify did not finish within {self.config.timeout_s} s comparing "
+                f"{gold!r} with the model's answer; raise timeout_s or check the row"
+            ) from e
 
-    def _verify_symbolic(self, gold: str, text: str) -> dict:
+    def _verify_symbolic(self, gold: str, text: str, timeout: int | None) -> dict:
         mv = self._load()
         from math_verify.errors import TimeoutException
 
-        timeout = self.config.timeout_s if threading.current_thread() is threading.main_thread() else None
         try:
             gold_parsed = mv.parse(gold, parsing_timeout=timeout, raise_on_error=True)
             if not gold_parsed:
