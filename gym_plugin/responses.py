@@ -67,11 +67,14 @@ def _assistant_message(content: str | None) -> dict:
     return {"role": "assistant", "content": content}
 
 
-def input_to_messages(inp: str | list, instructions: str | None = None) -> list[dict]:
+def input_to_messages(inp: str | list, instructions: str | None = None, carry_tokens: bool = True) -> list[dict]:
     """Responses ``input`` (a string or a list of items) -> chat messages.
 
-    Raises ProtocolError on an item it cannot place (says which item and what is accepted).
+    ``carry_tokens``: pass earlier turns' token ids on history assistant messages (off for backends that
+    reject unknown message keys). Raises ProtocolError on an item it cannot place (says which item and what
+    is accepted).
     """
+    carry = _carry_tokens if carry_tokens else _no_carry
     messages: list[dict] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
@@ -94,7 +97,9 @@ def input_to_messages(inp: str | list, instructions: str | None = None) -> list[
                 # assistant message item always starts a new assistant chat message.
                 current = _assistant_message(content_text(item.get("content")))
                 messages.append(current)
-                _carry_tokens(item, current)
+                carry(item, current)
+                if "prompt_token_ids" in item:
+                    current = None  # token fields sit on the last item of a model call: the call ends here
                 continue
             if role not in ("user", "system", "developer", "tool"):
                 raise ProtocolError(
@@ -106,7 +111,7 @@ def input_to_messages(inp: str | list, instructions: str | None = None) -> list[
                 msg["tool_call_id"] = item["tool_call_id"]
             messages.append(msg)
         elif kind == "function_call":
-            if current is None or "prompt_token_ids" in current:
+            if current is None:
                 current = _assistant_message(None)
                 messages.append(current)
             current.setdefault("tool_calls", []).append(
@@ -116,7 +121,9 @@ def input_to_messages(inp: str | list, instructions: str | None = None) -> list[
                     "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
                 }
             )
-            _carry_tokens(item, current)
+            carry(item, current)
+            if "prompt_token_ids" in item:
+                current = None
         elif kind == "function_call_output":
             current = None
             output = item.get("output")
@@ -132,6 +139,10 @@ def input_to_messages(inp: str | list, instructions: str | None = None) -> list[
                 f"'function_call_output', 'reasoning'"
             )
     return messages
+
+
+def _no_carry(item: Mapping[str, Any], message: dict) -> None:
+    return None
 
 
 def _carry_tokens(item: Mapping[str, Any], message: dict) -> None:
@@ -174,7 +185,7 @@ def tool_choice_to_chat(choice: Any) -> Any:
     return choice
 
 
-def create_params_to_chat(params: Mapping[str, Any], model: str) -> dict:
+def create_params_to_chat(params: Mapping[str, Any], model: str, carry_tokens: bool = True) -> dict:
     """Responses create params -> chat completion create params (without token/logprob flags).
 
     ``max_output_tokens`` becomes ``max_tokens``; unknown keys that are not Responses-only are passed through
@@ -187,7 +198,7 @@ def create_params_to_chat(params: Mapping[str, Any], model: str) -> dict:
         )
     chat: dict[str, Any] = {
         "model": model or params.get("model") or "",
-        "messages": input_to_messages(params["input"], params.get("instructions")),
+        "messages": input_to_messages(params["input"], params.get("instructions"), carry_tokens),
     }
     tools = tools_to_chat(params.get("tools"))
     if tools:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -27,6 +28,9 @@ from gym_plugin.errors import ConfigError, EndpointError, GymPluginError, Protoc
 from gym_plugin.http import HTTPStatusError, Transport
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
 from gym_plugin.servers.policy import ROUTE_KEY_HEADER
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_RESERVED_ROUTES = frozenset(("seed_session", "verify", "health"))
 
 VERIFIER_ERROR_PREFIX = "VerifierError:"
 """Start of the message of an agent reply that failed in /verify (direct calls lose the JSON error type)."""
@@ -197,6 +201,9 @@ class AgentServer(Server):
         call_id = call.get("call_id")
         if allowed is not None and name not in allowed:
             return _tool_output(call_id, f"Error: unknown tool {name!r}; available tools: {sorted(allowed)}")
+        if name in _RESERVED_ROUTES or not _TOOL_NAME.fullmatch(name):
+            # The name becomes a URL path: never let a model reach /verify or /seed_session, or another path.
+            return _tool_output(call_id, f"Error: unknown tool {name!r}")
         try:
             args = json.loads(call.get("arguments") or "{}")
         except json.JSONDecodeError as e:

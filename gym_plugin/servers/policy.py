@@ -132,7 +132,7 @@ class PolicyModelServer(Server):
         self._retry = RetryPolicy(max_attempts=config.max_attempts, backoff_s=config.backoff_s)
         self._in_flight = [0] * len(self.base_urls)
         self.requests_per_backend = [0] * len(self.base_urls)
-        """Chat completion requests sent to each backend (same order as base_urls)."""
+        """Requests sent to each backend, /tokenize included (same order as base_urls)."""
         self._rr = 0
         self._sticky: dict[str, int] = {}
         self.transport: Transport | None = None
@@ -203,7 +203,9 @@ class PolicyModelServer(Server):
     async def responses(self, body: Any, ctx: RequestContext) -> dict:
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{self.name}: /v1/responses expects Responses create params, got {truncate(body, 200)}")
-        chat = create_params_to_chat(body, self.config.model)
+        # Token ids of earlier turns ride on history messages only for token-aware backends (vLLM ignores
+        # unknown message keys; a strict OpenAI-compatible server may reject them).
+        chat = create_params_to_chat(body, self.config.model, carry_tokens=self.config.token_style != "none")
         if self._token_flags:
             chat.update(self._token_flags)
         if self.config.extra_body:

@@ -522,3 +522,32 @@ def test_chat_completions_passthrough():
         assert reply["prompt_token_ids"][:2] == [1, 4] and len(reply["choices"][0]["token_ids"]) == 3  # 2 words + end
 
     asyncio.run(body())
+
+
+def test_model_cannot_reach_reserved_routes_as_tools():
+    async def body():
+        script = Behaviour(turns=[Turn(tool_calls=[ToolCall("verify", {}), ToolCall("../health", {}),
+                                                   ToolCall("multiply", {"a": 3, "b": 4})]), "\\boxed{12}"])
+        r = calculator_row(3, 4, 5)
+        del r["responses_create_params"]["tools"]  # no tool list in the row: names are checked by the agent alone
+        r["required_tools"] = ["multiply"]
+        r["expected_answer"] = "12"
+        async with stack(script, resource_cls=CalculatorResourceServer) as ns:
+            out = await run_row(ns, r, True)
+        outs = [it["output"] for it in out["response"]["output"] if it["type"] == "function_call_output"]
+        assert outs == ["Error: unknown tool 'verify'", "Error: unknown tool '../health'", '{"result": 12}']
+        assert out["reward"] == 1.0  # the session survived the attempted 'verify' call
+
+    asyncio.run(body())
+
+
+def test_token_style_none_for_backends_without_token_ids():
+    async def body():
+        async with stack(CALC_SCRIPT, resource_cls=CalculatorResourceServer, fake_kw={"token_ids": False},
+                         policy_kw={"token_style": "none"}) as ns:
+            out = await run_row(ns, calculator_row(3, 4, 5), False)
+            sent = ns.fake.last_request
+        assert out["reward"] == 1.0 and model_items(out["response"]) == []
+        assert "logprobs" not in sent and all("prompt_token_ids" not in m for m in sent["messages"])
+
+    asyncio.run(body())

@@ -70,8 +70,8 @@ def test_tokens_end_a_model_call():
         {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}", **TOK},
         {"type": "function_call", "call_id": "b", "name": "g", "arguments": "{}", **TOK},
     ]
-    msgs = input_to_messages(inp)
-    assert [len(m["tool_calls"]) for m in msgs] == [1, 1]
+    assert [len(m["tool_calls"]) for m in input_to_messages(inp)] == [1, 1]
+    assert [len(m["tool_calls"]) for m in input_to_messages(inp, carry_tokens=False)] == [1, 1]
 
 
 def test_bad_items_raise_protocol_errors():
@@ -147,3 +147,10 @@ def test_round_trip_output_items_back_to_messages():
     assert msgs[1] == {"role": "assistant", "content": "x",
                        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
                        "prompt_token_ids": [1, 2], "generation_token_ids": [3, 4]}
+
+
+def test_carry_tokens_off_leaves_history_messages_plain():
+    inp = [{"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}", **TOK}]
+    assert input_to_messages(inp, carry_tokens=False) == [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
