@@ -116,7 +116,7 @@ def _is_failure(record: Mapping[str, Any]) -> bool:
 
 
 def _as_dict(rollout: Any, index: int) -> Mapping[str, Any]:
-    if isinstance(rollout, Mapping):
+    if type(rollout) is dict or isinstance(rollout, Mapping):  # exact-type test first: ABC checks are slow
         return rollout
     to_dict = getattr(rollout, "to_dict", None)
     if callable(to_dict):
@@ -131,12 +131,12 @@ def _model_calls(record: Mapping[str, Any]) -> list[tuple[list, list, list]] | s
     """The (prompt_token_ids, generation_token_ids, generation_log_probs) of each model call, in order, or a
     reason string when the rollout cannot be used as is ("missing" / "malformed")."""
     response = record.get("response")
-    output = response.get("output") if isinstance(response, Mapping) else None
+    output = response.get("output") if type(response) is dict or isinstance(response, Mapping) else None
     if not output:
         return "missing"
     calls = []
     for item in output:
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             return "malformed"
         prompt = item.get("prompt_token_ids")
         gen = item.get("generation_token_ids")
@@ -222,6 +222,12 @@ def _retokenized_calls(record: Mapping[str, Any], tokenizer: Any) -> list[tuple[
         gen = full[len(prompt) :]
         calls.append((prompt, gen, [0.0] * len(gen)))
     return calls or None
+
+
+def _concat_lists(lists: list[list], dtype: type) -> np.ndarray:
+    """One flat array from Python lists, converting each with ``np.fromiter`` (no intermediate list)."""
+    arrays = [np.fromiter(values, dtype=dtype, count=len(values)) for values in lists if len(values)]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
 def _group_key(record: Mapping[str, Any], group_key: str, index: int) -> Any:
@@ -314,7 +320,9 @@ def process_rollouts(
                 f"(or eos_token_id) is set (got tokenizer={type(tokenizer).__name__})."
             )
 
-    counts = dict.fromkeys(("failed", "masked", "missing", "malformed", "retokenized", "drift", "drift_dropped"), 0)
+    counts = dict.fromkeys(
+        ("failed", "masked", "missing", "malformed", "retokenized", "drift", "drift_dropped", "incomplete"), 0
+    )
     # Per kept rollout (vote once in its group):
     kept_rewards: list[float] = []
     kept_groups: list[Any] = []
@@ -364,6 +372,8 @@ def process_rollouts(
                 segments = [[len(calls) - 1]]
 
         group = group_ids[index] if group_ids is not None else _group_key(record, group_key, index)
+        if (record.get("response") or {}).get("incomplete_details"):
+            counts["incomplete"] += 1  # the sampler stopped on a length limit (kept; the verifier judged it)
         kept_index = len(kept_rewards)
         kept_rewards.append(float(record["reward"]))
         kept_groups.append(group)
@@ -404,41 +414,41 @@ def process_rollouts(
     # ---- flat token arrays (row after row) -------------------------------------------------------------
     lengths = np.asarray(row_lengths, dtype=np.int64)  # [B]
     total = int(lengths.sum())
-    flat_ids = np.concatenate([np.asarray(src, dtype=np.int64) for src in row_id_sources]) if total else np.zeros(0, np.int64)  # [N]
+    # np.fromiter with a count is the fastest list -> array conversion measured here (~55 M values/s).
+    flat_ids = _concat_lists(row_id_sources, np.int64)  # [N]
     flat_mask = np.repeat(np.asarray(piece_values, dtype=np.int8), np.asarray(piece_lengths, dtype=np.int64))  # [N]
     assert flat_mask.shape[0] == total, "mask pieces must tile the rows exactly"
-    flat_lp = np.zeros(total, dtype=np.float32)  # [N]
-    sampled = flat_mask.astype(bool)
-    lp_values = [np.asarray(src, dtype=np.float32) for src in logprob_sources if len(src)]
-    if lp_values:
-        flat_lp[sampled] = np.concatenate(lp_values)
+    lp_values = _concat_lists(logprob_sources, np.float32)  # [S] one per sampled token, in flat order
 
-    # ---- truncation ------------------------------------------------------------------------------------
-    starts = np.zeros(num_rows, dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    row_of_token = np.repeat(np.arange(num_rows), lengths)  # [N]
-    col = np.arange(total, dtype=np.int64) - starts[row_of_token]  # [N] position within the row
+    # ---- truncation --------------------------------------------------------------------------------------
+    # Rows are laid out by boolean masks over [B, T] (row-major order = the flat order): no per-token index
+    # arrays, and boolean assignment is cheaper than fancy indexing.
     truncated = np.zeros(num_rows, dtype=bool)
     if max_seq_len is not None and total and int(lengths.max()) > max_seq_len:
         truncated = lengths > max_seq_len
-        keep = col < max_seq_len
-        flat_ids, flat_mask, flat_lp, row_of_token, col = (a[keep] for a in (flat_ids, flat_mask, flat_lp, row_of_token, col))
+        columns = np.arange(int(lengths.max()))  # [L]
+        full_layout = columns[None, :] < lengths[:, None]  # [B, L] where the untruncated tokens sit
+        keep = np.broadcast_to(columns[None, :] < max_seq_len, full_layout.shape)[full_layout]  # [N] token within the first max_seq_len of its row
+        lp_values = lp_values[keep[flat_mask.view(bool)]]
+        flat_ids, flat_mask = flat_ids[keep], flat_mask[keep]
         lengths = np.minimum(lengths, max_seq_len)
 
     # ---- scatter into [B, T] -----------------------------------------------------------------------------
     width = int(lengths.max()) if num_rows else 0
     if pad_to_multiple_of:
         width = int(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of)
-    shift = (width - lengths) if padding_side == "left" else np.zeros_like(lengths)  # [B]
-    linear = row_of_token * width + col + shift[row_of_token]  # [N]
-    input_ids = np.full(num_rows * width, pad_token_id, dtype=np.int64)
-    input_ids[linear] = flat_ids
-    attention = np.zeros(num_rows * width, dtype=np.int64)
-    attention[linear] = 1
-    loss_mask = np.zeros(num_rows * width, dtype=np.float32)
-    loss_mask[linear] = flat_mask
-    rollout_lp = np.zeros(num_rows * width, dtype=np.float32)
-    rollout_lp[linear] = flat_lp
+    columns = np.arange(width)  # [T]
+    if padding_side == "left":
+        layout = columns[None, :] >= (width - lengths)[:, None]  # [B, T]
+    else:
+        layout = columns[None, :] < lengths[:, None]  # [B, T]
+    input_ids = np.full((num_rows, width), pad_token_id, dtype=np.int64)
+    input_ids[layout] = flat_ids
+    attention = layout.astype(np.int64)
+    loss_mask = np.zeros((num_rows, width), dtype=np.float32)
+    loss_mask[layout] = flat_mask
+    rollout_lp = np.zeros((num_rows, width), dtype=np.float32)
+    rollout_lp[loss_mask > 0] = lp_values  # sampled tokens in row-major order = the order of lp_values
 
     # ---- rewards, groups, advantages (per kept rollout, then broadcast to its rows) ------------------------
     rewards_k = torch.tensor(kept_rewards, dtype=torch.float32)  # [K]
@@ -463,7 +473,7 @@ def process_rollouts(
     if filter_zero_variance:
         sample_mask[zero_var_k[row_kept]] = 0.0
 
-    loss_mask_t = torch.from_numpy(loss_mask.reshape(num_rows, width))
+    loss_mask_t = torch.from_numpy(loss_mask)
     num_trained = int((loss_mask_t * sample_mask[:, None]).sum().item())
     seq_lens = lengths.astype(np.float64)
     gen_lens = loss_mask_t.sum(dim=1)
@@ -479,6 +489,7 @@ def process_rollouts(
         "rollout/drift_count": float(counts["drift"]),
         "rollout/num_drift_dropped": float(counts["drift_dropped"]),
         "rollout/num_truncated": float(truncated.sum()),
+        "rollout/num_incomplete": float(counts["incomplete"]),
         "rollout/truncated_frac": float(truncated.mean()),
         "rollout/num_trained_tokens": float(num_trained),
         "rollout/seq_len_mean": float(seq_lens.mean()),
@@ -495,10 +506,10 @@ def process_rollouts(
     metrics.update(adv_metrics)
 
     return RolloutBatch(
-        input_ids=torch.from_numpy(input_ids.reshape(num_rows, width)),
-        attention_mask=torch.from_numpy(attention.reshape(num_rows, width)),
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention),
         loss_mask=loss_mask_t,
-        rollout_logprobs=torch.from_numpy(rollout_lp.reshape(num_rows, width)),
+        rollout_logprobs=torch.from_numpy(rollout_lp),
         rewards=rewards_k[row_kept],
         advantages=adv_k[row_kept].to(torch.float32),
         group_ids=groups_k[row_kept],

@@ -44,7 +44,9 @@ LPS = [0, 0, 0, -0.1, -0.2, 0, 0, -0.3, -0.4, -0.5, 0, -0.6]
 
 
 def test_three_turn_tool_rollout_masks():
-    batch = process_rollouts([rollout(THREE_TURN, reward=1.0)], pad_token_id=0, advantage_mode=None)
+    record = rollout(THREE_TURN, reward=1.0)
+    record["response"]["incomplete_details"] = {"reason": "max_output_tokens"}
+    batch = process_rollouts([record], pad_token_id=0, advantage_mode=None)
     assert batch.input_ids.tolist() == [ROW]
     assert batch.attention_mask.tolist() == [[1] * 12]
     assert batch.loss_mask.tolist() == [MASK]
@@ -54,6 +56,7 @@ def test_three_turn_tool_rollout_masks():
     assert batch.sample_mask.tolist() == [1.0]
     assert batch.metrics["rollout/drift_count"] == 0
     assert batch.metrics["rollout/gen_len_mean"] == 6
+    assert batch.metrics["rollout/num_incomplete"] == 1  # counted, still trained on
 
 
 def test_right_vs_left_padding_and_multiple_of():
