@@ -97,9 +97,31 @@ def add_digits_rows(agent_name: str = "add_digits_agent") -> list[dict[str, Any]
     ]
 
 
+LETTERS_PROMPT = "Write a word that contains the letter {letter}."
+
+
+def letter_rows(agent_name: str = "letters_agent") -> list[dict[str, Any]]:
+    """16 rows asking for a word with a given letter; verified by ``capitals`` with ``match: substring``.
+    Meant for smoke tests with the random tiny model, whose random replies contain the letter some of the
+    time, so groups have mixed rewards and the gradient is not zero."""
+    return [
+        {
+            "responses_create_params": {
+                "input": [{"role": "user", "content": LETTERS_PROMPT.format(letter=letter)}],
+            },
+            "expected_answer": letter,
+            "accepted_answers": [letter],
+            "agent_ref": {"name": agent_name},
+            "task_id": f"letters/{i}",
+        }
+        for i, letter in enumerate("etaoinshrdlucmfw")
+    ]
+
+
 TASKS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "capitals": capital_rows,
     "add_digits": add_digits_rows,
+    "letters": letter_rows,
 }
 """Built-in task name -> row builder. ``task_rows`` is the lookup with a helpful error."""
 

@@ -18,11 +18,18 @@ from gym_plugin.errors import ProtocolError
 from gym_plugin.servers.resources.base import ResourceServer, ResourceServerConfig, expected_answer, final_text
 
 
-def find_answer(text: str, accepted: list[str]) -> str | None:
-    """The first accepted name found in ``text`` as a whole word/phrase (case-insensitive), else None."""
+MATCH_MODES = ("word", "substring")
+
+
+def find_answer(text: str, accepted: list[str], match: str = "word") -> str | None:
+    """The first accepted name found in ``text`` (case-insensitive), else None. ``match="word"``: as a whole
+    word/phrase ("Paris" not in "Parisian"); ``"substring"``: anywhere."""
     for name in accepted:
+        if match == "substring":
+            if name.casefold() in text.casefold():
+                return name
         # (?<!\w) / (?!\w) instead of \b: names may start or end with non-word characters ("St. John's").
-        if re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text, flags=re.IGNORECASE):
+        elif re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text, flags=re.IGNORECASE):
             return name
     return None
 
@@ -33,6 +40,12 @@ class CapitalsConfig(ResourceServerConfig):
 
     max_answer_words: int | None = None
     """Replies longer than this many words get reward 0 (None: any length)."""
+    match: str = "word"
+    """'word' (the name as a whole word or phrase) or 'substring' (anywhere in the reply)."""
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"match={self.match!r} must be one of {list(MATCH_MODES)}")
 
 
 class CapitalsResourceServer(ResourceServer):
@@ -50,5 +63,5 @@ class CapitalsResourceServer(ResourceServer):
         limit = self.config.max_answer_words
         if limit is not None and len(text.split()) > limit:
             return {"reward": 0.0, "extracted_answer": None}
-        found = find_answer(text, accepted)
+        found = find_answer(text, accepted, self.config.match)
         return {"reward": 1.0 if found is not None else 0.0, "extracted_answer": found}

@@ -1,0 +1,257 @@
+"""The schema of recipes/grpo.py's config (conf/grpo.yaml + groups): dataclasses, one docstring per field, and
+``parse_grpo_config`` that reports every problem at once (unknown keys with "Did you mean", bad values, and
+combinations that cannot work, each with the fix). YAML key = field name = kwarg everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from gym_plugin.errors import ConfigError, did_you_mean
+from gym_plugin.loss import LossConfig
+from gym_plugin.step import StepConfig
+from gym_plugin.weight_sync import WEIGHT_SYNC_KINDS, WeightSyncConfig
+
+POLICY_KINDS = ("embedded", "endpoints")
+
+
+@dataclass
+class TrainConfig:
+    """``train``: the loop's budget and optimizer."""
+
+    steps: int = 4
+    """Number of GRPO steps (collect -> process -> update -> sync)."""
+    prompts_per_step: int = 8
+    """Prompts (groups) per step, over all ranks; each rank gets whole groups."""
+    group_size: int = 4
+    """Rollouts per prompt (G)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    overlap: bool = False
+    """Collect step k+1 while step k trains (rollouts one policy version old, corrected by loss.tis_level)."""
+    max_staleness: int = 1
+    """Rollouts more than this many policy versions behind the trainer are dropped (counted)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    seed: int = 0
+    """Seed of the prompt order and of torch."""
+
+
+@dataclass
+class EnvConfig:
+    """``env``: the Gym environment (servers) and its prompt rows."""
+
+    task: str | None = "capitals"
+    """A built-in task of gym_plugin.tasks (capitals | add_digits | letters), or None with ``data_path``."""
+    data_path: str | None = None
+    """A JSONL file of example rows (used instead of ``task``)."""
+    agent_name: str = "capitals_agent"
+    """Agent the rows are routed to (their ``agent_ref`` is set to it)."""
+    gym: dict = field(default_factory=dict)
+    """Server sections in NeMo Gym's shape (agents, resource servers), merged after ``config_paths``."""
+    config_paths: list = field(default_factory=list)
+    """Gym config YAML files (e.g. conf/gym/math.yaml), relative to the repository root or absolute."""
+
+
+@dataclass
+class PolicyConfig:
+    """``policy``: where rollouts are generated and how they are sampled."""
+
+    kind: str = "embedded"
+    """'embedded' (the trainer's model served in this process) | 'endpoints' (OpenAI-compatible servers, e.g.
+    vLLM, at ``base_urls``)."""
+    base_urls: list = field(default_factory=list)
+    """endpoints: OpenAI base URLs of the policy replicas ('http://host:8000/v1')."""
+    model_name: str | None = None
+    """endpoints: the model name the servers serve (None: the model config's name)."""
+    api_key: str = "dummy_key"
+    """endpoints: API key."""
+    temperature: float = 1.0
+    """Sampling temperature (GRPO needs diverse samples; 1.0 samples the policy itself)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off; anything else biases the samples away from the trained policy)."""
+    max_output_tokens: int = 32
+    """Most tokens generated per model call."""
+    max_batch_size: int = 64
+    """embedded: rows generated together in one batch."""
+    batch_wait_ms: float = 20.0
+    """embedded: how long the engine gathers requests before starting a batch."""
+    num_threads: int | None = None
+    """embedded: torch threads of the generation engine (None: torch's default)."""
+
+
+@dataclass
+class ModelConfig:
+    """``model``: the trained model (and the embedded policy's starting weights)."""
+
+    spec: str = "smollm2"
+    """'smollm2' | 'tiny' | a local Hugging Face folder."""
+    dtype: str = "float32"
+    """Training dtype (float32 on CPU)."""
+    name: str = "SmolLM2-135M-Instruct"
+    """Name shown in logs and sent as ``model`` to endpoints when policy.model_name is unset."""
+
+
+@dataclass
+class ProcessConfig:
+    """``process``: keyword arguments of ``process_rollouts``."""
+
+    max_seq_len: int | None = None
+    """Rows longer than this are cut and not trained on (None: no limit)."""
+    filter_zero_variance: bool = False
+    """Do not train on groups whose rewards are all equal (their advantages are 0 anyway)."""
+    drift_policy: str = "split"
+    """Multi-turn rollouts whose turns do not extend each other: 'split' | 'last_turn' | 'drop'."""
+
+
+@dataclass
+class DistributedConfig:
+    """``distributed``: torchrun settings (ignored for a plain ``python`` launch)."""
+
+    backend: str = "auto"
+    """'auto' (nccl with GPUs, else gloo) | 'gloo' | 'nccl'."""
+    strategy: str = "ddp"
+    """'ddp' | 'fsdp' (GPU only)."""
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: reward on a fixed prompt set (no training), to compare start and end on the same prompts."""
+
+    at_start: bool = False
+    """Evaluate before the first step (logged as step 0)."""
+    at_end: bool = False
+    """Evaluate after the last step."""
+    num_prompts: int = 32
+    """The first this-many rows of the task."""
+    samples: int = 2
+    """Rollouts per prompt."""
+
+
+@dataclass
+class LoggingConfig:
+    """``logging``: what the run shows and writes."""
+
+    progress: bool = True
+    """Progress bars over steps and over the rollouts of a step."""
+    plot: bool = True
+    """Write reward_curve.png into the run directory after each step."""
+    save_rollouts: bool = True
+    """Write every step's records to rollouts/step_XXXXXX.jsonl."""
+
+
+@dataclass
+class GRPOConfig:
+    """The whole recipe config."""
+
+    run_dir: str = "runs/grpo"
+    """Output folder: metrics.jsonl, rollouts/, reward_curve.png, checkpoints/last/."""
+    resume: bool = False
+    """Continue from ``run_dir``/checkpoints/last (model, optimizer, step)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    advantage_mode: str = "grpo"
+    """Group-relative advantage: 'grpo' | 'dr_grpo' | 'rloo' (set by the loss group)."""
+    step: StepConfig = field(default_factory=StepConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    """``cls(**data)`` with nested dataclasses; unknown keys and type errors go to ``problems``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.append(f"{where or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            problems.append(f"{dotted}: unknown key (value {value!r}).{did_you_mean(str(key), names)} "
+                            f"Known keys: {sorted(names)}.")
+            continue
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, dotted, problems)
+        elif hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"{dotted}: expected a number, got {value!r}")
+            continue
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        problems.append(f"{where or 'config'}: {e}")
+        return cls()
+
+
+def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
+    """Build and check the recipe config (a resolved plain dict, e.g. ``OmegaConf.to_container(cfg)``).
+    Raises ConfigError listing every problem. Hydra's own ``hydra`` key is ignored."""
+    problems: list[str] = []
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    cfg: GRPOConfig = _build(GRPOConfig, data, "", problems)
+    t, p = cfg.train, cfg.policy
+    for name in ("steps", "prompts_per_step", "group_size"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"train.{name}={value!r} must be a positive integer.")
+    if isinstance(t.group_size, int) and t.group_size == 1:
+        problems.append("train.group_size=1 gives every rollout an advantage of 0 (nothing to compare it with); "
+                        "set train.group_size >= 2.")
+    if t.lr <= 0:
+        problems.append(f"train.lr={t.lr} must be > 0.")
+    if t.max_staleness < 0:
+        problems.append(f"train.max_staleness={t.max_staleness} must be >= 0.")
+    if t.overlap and cfg.loss.tis_level is None:
+        problems.append("train.overlap=true trains on rollouts one policy version old; set loss.tis_level=token "
+                        "(or sequence) so they are importance-corrected, or train.overlap=false.")
+    if t.overlap and t.max_staleness < 1:
+        problems.append("train.overlap=true makes every rollout one version old; set train.max_staleness >= 1.")
+    if p.kind not in POLICY_KINDS:
+        problems.append(f"policy.kind={p.kind!r} is not one of {list(POLICY_KINDS)}.{did_you_mean(p.kind, POLICY_KINDS)}")
+    if p.kind == "endpoints" and not p.base_urls:
+        problems.append("policy.kind=endpoints needs policy.base_urls=[http://host:8000/v1,...] (the vLLM servers).")
+    if p.kind == "embedded" and p.base_urls:
+        problems.append(f"policy.base_urls={p.base_urls} is set but policy.kind=embedded serves the model in this "
+                        "process; use policy=vllm (kind=endpoints) to point at servers.")
+    ws = cfg.weight_sync.kind
+    if ws not in WEIGHT_SYNC_KINDS:
+        problems.append(f"weight_sync.kind={ws!r} is not one of {list(WEIGHT_SYNC_KINDS)}."
+                        f"{did_you_mean(str(ws), WEIGHT_SYNC_KINDS)}")
+    elif p.kind == "embedded" and ws not in ("inprocess", "none"):
+        problems.append(f"weight_sync={ws} syncs to servers at policy.base_urls, but policy.kind=embedded runs in "
+                        "this process; use weight_sync=inprocess.")
+    elif p.kind == "endpoints" and ws == "inprocess":
+        problems.append("weight_sync=inprocess needs policy=embedded; for vLLM endpoints use weight_sync=vllm_nccl, "
+                        "for embedded servers in other processes weight_sync=checkpoint.")
+    if not (0 < p.temperature):
+        problems.append(f"policy.temperature={p.temperature} must be > 0 (GRPO needs sampled rollouts).")
+    if not isinstance(p.max_output_tokens, int) or p.max_output_tokens < 1:
+        problems.append(f"policy.max_output_tokens={p.max_output_tokens!r} must be a positive integer.")
+    if cfg.env.task is None and not cfg.env.data_path:
+        problems.append("env.task is null and env.data_path is unset: set one (env.task=capitals or "
+                        "env.data_path=rows.jsonl).")
+    if cfg.advantage_mode not in ("grpo", "dr_grpo", "rloo"):
+        problems.append(f"advantage_mode={cfg.advantage_mode!r} is not one of ['grpo', 'dr_grpo', 'rloo'].")
+    for sub in (cfg.loss, cfg.step):
+        try:
+            sub.validate()
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,266 @@
+"""GRPO over Gym environments: sample prompts -> collect G rollouts per prompt -> process_rollouts -> grpo_step
+-> sync weights to the policy -> log -> checkpoint.
+
+    python recipes/grpo.py                                   # CPU: embedded SmolLM2 + the capital-city task
+    python recipes/grpo.py model=tiny env=letters train.steps=2
+    torchrun --nproc_per_node 2 recipes/grpo.py model=tiny env=letters
+    python recipes/grpo.py policy=vllm policy.base_urls=[http://h:8000/v1] weight_sync=vllm_nccl model=...
+
+How it departs from the GRPO paper: one optimizer step per batch (the PPO ratio is 1 on fresh rollouts, so
+clipping only matters with train.overlap), no KL term by default (loss.kl_coef=0), token-level truncated
+importance sampling against the sampler's own log-probs (loss.tis_level=token), which also corrects the
+one-version-old rollouts of train.overlap=true. Rollouts come from HTTP environments (agents, verifiers) started
+in this process by GymIntegration; the policy is either the trained model served in process (policy=embedded)
+or OpenAI-compatible endpoints such as vLLM (policy=vllm).
+
+Under torchrun each rank collects whole prompt groups (its share of the step's prompts) from its own environment
+servers, all ranks sample from one policy (rank 0's embedded server, or the endpoints), DDP averages gradients,
+the loss is normalized by the global trained-token count, and only rank 0 syncs weights and writes files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a fresh clone runs without `pip install -e .`
+
+from gym_plugin import distributed as dist_utils  # noqa: E402
+from gym_plugin.grpo_config import GRPOConfig, parse_grpo_config  # noqa: E402
+from gym_plugin.integration import GymIntegration  # noqa: E402
+from gym_plugin.models import load_policy_model  # noqa: E402
+from gym_plugin.plotting import plot_reward_curve  # noqa: E402
+from gym_plugin.process import process_rollouts  # noqa: E402
+from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY  # noqa: E402
+from gym_plugin.run_logging import RunLogger, read_metrics, reward_metrics  # noqa: E402
+from gym_plugin.step import grpo_step  # noqa: E402
+from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
+from gym_plugin.weight_sync import build_weight_sync, unwrap_model  # noqa: E402
+
+
+def load_rows(cfg: GRPOConfig) -> list[dict]:
+    """The task's example rows, routed to ``env.agent_name`` and carrying the policy's sampling params."""
+    if cfg.env.data_path:
+        path = Path(cfg.env.data_path)
+        rows = [json.loads(line) for line in (path if path.is_absolute() else ROOT / path).read_text().splitlines()
+                if line.strip()]
+    else:
+        rows = task_rows(cfg.env.task, cfg.env.agent_name)
+    sampling = {"temperature": cfg.policy.temperature, "top_p": cfg.policy.top_p,
+                "max_output_tokens": cfg.policy.max_output_tokens}
+    for row in rows:
+        row["agent_ref"] = {"name": cfg.env.agent_name}
+        row["responses_create_params"] = {**sampling, **row["responses_create_params"]}
+    return rows
+
+
+def start_environment(cfg: GRPOConfig, policy_server, base_urls: list[str], run_dir: Path, rank: int) -> GymIntegration:
+    """Start the env's servers (agents, verifiers, the policy model server; plus the embedded policy on rank 0)."""
+    gym_yaml = run_dir / f"gym_env.rank{rank}.yaml"
+    gym_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.env.gym)))
+    paths = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg.env.config_paths] + [str(gym_yaml)]
+    return GymIntegration(
+        cfg.policy.model_name or cfg.model.name, base_urls, paths, head_server_port=0,
+        policy_api_key=cfg.policy.api_key, extra_servers=[policy_server] if policy_server is not None else [],
+    )
+
+
+async def collect(gym: GymIntegration, rows: list[dict], repeats: int, log: RunLogger, desc: str) -> list[dict]:
+    """Every record of ``rows`` x ``repeats`` (failures included), sorted by (row, repeat)."""
+    records = []
+    bar = log.rollout_bar(len(rows) * repeats, desc)
+    async for record in gym.collect_rollouts(rows, repeats=repeats):
+        records.append(record)
+        bar.update(1)
+    bar.close()
+    records.sort(key=lambda r: (r[TASK_INDEX_KEY], r[ROLLOUT_INDEX_KEY]))
+    return records
+
+
+def rollout_version(record: dict) -> int | None:
+    """The policy version that generated a rollout (the oldest one over its model calls)."""
+    versions = [item.get("policy_version") for item in (record.get("response") or {}).get("output") or []
+                if isinstance(item, dict) and item.get("policy_version") is not None]
+    return min(versions) if versions else None
+
+
+def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int, run_dir: Path) -> Path:
+    """HF folder (loadable with model.spec=<dir>) + optimizer + step, swapped in atomically as checkpoints/last."""
+    final = run_dir / "checkpoints" / "last"
+    tmp = run_dir / "checkpoints" / f"tmp-{step}"
+    unwrap_model(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": policy_version}))
+    if final.exists():
+        final.rename(run_dir / "checkpoints" / f"old-{step}")
+    tmp.rename(final)
+    for old in (run_dir / "checkpoints").glob("old-*"):
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
+    # ---- build ---------------------------------------------------------------------------------------------
+    run_dir = Path(dist_utils.broadcast_object(cfg.run_dir))  # ${now:...} may differ by a second across ranks
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "checkpoints" / "last"
+    start_step = 0
+    if cfg.resume:
+        if not (ckpt / "trainer_state.json").is_file():
+            raise SystemExit(f"resume=true but {ckpt} holds no checkpoint; run without resume or fix run_dir.")
+        start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_policy_model(str(ckpt) if cfg.resume else cfg.model.spec, cfg.model.dtype)
+    model.to(info.device)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.kl_coef > 0 else None
+    policy_server = None
+    if cfg.policy.kind == "embedded" and info.is_main:
+        from gym_plugin.servers.embedded import EmbeddedPolicyConfig, EmbeddedPolicyServer
+
+        # The server samples from its own copy: training never changes weights under a running batch.
+        policy_server = EmbeddedPolicyServer(
+            EmbeddedPolicyConfig(model=cfg.model.spec, served_model_name=cfg.policy.model_name or cfg.model.name,
+                                 port=_free_port(), max_batch_size=cfg.policy.max_batch_size,
+                                 batch_wait_ms=cfg.policy.batch_wait_ms, num_threads=cfg.policy.num_threads),
+            model=copy.deepcopy(model).eval(), tokenizer=tokenizer,
+        )
+        base_urls = [f"http://127.0.0.1:{policy_server.config.port}/v1"]
+    else:
+        base_urls = list(cfg.policy.base_urls)
+    base_urls = dist_utils.broadcast_object(base_urls)  # every rank samples from rank 0's embedded policy
+    gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+    train_model = dist_utils.wrap_model(model, info, cfg.distributed.strategy)
+    optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.resume and (ckpt / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=info.device))
+    weight_sync = build_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls, run_dir=run_dir) \
+        if info.is_main else None
+    rows = load_rows(cfg)
+    batches = prompt_batches(len(rows), cfg.train.prompts_per_step, cfg.train.seed)
+    for _ in range(start_step):  # resume: the same prompt order as an uninterrupted run
+        next(batches)
+    log = RunLogger(run_dir, cfg.train.steps, enabled=info.is_main, start_step=start_step,
+                    progress=cfg.logging.progress)
+    log.info(f"run dir {run_dir} | {cfg.model.name} | task {cfg.env.task or cfg.env.data_path} | "
+             f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
+             + (f" | resumed at step {start_step}" if start_step else ""))
+    policy_version = policy_server.policy_version if policy_server is not None else start_step
+
+    def next_rollouts(step: int):
+        """Start collecting this rank's share of step ``step``'s prompt groups."""
+        mine = dist_utils.shard_groups([rows[i] for i in next(batches)], info.rank, info.world_size)
+        return asyncio.ensure_future(collect(gym, mine, cfg.train.group_size, log, f"rollouts step {step}"))
+
+    async def evaluate(step: int) -> None:
+        """Reward over the first eval.num_prompts rows (the same prompts every time), no update."""
+        mine = dist_utils.shard_groups(rows[: cfg.eval.num_prompts], info.rank, info.world_size)
+        records = await collect(gym, mine, cfg.eval.samples, log, f"eval step {step}")
+        merged = [r for part in dist_utils.all_gather_objects(records) for r in part]
+        m = {k.replace("rollout/", "eval/"): v for k, v in reward_metrics(merged).items()}
+        log.info(f"eval after step {step}: reward {m.get('eval/reward_mean', float('nan')):.3f} over "
+                 f"{len(merged)} rollouts of the first {cfg.eval.num_prompts} prompts")
+        if info.is_main:
+            with open(run_dir / "eval.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, **m}) + "\n")
+
+    try:
+        if cfg.eval.at_start and start_step == 0:
+            await evaluate(0)
+        pending = next_rollouts(start_step + 1) if start_step < cfg.train.steps else None
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            t_iter = time.perf_counter()
+            # ---- collect: G rollouts for each of this rank's prompts ------------------------------------------
+            t0 = time.perf_counter()
+            records = await pending
+            collect_s = time.perf_counter() - t0
+            # overlap: the next step's rollouts are generated (by the current policy) while this step trains
+            pending = next_rollouts(step + 1) if cfg.train.overlap and step < cfg.train.steps else None
+            versions = [v for v in map(rollout_version, records) if v is not None]
+            staleness = policy_version - min(versions) if versions else 0
+            fresh = [r for r in records if (rollout_version(r) is None
+                                            or policy_version - rollout_version(r) <= cfg.train.max_staleness)]
+            # ---- process: rollouts -> padded tensors + group advantages ---------------------------------------
+            batch = process_rollouts(
+                fresh, tokenizer, advantage_mode=cfg.advantage_mode, max_seq_len=cfg.process.max_seq_len,
+                filter_zero_variance=cfg.process.filter_zero_variance, drift_policy=cfg.process.drift_policy,
+            )
+            # ---- update: one GRPO step (DDP averages gradients; tokens normalized over all ranks) --------------
+            metrics = await asyncio.to_thread(
+                grpo_step, train_model, optimizer, batch.to(info.device),
+                step_config=cfg.step, loss_config=cfg.loss, ref_model=ref_model,
+            )
+            # ---- sync: the policy serves the new weights before the next collection starts ------------------
+            if pending is not None:
+                await pending  # (overlap) that collection used the old weights; wait before swapping them
+            dist_utils.barrier()
+            t0 = time.perf_counter()
+            if weight_sync is not None:
+                policy_version = await weight_sync.sync(train_model, policy_version + 1)
+            policy_version = dist_utils.broadcast_object(policy_version)
+            sync_s = time.perf_counter() - t0
+            if pending is None and step < cfg.train.steps:
+                pending = next_rollouts(step + 1)
+            # ---- log: rank 0 sees every rank's rollouts --------------------------------------------------------
+            all_records = [r for part in dist_utils.all_gather_objects(records) for r in part]
+            metrics.update(reward_metrics(all_records))
+            metrics.update({k: v for k, v in batch.metrics.items() if k not in metrics and "reward" not in k})
+            metrics.update({"perf/collect_time_s": collect_s, "perf/weight_sync_s": sync_s,
+                            "perf/iteration_time_s": time.perf_counter() - t_iter, "policy/version": policy_version,
+                            "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh)})
+            log.log_step(step, metrics)
+            if cfg.logging.save_rollouts:
+                log.write_rollouts(step, all_records)
+            if info.is_main and cfg.logging.plot:
+                plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png")
+            # ---- checkpoint ------------------------------------------------------------------------------------
+            if info.is_main and (step == cfg.train.steps or (cfg.train.checkpoint_every
+                                                             and step % cfg.train.checkpoint_every == 0)):
+                save_checkpoint(train_model, tokenizer, optimizer, step, policy_version, run_dir)
+        # DDP keeps ranks identical; check it (a digest of every parameter) instead of assuming it
+        digests = dist_utils.all_gather_objects(dist_utils.params_digest(train_model))
+        if info.is_main:
+            (run_dir / "param_digests.json").write_text(json.dumps(digests))
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"ranks ended with different parameters: {digests}")
+        if cfg.eval.at_end:
+            await evaluate(cfg.train.steps)
+        log.info(f"done: {run_dir} (metrics.jsonl, rollouts/, reward_curve.png, checkpoints/last)")
+    finally:
+        log.close()
+        if weight_sync is not None:
+            await weight_sync.close()
+        gym.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@hydra.main(config_path="../conf", config_name="grpo", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
+    info = dist_utils.init_distributed(cfg.distributed.backend)
+    try:
+        asyncio.run(train(cfg, info))
+    finally:
+        dist_utils.shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
