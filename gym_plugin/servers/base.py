@@ -124,7 +124,7 @@ class Server:
                 raw = await request.read()
                 try:
                     body = json.loads(raw) if raw else None
-                except json.JSONDecodeError:
+                except ValueError:  # JSONDecodeError, or bytes that are not UTF-8/16/32 (UnicodeDecodeError)
                     return web.json_response(
                         error_body(
                             f"{self.name}: request body of {request.method} {request.path} is not valid JSON: "
