@@ -138,36 +138,34 @@ def _model_calls(record: Mapping[str, Any]) -> list[tuple[list, list, list]] | s
     for item in output:
         if type(item) is not dict and not isinstance(item, Mapping):
             return "malformed"
-        prompt = item.get("prompt_token_ids")
         gen = item.get("generation_token_ids")
+        if gen is None:
+            if item.get("prompt_token_ids") is None and item.get("generation_log_probs") is None:
+                continue  # tool outputs, reasoning, earlier items of the same model call carry no tokens
+            return "malformed"
+        prompt = item.get("prompt_token_ids")
         lps = item.get("generation_log_probs")
-        if prompt is None and gen is None and lps is None:
-            continue  # tool outputs, reasoning, earlier items of the same model call carry no tokens
-        if prompt is None or gen is None or lps is None or len(gen) != len(lps):
+        if prompt is None or lps is None or len(gen) != len(lps):
             return "malformed"  # the protocol says all three or none, with one log-prob per token
         calls.append((prompt, gen, lps))
     return calls if calls else "missing"
 
 
-def _extends(prompt: list, prev_prompt: list, prev_gen: list) -> bool:
-    """Whether ``prompt`` starts with ``prev_prompt + prev_gen``; list slices compare at C speed."""
-    n_p, n_g = len(prev_prompt), len(prev_gen)
-    return (
-        len(prompt) >= n_p + n_g
-        and prompt[:n_p] == prev_prompt
-        and prompt[n_p : n_p + n_g] == prev_gen
-    )
-
-
 def _segments(calls: list[tuple[list, list, list]]) -> list[list[int]]:
     """Split the call indices into maximal runs where each prompt extends the previous prompt + generation."""
+    if len(calls) == 1:
+        return [[0]]
     segments = [[0]]
+    prev_prompt, prev_gen, _ = calls[0]
     for k in range(1, len(calls)):
-        prev_prompt, prev_gen, _ = calls[k - 1]
-        if _extends(calls[k][0], prev_prompt, prev_gen):
+        prompt = calls[k][0]
+        n_p, n_g = len(prev_prompt), len(prev_gen)
+        # Does this prompt start with the previous prompt + generation? List slices compare at C speed.
+        if len(prompt) >= n_p + n_g and prompt[:n_p] == prev_prompt and prompt[n_p : n_p + n_g] == prev_gen:
             segments[-1].append(k)
         else:
             segments.append([k])
+        prev_prompt, prev_gen, _ = calls[k]
     return segments
 
 
@@ -371,7 +369,10 @@ def process_rollouts(
             if drift_policy == "last_turn":
                 segments = [[len(calls) - 1]]
 
-        group = group_ids[index] if group_ids is not None else _group_key(record, group_key, index)
+        if group_ids is not None:
+            group = group_ids[index]
+        else:
+            group = record[group_key] if group_key in record else _group_key(record, group_key, index)
         if (record.get("response") or {}).get("incomplete_details"):
             counts["incomplete"] += 1  # the sampler stopped on a length limit (kept; the verifier judged it)
         kept_index = len(kept_rewards)
@@ -474,9 +475,14 @@ def process_rollouts(
         sample_mask[zero_var_k[row_kept]] = 0.0
 
     loss_mask_t = torch.from_numpy(loss_mask)
-    num_trained = int((loss_mask_t * sample_mask[:, None]).sum().item())
+    # Row sums from the flat pieces (numpy, no [B, T] pass): generated tokens per row.
+    gen_lens = np.zeros(num_rows, dtype=np.int64)  # [B] generated tokens per row, from the flat mask
+    if flat_mask.size:
+        row_starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        nonempty = lengths > 0  # reduceat would return the next row's first element for an empty row
+        gen_lens[nonempty] = np.add.reduceat(flat_mask.astype(np.int64), row_starts[nonempty])
+    num_trained = int((gen_lens * sample_mask.numpy()).sum())
     seq_lens = lengths.astype(np.float64)
-    gen_lens = loss_mask_t.sum(dim=1)
     metrics: dict[str, float] = {
         "rollout/num_rollouts": float(len(rollouts)),
         "rollout/num_kept": float(num_kept),

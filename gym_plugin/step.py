@@ -270,9 +270,15 @@ def accumulate_gradients(
         if ref_model is not None and loss_cfg.kl_coef > 0:
             with torch.no_grad():
                 ref, _ = compute_token_logprobs(ref_model, ids, attn, chunk_size=step_cfg.logprob_chunk_size)
+        advantages = batch.advantages[idx]  # [mb] or [mb, T]
+        if advantages.dim() == 2:
+            advantages = advantages[:, cols]
+        rollout_lp = batch.rollout_logprobs[idx][:, cols].to(device).to(logprobs.dtype)  # [mb, t]
+        # Re-tokenized rows have no sampler log-probs: use the trainer's (TIS weight 1, no mismatch).
+        rollout_lp = torch.where(batch.retokenized[idx].to(device)[:, None], old.to(logprobs.dtype), rollout_lp)
         loss, m = policy_loss(
-            logprobs, old.to(logprobs.dtype), batch.advantages[idx].to(device), mask,
-            rollout_logprobs=batch.rollout_logprobs[idx][:, cols].to(device).to(logprobs.dtype),
+            logprobs, old.to(logprobs.dtype), advantages.to(device), mask,
+            rollout_logprobs=rollout_lp,
             ref_logprobs=ref, entropy=entropy, token_sum_norm=token_sum_norm,
             global_token_count=global_tokens, global_seq_count=global_seqs, **loss_kwargs,
         )

@@ -142,3 +142,30 @@ def test_batch_without_trained_tokens_is_skipped_and_bad_kwargs_raise():
     assert metrics["perf/skipped"] == 1 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ConfigError, match="Did you mean 'micro_batch_size'"):
         grpo_step(model, torch.optim.SGD(model.parameters(), lr=1.0), random_batch(), micro_batchsize=2)
+
+
+def test_token_level_advantages_and_retokenized_rows_get_tis_weight_one():
+    model = tiny_model()
+    batch = random_batch(num_rows=4)
+    # [B, T] advantages equal to the broadcast [B] ones give the same gradient.
+    per_row, _ = grads_for(model, batch, micro_batch_size=2)
+    batch_t = batch.select(slice(None))
+    batch_t.advantages = batch.advantages[:, None].expand_as(batch.loss_mask).clone()
+    per_token, _ = grads_for(model, batch_t, micro_batch_size=2)
+    for a, b in zip(per_row, per_token):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # A re-tokenized row has rollout log-probs 0: without the guard its TIS weight would be exp(old - 0) < 1.
+    # Marking every row re-tokenized must give exactly the gradient without TIS.
+    batch.retokenized[:] = True
+    with_tis, m = grads_for(model, batch, micro_batch_size=2, tis_level="token", tis_cap=2.0)
+    without, _ = grads_for(model, batch, micro_batch_size=2)
+    for a, b in zip(with_tis, without):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    assert m["loss/tis_weight_mean"] == pytest.approx(1.0) and m["loss/rollout_logprob_abs_diff"] == 0
+
+
+def test_select_recounts_trained_tokens():
+    batch = random_batch(num_rows=4)
+    sub = batch.select(torch.tensor([0, 2]))
+    assert len(sub) == 2 and sub.input_ids.shape[1] == batch.input_ids.shape[1]
+    assert sub.num_trained_tokens == int(batch.train_mask()[[0, 2]].sum())
