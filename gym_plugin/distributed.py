@@ -157,10 +157,16 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return inner.state_dict()
 
 
-def params_checksum(model: torch.nn.Module) -> float:
-    """Sum of every parameter (float64): equal across ranks when their parameters are identical (a cheap
-    test; the smoke test compares full tensors)."""
+def params_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name and bytes: equal on two ranks exactly when their parameters are
+    bit-identical (what DDP promises)."""
+    import hashlib
+
     from gym_plugin.weight_sync import unwrap_model
 
+    h = hashlib.sha256()
     with torch.no_grad():
-        return float(sum(p.detach().double().sum() for p in unwrap_model(model).parameters()))
+        for name, p in unwrap_model(model).named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
