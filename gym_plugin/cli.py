@@ -37,7 +37,6 @@ def _free_port(host: str) -> int:
 async def _serve(args: argparse.Namespace) -> None:
     from gym_plugin.config import load_config
     from gym_plugin.launch import start_servers
-    from gym_plugin.redact import redact
 
     cfg = load_config(args.config, args.overrides)
     if args.only:
@@ -51,6 +50,7 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"{s.name:>24}  {type(s).__name__:<24} {s.url}", flush=True)
     if args.print_config:
         from gym_plugin.config import to_yaml
+        from gym_plugin.redact import redact
 
         print(to_yaml(redact(running.config.data)), flush=True)
     print("ready", flush=True)
@@ -72,12 +72,18 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
         port = spec.port or _free_port(spec.host)
         port_overrides.append(f"{name}.{spec.server_type}.{spec.impl}.port={port}")
     overrides = list(args.overrides) + port_overrides
+    endpoint = cfg.data.get("policy_endpoint")
+    names = list(cfg.servers)
+    if endpoint:  # its port was fixed by load_config; every child must see the same one
+        overrides.append(f"policy_endpoint.port={endpoint['port']}")
+        names.insert(0, "__policy_endpoint__")
     children = []
     try:
-        for name in cfg.servers:
+        for name in names:
             cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", *sum((["--config", c] for c in args.config), []),
                    "--only", name, *overrides]
             children.append(subprocess.Popen(cmd))
+        _wait_healthy(children, args.config, overrides)
         args.overrides = overrides
         args.only = "__head__"
         asyncio.run(_serve(args))
@@ -89,6 +95,32 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
         for child in children:
             child.wait(timeout=10)
     return 0
+
+
+def _wait_healthy(children: list, config: list, overrides: list[str], timeout_s: float = 120.0) -> None:
+    """Block until every child server answers GET /health (or one exits, or time runs out)."""
+    import urllib.request
+
+    from gym_plugin.config import load_config
+    from gym_plugin.launch import directory_from_config
+
+    data = load_config(config, overrides).data
+    directory, _ = directory_from_config(data)
+    urls = [directory.url(n) for n in directory.names()]
+    if data.get("policy_endpoint"):
+        urls.append(f"http://127.0.0.1:{data['policy_endpoint']['port']}")
+    deadline = time.monotonic() + timeout_s
+    for url in urls:
+        while True:
+            if any(c.poll() is not None for c in children):
+                raise GymPluginError(f"a server process exited during start-up (waiting for {url}); see its output")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise GymPluginError(f"{url}/health did not answer within {timeout_s:.0f}s") from None
+                time.sleep(0.2)
 
 
 # ---- collect --------------------------------------------------------------------------------------------

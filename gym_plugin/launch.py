@@ -169,8 +169,9 @@ def directory_from_config(data: dict) -> tuple[Directory, list[str]]:
             if not isinstance(impls, dict):
                 continue
             for _impl, params in impls.items():
-                if isinstance(params, dict) and "host" in params and "port" in params:
-                    host = "127.0.0.1" if params["host"] in ("0.0.0.0", "::") else params["host"]
+                if isinstance(params, dict) and params.get("port"):
+                    host = params.get("host", "127.0.0.1")
+                    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
                     directory.set(name, f"http://{host}:{params['port']}")
                     if stype == "responses_api_agents":
                         agents.append(name)
@@ -189,6 +190,11 @@ async def start_only(cfg: GymConfig, name: str) -> RunningServers:
         await head.start()
         running.servers.append(head)
         running.head = head
+        return running
+    if name == "__policy_endpoint__":
+        endpoint = build_local_endpoint(cfg.data["policy_endpoint"])
+        await endpoint.start()
+        running.servers.append(endpoint)
         return running
     if name not in cfg.servers:
         raise ConfigError(f"--only {name!r}: no such server. Configured: {sorted(cfg.servers)}")
