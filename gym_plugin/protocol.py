@@ -27,14 +27,14 @@ FAILURE_KINDS = (
 )
 
 
-def agent_name(row: Mapping[str, Any]) -> str:
+def agent_name(row: Mapping[str, Any], where: str = "example row") -> str:
     """The agent a row is routed to: ``agent_ref`` as ``{"name": ...}`` or a string."""
     ref = row.get("agent_ref")
     if isinstance(ref, Mapping):
         ref = ref.get("name")
     if not isinstance(ref, str) or not ref:
         raise ProtocolError(
-            f"example row has no usable 'agent_ref' (got {truncate(row.get('agent_ref'), 100)}); "
+            f"{where} has no usable 'agent_ref' (got {truncate(row.get('agent_ref'), 100)}); "
             'add "agent_ref": {"name": "<agent instance name from your config>"} to the row'
         )
     return ref
@@ -57,7 +57,7 @@ def validate_example(row: Any, index: int | None = None) -> dict:
             f"{where}: responses_create_params.input must be a non-empty string or list of items, "
             f"got {truncate(inp, 100)}"
         )
-    agent_name(row)
+    agent_name(row, where)
     return dict(row)
 
 

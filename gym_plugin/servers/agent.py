@@ -144,9 +144,9 @@ class AgentServer(Server):
         return result
 
     async def responses(self, body: Any, ctx: RequestContext) -> dict:
-        if not isinstance(body, Mapping) or "input" not in body:
-            raise ProtocolError(f"{self.name}: /v1/responses expects Responses create params with 'input', "
-                                f"got {truncate(body, 200)}")
+        if not isinstance(body, Mapping) or not isinstance(body.get("input"), (str, list)):
+            raise ProtocolError(f"{self.name}: /v1/responses expects Responses create params with 'input' "
+                                f"(a string or a list of items), got {truncate(body, 200)}")
         resource_url = self.directory.url(self.resources_name)
         try:
             seeded = await self._transport().post(f"{resource_url}/seed_session", {"responses_create_params": body})
@@ -238,9 +238,10 @@ class AgentServer(Server):
         if not isinstance(row, Mapping):
             raise ProtocolError(f"{self.name}: /run expects an example row (JSON object), got {truncate(row, 200)}")
         params = row.get("responses_create_params")
-        if not isinstance(params, Mapping) or "input" not in params:
+        if not isinstance(params, Mapping) or not isinstance(params.get("input"), (str, list)):
             raise ProtocolError(
-                f"{self.name}: the row has no 'responses_create_params' with 'input' (got {truncate(params, 200)}); "
+                f"{self.name}: the row has no 'responses_create_params' with 'input' as a string or a list of items "
+                f"(got {truncate(params, 200)}); "
                 'expected e.g. {"responses_create_params": {"input": [{"role": "user", "content": "..."}]}}'
             )
         return params

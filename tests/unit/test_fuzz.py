@@ -77,8 +77,6 @@ def test_validate_example_returns_valid_rows_or_raises_protocol_error(row):
     assert isinstance(agent_name(out), str) and agent_name(out)
 
 
-@pytest.mark.xfail(strict=True, reason="validate_example's agent_ref error does not name the row index "
-                   "(protocol.agent_name is called without it); found by the fuzzer, reported to the lead")
 def test_validate_example_errors_name_the_row():
     with pytest.raises(ProtocolError, match="example row 7"):
         validate_example({"responses_create_params": {"input": "hi"}}, index=7)
@@ -151,24 +149,6 @@ bodies = st.one_of(
 ROUTES = ["/run", "/agent/v1/responses", "/seed_session", "/verify", "/v1/responses"]
 ALLOWED_5XX = {"upstream_error", "verifier_error"}
 
-# Bugs this fuzzer found in code owned by others, reported to them; each has a strict-xfail regression test
-# below (`test_known_bug_still_present`), so when one is fixed that test XPASSes (fails) and the entry must go.
-KNOWN_BUGS = {
-    # agent._loop does list(input) on any non-string `input` (False, 1.5): TypeError -> 500 server_error
-    "agent_input_not_list": (("/run", "/agent/v1/responses"), "object is not iterable"),
-    # /verify: a non-object item in response.output reaches `.get` (output_text): AttributeError -> 500
-    "verify_output_item_not_object": (("/verify",), "object has no attribute 'get'"),
-}
-KNOWN_BUG_BODIES = {
-    "agent_input_not_list": ("/run", b'{"responses_create_params": {"input": false}}'),
-    "verify_output_item_not_object": ("/verify", b'{"response": {"output": [1]}, "expected_answer": "4"}'),
-}
-
-
-def known_bug(route, status, text) -> bool:
-    return status == 500 and any(route in routes and marker in text for routes, marker in KNOWN_BUGS.values())
-
-
 def check_reply(route, body, status, text):
     where = f"{route} <- {body[:200]!r}: HTTP {status} {text[:300]}"
     assert "Traceback" not in text, where
@@ -187,18 +167,20 @@ def check_reply(route, body, status, text):
 @given(route=st.sampled_from(ROUTES), body=bodies)
 def test_endpoints_answer_json_errors_never_crash_or_hang(servers, route, body):
     status, text = servers.call(servers.post(route, body), timeout=20)  # a hang fails here
-    if known_bug(route, status, text):
-        return
     check_reply(route, body, status, text)
 
 
-@pytest.mark.parametrize("bug", sorted(KNOWN_BUG_BODIES))
-@pytest.mark.xfail(strict=True, reason="known bug in code owned by others (see KNOWN_BUGS); remove when fixed")
-def test_known_bug_still_present(servers, bug):
-    route, body = KNOWN_BUG_BODIES[bug]
+# Bodies the fuzzer once turned into unhandled 500s (fixed): a non-list `input` reached list(), a non-object
+# output item reached `.get`. Each must now be a typed 400 naming the field.
+@pytest.mark.parametrize("route,body,field", [
+    ("/run", b'{"responses_create_params": {"input": false}}', "input"),
+    ("/agent/v1/responses", b'{"input": 1.5}', "input"),
+    ("/verify", b'{"response": {"output": [1]}, "expected_answer": "4"}', "output"),
+])
+def test_bodies_that_once_crashed_are_400s(servers, route, body, field):
     status, text = servers.call(servers.post(route, body))
-    assert not known_bug(route, status, text)
     check_reply(route, body, status, text)
+    assert status == 400 and field in json.loads(text)["error"]["message"]
 
 
 def test_endpoints_known_bad_bodies(servers):

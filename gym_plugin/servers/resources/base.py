@@ -104,9 +104,10 @@ class ResourceServer(Server):
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{self.name}: /verify expects the row plus 'response', got {truncate(body, 200)}")
         response = body.get("response")
-        if not isinstance(response, Mapping) or not isinstance(response.get("output"), list):
+        if (not isinstance(response, Mapping) or not isinstance(response.get("output"), list)
+                or not all(isinstance(item, Mapping) for item in response["output"])):
             raise ProtocolError(
-                f"{self.name}: /verify body has no 'response' with an 'output' list (got {truncate(response, 200)}); "
+                f"{self.name}: /verify body has no 'response' with an 'output' list of item objects (got {truncate(response, 200)}); "
                 "send the row plus the agent's Responses object as 'response'"
             )
         state = self._sessions.pop(ctx.session_id, None) if ctx.session_id is not None else None
