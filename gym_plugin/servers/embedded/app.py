@@ -321,6 +321,8 @@ class EmbeddedPolicyServer:
         self._runner: web.AppRunner | None = None
         self._host = cfg.host
         self._port: int | None = None
+        self.name = "policy_endpoint"
+        """Instance name in launcher listings (``gym-plugin serve`` prints ``name``/``url`` of each server)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str | None = None, port: int | None = None) -> int:
@@ -346,6 +348,11 @@ class EmbeddedPolicyServer:
     def port(self) -> int | None:
         """The bound port (None before ``start()``)."""
         return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` (the server root, like other gym_plugin servers' ``url``)."""
+        return self.base_url.removesuffix("/v1")
 
     @property
     def base_url(self) -> str:
