@@ -155,7 +155,8 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
                     progress=cfg.logging.progress)
     log.info(f"run dir {run_dir} | {cfg.model.name} | task {cfg.env.task or cfg.env.data_path} | "
              f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
-             + (f" | resumed at step {start_step}" if start_step else ""))
+             + (f" | resumed at step {start_step} from {ckpt} (params sha256 {dist_utils.params_digest(model)})"
+                if cfg.resume else ""))
     policy_version = policy_server.policy_version if policy_server is not None else start_step
 
     def next_rollouts(step: int):
