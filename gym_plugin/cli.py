@@ -159,7 +159,7 @@ async def _collect(args: argparse.Namespace) -> int:
     from gym_plugin.collect import RolloutCollector
     from gym_plugin.http import Transport
     from gym_plugin.integration import _collector_config
-    from gym_plugin.launch import directory_from_config, fetch_head_config, start_servers
+    from gym_plugin.launch import check_policy_endpoints, directory_from_config, fetch_head_config, start_servers
 
     running = None
     if args.head_url:
@@ -175,6 +175,11 @@ async def _collect(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config, args.overrides)
         running = await start_servers(cfg, start_head=False)
+        try:
+            await check_policy_endpoints(running.config)  # a down endpoint is one clear error, not N failures
+        except BaseException:
+            await running.stop()
+            raise
         data = running.config.data
         agent_urls = running.agent_urls()
     config = _collector_config(data, None)
@@ -261,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fake-openai", help="serve the scripted fake OpenAI-compatible endpoint")
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, default=8000)
+    f.add_argument("--reply", default="OK", help="what the fake model answers to every prompt")
+    f.add_argument("--model", default="fake-model", help="model name it reports")
     return p
 
 
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fake-openai":
             from gym_plugin.testing.fake_openai import serve_main
 
-            return serve_main(args.host, args.port)
+            return serve_main(args.host, args.port, args.reply, args.model)
     except GymPluginError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

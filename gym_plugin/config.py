@@ -128,22 +128,34 @@ DEFAULT_POLICY_INSTANCE = "policy_model"
 def with_default_policy_server(data: dict) -> dict:
     """When the config sets ``policy_base_url`` but names no policy model server, add the standard one
     (``policy_model``: vllm_model pointed at policy_base_url/policy_api_key/policy_model_name), as the
-    seed's minimal gym_env.yaml expects."""
-    has_model = any(isinstance(v, dict) and "responses_api_models" in v for v in data.values())
-    if has_model or data.get("policy_base_url") is None or DEFAULT_POLICY_INSTANCE in data:
+    seed's minimal gym_env.yaml expects. Overrides of that default server
+    (``policy_model.responses_api_models.vllm_model.max_attempts=1``) are merged over it."""
+    if data.get("policy_base_url") is None:
+        return data
+    others = any(isinstance(v, dict) and "responses_api_models" in v
+                 for k, v in data.items() if k != DEFAULT_POLICY_INSTANCE)
+    current = data.get(DEFAULT_POLICY_INSTANCE)
+    partial = (current is None
+               or (isinstance(current, dict) and list(current) == ["responses_api_models"]
+                   and isinstance(current["responses_api_models"], dict)
+                   and list(current["responses_api_models"]) == ["vllm_model"]
+                   and isinstance(current["responses_api_models"]["vllm_model"], dict)
+                   and "base_url" not in current["responses_api_models"]["vllm_model"]))
+    if (current is None and others) or not partial:
         return data
     data = dict(data)
+    overrides = dict(current["responses_api_models"]["vllm_model"]) if current is not None else {}
     data[DEFAULT_POLICY_INSTANCE] = {
         "responses_api_models": {
             "vllm_model": {
                 "base_url": data["policy_base_url"],
                 "api_key": data.get("policy_api_key", "dummy_key"),
                 "model": data.get("policy_model_name", "policy"),
+                **overrides,
             }
         }
     }
     return data
-
 
 
 # ---- loading ---------------------------------------------------------------------------------------------

@@ -22,7 +22,13 @@ from gym_plugin.collect import CollectorConfig, RolloutCollector
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
 from gym_plugin.errors import GymPluginError
 from gym_plugin.http import Transport
-from gym_plugin.launch import RunningServers, directory_from_config, fetch_head_config, start_servers
+from gym_plugin.launch import (
+    RunningServers,
+    check_policy_endpoints,
+    directory_from_config,
+    fetch_head_config,
+    start_servers,
+)
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
 from gym_plugin.servers.base import Server
 
@@ -67,6 +73,8 @@ class GymIntegration:
     and settings (``${oc.env:VAR}`` and the seed's ``${VAR}`` read environment variables). overrides: dotlist
     overrides (``math_agent.responses_api_agents.simple_agent.max_turns=4``). extra_servers: servers to start
     first on the same loop (e.g. an embedded policy, so the policy model server calls it directly).
+    check_endpoints: probe every policy endpoint once at start (``GET /models``) and raise
+    EndpointUnreachableError naming the URL if one is down, instead of every rollout failing later.
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class GymIntegration:
         overrides: Sequence[str] = (),
         collector_config: CollectorConfig | None = None,
         extra_servers: Sequence[Server] = (),
+        check_endpoints: bool = True,
     ):
         self.model_name = model_name
         self.base_urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
@@ -98,6 +107,8 @@ class GymIntegration:
         self._closed = False
         try:
             self.servers: RunningServers = self._call(start_servers(self.config, extra=list(extra_servers)))
+            if check_endpoints:
+                self._call(check_policy_endpoints(self.servers.config))
             self._collector = self._call(self._make_collector())
         except BaseException:
             self._stop_loop()

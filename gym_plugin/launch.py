@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, Directory, GymConfig, ServerSpec
-from gym_plugin.errors import ConfigError, EndpointError
+from gym_plugin.errors import ConfigError, EndpointError, EndpointTimeoutError, EndpointUnreachableError
 from gym_plugin.servers.base import Server
 
 logger = logging.getLogger(__name__)
@@ -202,3 +202,45 @@ async def start_only(cfg: GymConfig, name: str) -> RunningServers:
     await server.start()
     running.servers.append(server)
     return running
+
+
+def policy_base_urls(cfg: GymConfig) -> list[tuple[str, str]]:
+    """(server instance, base_url) for every OpenAI-compatible endpoint the policy model servers call."""
+    out = []
+    for name, spec in cfg.servers.items():
+        if spec.server_type != "responses_api_models":
+            continue
+        urls = spec.params.get("base_url") or []
+        for url in [urls] if isinstance(urls, str) else list(urls):
+            out.append((name, str(url).rstrip("/")))
+    return out
+
+
+async def check_policy_endpoints(cfg: GymConfig, timeout_s: float = 10.0) -> None:
+    """Fail fast when a policy endpoint cannot be reached: ``GET {base_url}/models`` on each one (any HTTP
+    answer, even 404, proves something listens). Raises EndpointUnreachableError / EndpointTimeoutError naming
+    the URL and the config key, instead of every rollout failing later with the same connection error."""
+    from gym_plugin.http import Transport
+
+    transport = Transport(timeout_s=timeout_s)
+    try:
+        for name, url in policy_base_urls(cfg):
+            try:
+                await transport.get(f"{url}/models")
+            except EndpointUnreachableError as e:
+                raise EndpointUnreachableError(
+                    f"policy endpoint {url} (server {name!r}, from policy_base_url) is unreachable "
+                    f"({getattr(e.__cause__, 'os_error', None) or e.__cause__ or e}). Start "
+                    "your OpenAI-compatible server (e.g. vLLM) there first, or fix base_urls / policy_base_url.",
+                    url=url,
+                ) from e
+            except EndpointTimeoutError as e:
+                raise EndpointTimeoutError(
+                    f"policy endpoint {url} (server {name!r}) did not answer GET /models within {timeout_s:g} s; "
+                    "is it still loading the model? Wait for it, or fix base_urls / policy_base_url.",
+                    url=url,
+                ) from e
+            except EndpointError:
+                pass  # an HTTP status (404, 401, ...): something is listening; requests will say more
+    finally:
+        await transport.close()

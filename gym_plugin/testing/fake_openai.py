@@ -120,6 +120,9 @@ class FakeOpenAIServer(Server):
         vocab_size: int = 50000,
     ):
         super().__init__(name, host=host, port=port)
+        # Config overrides parse `default=4` as an int: a number means its text.
+        script = str(script) if isinstance(script, (int, float)) and not isinstance(script, bool) else script
+        default = str(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else default
         self.script = script
         self.model = model
         self.default = default
@@ -331,3 +334,18 @@ class FakeOpenAIServer(Server):
                 f"{method} {url} answered HTTP 200 with a body that is not JSON: {truncate(data.text, 300)}"
             )
         return reply
+
+
+def serve_main(host: str = "127.0.0.1", port: int = 8000, reply: str = "OK", model: str = "fake-model") -> int:
+    """``gym-plugin fake-openai``: serve the fake on host:port until Ctrl-C, answering ``reply`` to every prompt
+    (for trying a config or a client without a GPU; the tokens and log-probs follow the module's rules)."""
+    from gym_plugin.servers.base import serve_forever
+
+    server = FakeOpenAIServer("fake_openai", reply, host=host, port=port, model=model)
+    print(f"fake OpenAI-compatible endpoint on http://{host}:{port}/v1 (model {model!r}, replies {reply!r})",
+          flush=True)
+    try:
+        asyncio.run(serve_forever([server]))
+    except KeyboardInterrupt:
+        pass
+    return 0
