@@ -256,6 +256,8 @@ class GymEnvironment:
 
         self.cfg = _config_from(cfg)
         self.tokenizer = tokenizer
+        self._transport: Transport | None = None
+        self._retry = RetryPolicy(max_attempts=self.cfg.verify_max_attempts, backoff_s=0.05)
         paths = list(self.cfg.config_paths)
         self._inline_path: str | None = None
         if self.cfg.gym_config:
@@ -286,8 +288,6 @@ class GymEnvironment:
                 f"env.verifier: {self.cfg.verifier!r} is not a resource server of the Gym config. Resource "
                 f"servers: {self._resource_servers}.{did_you_mean(self.cfg.verifier, self._resource_servers)}"
             )
-        self._transport: Transport | None = None
-        self._retry = RetryPolicy(max_attempts=self.cfg.verify_max_attempts, backoff_s=0.05)
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Install the tokenizer used to decode message contents (as NeMo-RL's NemoGym.set_tokenizer)."""
@@ -496,10 +496,11 @@ class GymEnvironment:
         if failure is None:
             try:
                 log = rollout_to_message_log(record, self.tokenizer)
-            except ProtocolError as e:  # includes MissingTokenIdsError
+            except ProtocolError as e:  # no token ids, or template drift
                 if self.cfg.on_failure == "raise":
                     raise
-                failure = {"kind": "malformed_response", "reason": str(e)}
+                kind = "missing_token_ids" if isinstance(e, MissingTokenIdsError) else "token_drift"
+                failure = {"kind": kind, "reason": str(e)}
         elif self.cfg.on_failure == "raise":
             raise GymPluginError(
                 f"rollout of row {out['task_index']} (repeat {out['rollout_index']}) failed: "
