@@ -37,7 +37,7 @@ import inspect
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -294,13 +294,15 @@ class GymEnvironment:
         self.tokenizer = tokenizer
 
     # ---- step ---------------------------------------------------------------------------------------------------
-    def step(self, message_log_batch: list[list[Mapping[str, Any]]], metadata: list[Mapping[str, Any] | None]
-             ) -> EnvironmentReturn:
+    def step(self, message_log_batch: list[list[Mapping[str, Any]]], metadata: list[Mapping[str, Any] | None],
+             return_extracted_answer: bool = True) -> EnvironmentReturn:
         """Verify each row's last assistant message against its metadata (the Gym row) with /verify.
 
         message_log_batch: B message logs (dicts with ``role`` and ``content``; tensors ignored).
         metadata: B dicts, the Gym rows (``expected_answer`` or an alias such as ``ground_truth``, optional
         ``agent_ref`` choosing the verifier, any keys the verifier reads).
+        return_extracted_answer: NeMo-RL's eval passes it positionally (``step(logs, infos, True)``); False
+        returns ``answers=None`` as NeMo-RL's math environment does.
         """
         if len(message_log_batch) != len(metadata):
             raise ProtocolError(f"step: {len(message_log_batch)} message logs but {len(metadata)} metadata entries;"
@@ -320,7 +322,9 @@ class GymEnvironment:
                 answers.append(None)
             else:
                 reward = float(reply["reward"])
-                meta.update({k: v for k, v in reply.items() if k not in body or k == "reward"})
+                # What the verifier added or changed (metadata from an earlier step may already hold old
+                # 'reward' / 'extracted_answer' values: they are overwritten, the echoed row is not copied).
+                meta.update({k: v for k, v in reply.items() if k != "response" and (k not in body or body[k] != v)})
                 correct = reward >= self.cfg.correct_threshold
                 observations.append({"role": ENVIRONMENT_ROLE,
                                      "content": "Environment: correct" if correct else "Environment: incorrect"})
@@ -335,7 +339,7 @@ class GymEnvironment:
             next_stop_strings=[list(self.cfg.stop_strings) if self.cfg.stop_strings else None] * b,
             rewards=torch.tensor(rewards, dtype=torch.float32),  # [B]
             terminateds=torch.ones(b, dtype=torch.float32),  # [B]
-            answers=answers,
+            answers=answers if return_extracted_answer else None,
         )
 
     def _resource_server_for(self, meta: Mapping[str, Any], i: int) -> str:
@@ -487,6 +491,16 @@ class GymEnvironment:
                               "the OpenAI-compatible server(s) of the policy, e.g. ['http://127.0.0.1:8000/v1']")
         records = self.gym.collect(examples, repeats=repeats)
         return [self._to_result(record) for record in records]
+
+    async def stream_rollouts(self, examples: Iterable[Mapping[str, Any]], repeats: int = 1
+                              ) -> AsyncIterator[dict]:
+        """`run_rollouts` for async callers (a Ray async actor, an overlapping trainer): yields each result as its
+        rollout finishes (completion order; ``task_index`` / ``rollout_index`` say which)."""
+        if not self.cfg.base_urls:
+            raise ConfigError("env.base_urls: empty, so there is no policy endpoint for stream_rollouts. Set it to "
+                              "the OpenAI-compatible server(s) of the policy, e.g. ['http://127.0.0.1:8000/v1']")
+        async for record in self.gym.collect_rollouts(examples, repeats=repeats):
+            yield self._to_result(record)
 
     def _to_result(self, record: dict) -> dict:
         out = {"full_result": record, "task_index": record.get(TASK_INDEX_KEY),

@@ -373,3 +373,53 @@ def test_register_with_nemo_rl(tmp_path, monkeypatch):
     finally:
         for name in [n for n in sys.modules if n == "nemo_rl" or n.startswith("nemo_rl.")]:
             del sys.modules[name]
+
+
+def test_step_again_with_returned_metadata_and_eval_call_shape(env):
+    # A multi-turn NeMo-RL episode hands step's metadata back as the next extra_env_info; NeMo-RL's eval calls
+    # step(logs, infos, True) positionally.
+    log = [msg("user", "2+2?"), msg("assistant", "\\boxed{5}")]
+    first = env.step([log], [{"ground_truth": "4", "agent_ref": {"name": "math_agent"}}], True)
+    assert first.rewards.tolist() == [0.0] and first.metadata[0]["extracted_answer"] == "5"
+    log2 = log + [msg("environment", first.observations[0]["content"]), msg("assistant", "\\boxed{4}")]
+    second = env.step([log2], first.metadata, False)
+    assert second.rewards.tolist() == [1.0]
+    assert second.metadata[0]["extracted_answer"] == "4" and second.metadata[0]["reward"] == 1.0  # not stale
+    assert second.answers is None  # return_extracted_answer=False, as NeMo-RL's math environment
+
+
+def test_stream_rollouts_yields_every_rollout(env):
+    import asyncio
+
+    async def gather():
+        return [r async for r in env.stream_rollouts([row("What is 2+2?", "4"), row("What is 3+3?", "6")],
+                                                     repeats=2)]
+
+    results = asyncio.run(gather())
+    got = sorted((r["task_index"], r["rollout_index"], r["reward"]) for r in results)
+    assert got == [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 0.0)]
+    assert all(len(r["message_log"]) == 2 for r in results)
+
+
+# ---- the conversion on hand-built records ------------------------------------------------------------------------
+def _record(*calls) -> dict:
+    output = []
+    for prompt, gen, lps in calls:
+        output.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}],
+                       "prompt_token_ids": prompt, "generation_token_ids": gen, "generation_log_probs": lps})
+    return {"_ng_task_index": 3, "_ng_rollout_index": 1, "reward": 1.0, "response": {"output": output}}
+
+
+def test_conversion_rejects_drift_and_bad_token_fields():
+    from gym_plugin.nemo_rl_env import rollout_to_message_log
+
+    # call 2's prompt [10, 11, 99, ...] should start with call 1's prompt + generation [10, 11, 12, 13]
+    drift = _record(([10, 11], [12, 13], [-0.1, -0.2]), ([10, 11, 99, 13, 14], [15], [-0.3]))
+    with pytest.raises(ProtocolError, match="first difference at token 2 of 4"):
+        rollout_to_message_log(drift)
+    with pytest.raises(MissingTokenIdsError, match=r"want 2"):
+        rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1])))
+    # a call that extends exactly: context [14] between the calls, nothing re-tokenized
+    ok = rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1, -0.2]), ([10, 11, 12, 13, 14], [15], [-0.3])))
+    assert [m["token_ids"].tolist() for m in ok] == [[10, 11], [12, 13], [14], [15]]
+    assert ok[3]["generation_logprobs"].tolist() == pytest.approx([-0.3])
