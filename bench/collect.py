@@ -88,8 +88,10 @@ async def bench_http(n: int, concurrency: int, per_server: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
     try:
-        for line in proc.stdout:  # wait for "ready"
-            if line.strip() == "ready":
+        seen_head = False  # with --process-per-server every child prints "ready"; the head starts last
+        for line in proc.stdout:
+            seen_head = seen_head or "head_server" in line
+            if seen_head and line.strip() == "ready":
                 break
         else:
             raise RuntimeError(f"servers did not start: {' '.join(cmd)}")
