@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -268,15 +267,12 @@ class GymEnvironment:
                 f.write(OmegaConf.to_yaml(OmegaConf.create(dict(self.cfg.gym_config))))
             paths.append(self._inline_path)
         base_urls = list(self.cfg.base_urls) or [UNSET_POLICY_URL]
-        kwargs: dict[str, Any] = {}
-        # Older GymIntegration versions have no endpoint probe; pass the switch only where it exists.
-        if "check_endpoints" in inspect.signature(GymIntegration.__init__).parameters:
-            kwargs["check_endpoints"] = self.cfg.check_endpoints and bool(self.cfg.base_urls)
         try:
             self.gym = GymIntegration(
                 self.cfg.model_name, base_urls, paths, head_server_port=self.cfg.head_server_port,
                 policy_api_key=self.cfg.api_key, overrides=self.cfg.overrides, extra_servers=extra_servers,
-                **kwargs,
+                # step-only (no base_urls): the placeholder endpoint is never called, so never probe it
+                check_endpoints=self.cfg.check_endpoints and bool(self.cfg.base_urls),
             )
         except BaseException:
             self._remove_inline()
