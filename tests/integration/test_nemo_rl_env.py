@@ -423,3 +423,11 @@ def test_conversion_rejects_drift_and_bad_token_fields():
     ok = rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1, -0.2]), ([10, 11, 12, 13, 14], [15], [-0.3])))
     assert [m["token_ids"].tolist() for m in ok] == [[10, 11], [12, 13], [14], [15]]
     assert ok[3]["generation_logprobs"].tolist() == pytest.approx([-0.3])
+
+
+def test_dead_policy_endpoint_fails_at_start_naming_it():
+    from gym_plugin.errors import EndpointUnreachableError
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with pytest.raises(EndpointUnreachableError, match=url.replace(".", r"\.")):
+        GymEnvironment({"config_paths": [GYM_CONFIGS[1]], "base_urls": [url]})
