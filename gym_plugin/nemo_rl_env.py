@@ -69,6 +69,10 @@ UNSET_POLICY_URL = "http://127.0.0.1:9/v1"
 ENVIRONMENT_ROLE = "environment"
 """Role of the observation messages (as NeMo-RL's math environment)."""
 
+_STEP_OUTPUT_KEYS = ("reward", "failure", "mask_sample")
+"""Keys `step` writes into metadata; dropped from metadata handed back to a later step, so a verdict is never
+stale (a row that failed once and verifies now is no longer masked)."""
+
 
 class EnvironmentReturn(NamedTuple):
     """What ``step`` returns: the field names and order of NeMo-RL's ``EnvironmentReturn`` (unpacked by position
@@ -307,7 +311,7 @@ class GymEnvironment:
         replies = self.gym._call(self._verify_all(jobs))  # noqa: SLF001 (the servers' loop; direct calls)
         rewards, observations, out_meta, answers = [], [], [], []
         for (i, url, body), reply in zip(jobs, replies):
-            meta = dict(metadata[i])
+            meta = {k: v for k, v in metadata[i].items() if k not in _STEP_OUTPUT_KEYS}
             if isinstance(reply, BaseException):
                 if self.cfg.on_failure == "raise":
                     raise reply
@@ -376,7 +380,7 @@ class GymEnvironment:
         if last is None:
             raise ProtocolError(f"step message log {i} has no assistant message (roles: "
                                 f"{[m.get('role') for m in log]}); step scores the last assistant turn")
-        body = dict(meta)
+        body = {k: v for k, v in meta.items() if k not in _STEP_OUTPUT_KEYS}
         for src, dst in self.cfg.metadata_aliases.items():
             if src in body and dst not in body:
                 body[dst] = body[src]

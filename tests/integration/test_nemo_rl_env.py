@@ -387,6 +387,13 @@ def test_step_again_with_returned_metadata_and_eval_call_shape(env):
     assert second.metadata[0]["extracted_answer"] == "4" and second.metadata[0]["reward"] == 1.0  # not stale
     assert second.answers is None  # return_extracted_answer=False, as NeMo-RL's math environment
 
+    # a row that failed verification (masked) and then verifies is no longer masked
+    failed = env.step([log], [{"agent_ref": {"name": "math_agent"}}])
+    assert failed.metadata[0]["mask_sample"] is True
+    fixed = env.step([log2], [{**failed.metadata[0], "expected_answer": "4"}])
+    assert fixed.rewards.tolist() == [1.0] and "mask_sample" not in fixed.metadata[0]
+    assert "failure" not in fixed.metadata[0]
+
 
 def test_stream_rollouts_yields_every_rollout(env):
     import asyncio
