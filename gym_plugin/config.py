@@ -130,7 +130,7 @@ def with_default_policy_server(data: dict) -> dict:
     (``policy_model``: vllm_model pointed at policy_base_url/policy_api_key/policy_model_name), as the
     seed's minimal gym_env.yaml expects. Overrides of that default server
     (``policy_model.responses_api_models.vllm_model.max_attempts=1``) are merged over it."""
-    if data.get("policy_base_url") is None:
+    if "policy_base_url" not in data:  # present but None (unresolved): still add it, so only the cause is reported
         return data
     others = any(isinstance(v, dict) and "responses_api_models" in v
                  for k, v in data.items() if k != DEFAULT_POLICY_INSTANCE)
