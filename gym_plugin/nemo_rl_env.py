@@ -124,6 +124,8 @@ class GymEnvConfig:
     """Timeout of one /seed_session or /verify call, seconds."""
     verify_max_attempts: int = 3
     """Attempts per verify call (retries on connection errors, timeouts, 5xx)."""
+    verify_concurrency: int = 64
+    """Rows verified at once by one step call (verifiers may run sandboxes or math checks: bounded)."""
     head_server_port: int = 0
     """Port of the Gym head server (0: any free port)."""
     check_endpoints: bool = True
@@ -160,6 +162,8 @@ def _config_from(cfg: GymEnvConfig | Mapping[str, Any], where: str = "env") -> G
         problems.append(f"{where}.on_failure: {data['on_failure']!r} must be one of {list(_ON_FAILURE)}")
     if int(data.get("verify_max_attempts", 3)) < 1:
         problems.append(f"{where}.verify_max_attempts: {data['verify_max_attempts']!r} must be >= 1")
+    if int(data.get("verify_concurrency", 1)) < 1:
+        problems.append(f"{where}.verify_concurrency: {data['verify_concurrency']!r} must be >= 1")
     if float(data.get("verify_timeout_s", 1.0)) <= 0:
         problems.append(f"{where}.verify_timeout_s: {data['verify_timeout_s']!r} must be > 0")
     if problems:
@@ -402,7 +406,13 @@ class GymEnvironment:
     async def _verify_all(self, jobs: list[tuple[int, str, dict]]) -> list[Any]:
         if self._transport is None:
             self._transport = Transport(timeout_s=self.cfg.verify_timeout_s)
-        return await asyncio.gather(*(self._verify_one(url, body) for _, url, body in jobs), return_exceptions=True)
+        gate = asyncio.Semaphore(self.cfg.verify_concurrency)
+
+        async def bounded(url: str, body: dict) -> dict:
+            async with gate:
+                return await self._verify_one(url, body)
+
+        return await asyncio.gather(*(bounded(url, body) for _, url, body in jobs), return_exceptions=True)
 
     async def _verify_one(self, url: str, body: dict) -> dict:
         assert self._transport is not None

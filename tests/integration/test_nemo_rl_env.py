@@ -210,9 +210,11 @@ def test_step_user_errors_are_typed(env):
 
 def test_config_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        GymEnvironment({"config_path": ["x.yaml"], "on_failure": "ignore", "verify_max_attempts": 0})
+        GymEnvironment({"config_path": ["x.yaml"], "on_failure": "ignore", "verify_max_attempts": 0,
+                        "verify_concurrency": 0})
     problems = info.value.problems
-    assert len(problems) == 4
+    assert len(problems) == 5
+    assert any("env.verify_concurrency: 0" in p for p in problems)
     assert any("env.config_path: unknown key. Did you mean 'config_paths'?" in p for p in problems)
     assert any("env.config_paths: empty" in p for p in problems)
     assert any("env.on_failure: 'ignore'" in p for p in problems)
