@@ -22,7 +22,7 @@ POLICY_KINDS = ("embedded", "endpoints")
 class TrainConfig:
     """``train``: the loop's budget and optimizer."""
 
-    steps: int = 4
+    steps: int = 8
     """Number of GRPO steps (collect -> process -> update -> sync)."""
     prompts_per_step: int = 8
     """Prompts (groups) per step, over all ranks; each rank gets whole groups."""
@@ -123,10 +123,12 @@ class DistributedConfig:
 class EvalConfig:
     """``eval``: reward on a fixed prompt set (no training), to compare start and end on the same prompts."""
 
-    at_start: bool = False
+    at_start: bool = True
     """Evaluate before the first step (logged as step 0)."""
-    at_end: bool = False
+    at_end: bool = True
     """Evaluate after the last step."""
+    every: int = 0
+    """Also evaluate after every this-many steps (0: only at_start / at_end)."""
     num_prompts: int = 32
     """The first this-many rows of the task."""
     samples: int = 2
@@ -242,6 +244,12 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
         problems.append(f"policy.temperature={p.temperature} must be > 0 (GRPO needs sampled rollouts).")
     if not isinstance(p.max_output_tokens, int) or p.max_output_tokens < 1:
         problems.append(f"policy.max_output_tokens={p.max_output_tokens!r} must be a positive integer.")
+    e = cfg.eval
+    if not isinstance(e.every, int) or e.every < 0:
+        problems.append(f"eval.every={e.every!r} must be an integer >= 0 (0: only eval.at_start / eval.at_end).")
+    for name in ("num_prompts", "samples"):
+        if not isinstance(getattr(e, name), int) or getattr(e, name) < 1:
+            problems.append(f"eval.{name}={getattr(e, name)!r} must be a positive integer.")
     if cfg.env.task is None and not cfg.env.data_path:
         problems.append("env.task is null and env.data_path is unset: set one (env.task=capitals or "
                         "env.data_path=rows.jsonl).")

@@ -8,9 +8,12 @@ from typing import Any, Mapping, Sequence
 from gym_plugin.errors import ConfigError
 
 
-def plot_reward_curve(rows: Sequence[Mapping[str, Any]], out_path: str | Path, title: str = "GRPO reward") -> Path:
+def plot_reward_curve(rows: Sequence[Mapping[str, Any]], out_path: str | Path, title: str = "GRPO reward",
+                      eval_rows: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Plot ``rollout/reward_mean`` per step (with a +-std band when ``rollout/reward_std`` is logged) and
-    ``rollout/accuracy`` when present, from metrics.jsonl rows. Writes ``out_path`` and returns it."""
+    ``rollout/accuracy`` when present, from metrics.jsonl rows; ``eval_rows`` (eval.jsonl rows: ``step`` +
+    ``eval/reward_mean``, the same fixed prompts each time) are drawn as separate square markers. Writes
+    ``out_path`` and returns it."""
     try:
         import matplotlib
 
@@ -31,6 +34,10 @@ def plot_reward_curve(rows: Sequence[Mapping[str, Any]], out_path: str | Path, t
     acc = [(r["step"], r["rollout/accuracy"]) for r in points if r.get("rollout/accuracy") is not None]
     if acc:
         ax.plot([s for s, _ in acc], [a for _, a in acc], marker=".", linestyle="--", label="accuracy")
+    evals = [(r["step"], r["eval/reward_mean"]) for r in eval_rows if r.get("eval/reward_mean") is not None]
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], marker="s", linestyle=":", color="black",
+                label="eval reward (fixed prompts)")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_title(title)

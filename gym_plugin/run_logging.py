@@ -5,6 +5,7 @@ recipe calls it unconditionally. Files in the run directory:
 
 - ``metrics.jsonl``: one JSON object per step (``step`` plus namespaced metrics, ``rollout/...``, ``loss/...``,
   ``perf/...``), appended and flushed as each step ends, so a crash keeps every finished step;
+- ``eval.jsonl``: one JSON object per evaluation (``step`` plus ``eval/...`` metrics over a fixed prompt set);
 - ``rollouts/step_000001.jsonl``: the step's collector records (rollouts and failure records), one per line;
 - ``reward_curve.png``: written by ``gym_plugin.plotting`` from metrics.jsonl.
 """
@@ -92,21 +93,24 @@ class RunLogger:
         if enabled:
             (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
             self.metrics_path = self.run_dir / "metrics.jsonl"
-            if start_step == 0 and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run in a reused folder starts a fresh log
-            elif start_step > 0 and self.metrics_path.exists():
-                self._truncate_after(start_step)
+            self.eval_path = self.run_dir / "eval.jsonl"
+            for path in (self.metrics_path, self.eval_path):
+                if start_step == 0 and path.exists():
+                    path.unlink()  # a fresh run in a reused folder starts a fresh log
+                elif start_step > 0 and path.exists():
+                    self._truncate_after(path, start_step)
         if self.progress:
             from tqdm.auto import tqdm
 
             self._step_bar = tqdm(total=total_steps, initial=start_step, desc="steps", unit="step",
                                   position=0, dynamic_ncols=True, file=sys.stderr)
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop metric lines of steps after the checkpoint (they will be redone)."""
-        kept = [line for line in self.metrics_path.read_text().splitlines()
+    @staticmethod
+    def _truncate_after(path: Path, step: int) -> None:
+        """On resume, drop the lines of steps after the checkpoint (they will be redone)."""
+        kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        path.write_text("".join(line + "\n" for line in kept))
 
     def rollout_bar(self, total: int, desc: str = "rollouts"):
         """A progress bar over the rollouts of one step (``update(1)`` per record); a dummy when disabled."""
@@ -139,6 +143,18 @@ class RunLogger:
         self.info(format_step_line(step, self.total_steps, metrics))
         if self._step_bar is not None:
             self._step_bar.update(1)
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any], num_prompts: int) -> None:
+        """Append an evaluation (``eval/...`` metrics over the fixed prompt set, after ``step`` updates) to
+        eval.jsonl and print one line."""
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.eval_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        reward = metrics.get("eval/reward_mean")
+        self.info(f"eval after step {step}: reward {float('nan') if reward is None else reward:.3f} over "
+                  f"{metrics.get('eval/num_rollouts', 0):.0f} rollouts of {num_prompts} fixed prompts")
 
     def write_rollouts(self, step: int, records: Iterable[Mapping[str, Any]]) -> Path | None:
         """Write the step's records to ``rollouts/step_{step:06d}.jsonl``; returns the path."""

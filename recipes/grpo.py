@@ -164,17 +164,15 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
         mine = dist_utils.shard_groups([rows[i] for i in next(batches)], info.rank, info.world_size)
         return asyncio.ensure_future(collect(gym, mine, cfg.train.group_size, log, f"rollouts step {step}"))
 
+    eval_rows = rows[: cfg.eval.num_prompts]
+
     async def evaluate(step: int) -> None:
         """Reward over the first eval.num_prompts rows (the same prompts every time), no update."""
-        mine = dist_utils.shard_groups(rows[: cfg.eval.num_prompts], info.rank, info.world_size)
+        mine = dist_utils.shard_groups(eval_rows, info.rank, info.world_size)
         records = await collect(gym, mine, cfg.eval.samples, log, f"eval step {step}")
         merged = [r for part in dist_utils.all_gather_objects(records) for r in part]
-        m = {k.replace("rollout/", "eval/"): v for k, v in reward_metrics(merged).items()}
-        log.info(f"eval after step {step}: reward {m.get('eval/reward_mean', float('nan')):.3f} over "
-                 f"{len(merged)} rollouts of the first {cfg.eval.num_prompts} prompts")
-        if info.is_main:
-            with open(run_dir / "eval.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, **m}) + "\n")
+        log.log_eval(step, {k.replace("rollout/", "eval/"): v for k, v in reward_metrics(merged).items()},
+                     len(eval_rows))
 
     try:
         if cfg.eval.at_start and start_step == 0:
@@ -211,38 +209,49 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
                 policy_version = await weight_sync.sync(train_model, policy_version + 1)
             policy_version = dist_utils.broadcast_object(policy_version)
             sync_s = time.perf_counter() - t0
+            # ---- eval on the fixed prompts (the policy serves this step's weights; before the next collection
+            # starts, so perf/collect_time_s stays the collection's own time) -----------------------------------
+            t0 = time.perf_counter()
+            if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.steps):
+                await evaluate(step)
+            eval_s = time.perf_counter() - t0
             if pending is None and step < cfg.train.steps:
                 pending = next_rollouts(step + 1)
             # ---- log: rank 0 sees every rank's rollouts --------------------------------------------------------
             all_records = [r for part in dist_utils.all_gather_objects(records) for r in part]
             metrics.update(reward_metrics(all_records))
             metrics.update({k: v for k, v in batch.metrics.items() if k not in metrics and "reward" not in k})
-            metrics.update({"perf/collect_time_s": collect_s, "perf/weight_sync_s": sync_s,
+            metrics.update({"perf/collect_time_s": collect_s, "perf/weight_sync_s": sync_s, "perf/eval_time_s": eval_s,
                             "perf/iteration_time_s": time.perf_counter() - t_iter, "policy/version": policy_version,
                             "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh)})
             log.log_step(step, metrics)
             if cfg.logging.save_rollouts:
                 log.write_rollouts(step, all_records)
-            if info.is_main and cfg.logging.plot:
-                plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png")
             # ---- checkpoint ------------------------------------------------------------------------------------
             if info.is_main and (step == cfg.train.steps or (cfg.train.checkpoint_every
                                                              and step % cfg.train.checkpoint_every == 0)):
                 save_checkpoint(train_model, tokenizer, optimizer, step, policy_version, run_dir)
+            if info.is_main and cfg.logging.plot:
+                plot_curve(run_dir)
         # DDP keeps ranks identical; check it (a digest of every parameter) instead of assuming it
         digests = dist_utils.all_gather_objects(dist_utils.params_digest(train_model))
         if info.is_main:
             (run_dir / "param_digests.json").write_text(json.dumps(digests))
             if len(set(digests)) > 1:
                 raise RuntimeError(f"ranks ended with different parameters: {digests}")
-        if cfg.eval.at_end:
-            await evaluate(cfg.train.steps)
         log.info(f"done: {run_dir} (metrics.jsonl, rollouts/, reward_curve.png, checkpoints/last)")
     finally:
         log.close()
         if weight_sync is not None:
             await weight_sync.close()
         gym.shutdown()
+
+
+def plot_curve(run_dir: Path) -> None:
+    """reward_curve.png from metrics.jsonl (training rollouts) and eval.jsonl (fixed prompts), when present."""
+    eval_path = run_dir / "eval.jsonl"
+    plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png",
+                      eval_rows=read_metrics(eval_path) if eval_path.is_file() else ())
 
 
 def _free_port() -> int:

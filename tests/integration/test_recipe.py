@@ -103,6 +103,10 @@ def test_two_steps_then_resume(tmp_path):
         assert all(1 <= sum(len(i.get("generation_token_ids") or []) for i in r["response"]["output"]) <= MAX_TOKENS
                    for r in records)
     assert (run_dir / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # eval.at_start/at_end (defaults): all 16 letters prompts x eval.samples=2 = 32 rollouts, before step 1
+    # (logged as step 0) and after step 2
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert [(e["step"], e["eval/num_rollouts"]) for e in evals] == [(0, 32), (2, 32)]
     ckpt = run_dir / "checkpoints" / "last"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
 
@@ -124,6 +128,8 @@ def test_two_steps_then_resume(tmp_path):
     assert_finite_steps(rows3, [1, 2, 3])
     assert rows3[:2] == rows  # the finished steps are kept as they were
     assert (run_dir / "rollouts" / "step_000003.jsonl").is_file()
+    # the evaluations of the first run are kept (no new step-0 eval on resume), step 3's is added
+    assert [e["step"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 2, 3]
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
     # Adam's per-parameter step count went on from 2 (restored optimizer), not from 0
     steps3 = {float(s["step"]) for s in torch.load(ckpt / "optimizer.pt")["state"].values()}
@@ -171,6 +177,8 @@ def test_torchrun_two_ranks_end_identical(tmp_path):
     assert_finite_steps(rows, [1, 2])  # rank 0 logged every rank's rollouts: 16 per step
     records = read_jsonl(run_dir / "rollouts" / "step_000001.jsonl")
     # each rank collected whole groups: 2 prompts x 4 samples each, 4 distinct prompts in all
+    # the eval's 16 prompts were split over the ranks too and gathered by rank 0: 16 x 2 = 32 rollouts
+    assert [(e["step"], e["eval/num_rollouts"]) for e in read_jsonl(run_dir / "eval.jsonl")] == [(0, 32), (2, 32)]
     tasks = {r["task_id"] for r in records}
     assert len(tasks) == PROMPTS
     assert all(sum(r["task_id"] == t for r in records) == GROUP for t in tasks)

@@ -172,3 +172,17 @@ def test_a_broken_group_file_fails(tmp_path):
     (conf / "model" / "tiny.yaml").write_text("spec: [tiny\n")
     with pytest.raises(Exception):  # Hydra's own error for a YAML that does not parse
         compose_grpo(["model=tiny"], conf)
+
+
+def test_yaml_defaults_match_the_schema_defaults():
+    """conf/grpo.yaml and the GRPOConfig dataclasses state the same defaults (one name and one value
+    everywhere), so code that builds GRPOConfig() directly runs what `python recipes/grpo.py` runs."""
+    composed = parse_grpo_config(compose_grpo([]))
+    schema = GRPOConfig()
+    # the sections whose schema is the recipe's own (gym_plugin.grpo_config); ``loss``, ``step`` and
+    # ``weight_sync`` are library configs whose defaults the recipe overrides on purpose (token-level TIS,
+    # no entropy pass on CPU), and ``env.gym`` holds the env group's servers
+    for section in ("train", "process", "distributed", "eval", "logging", "policy", "model"):
+        assert getattr(composed, section) == getattr(schema, section), section
+    assert (composed.env.task, composed.env.agent_name) == (schema.env.task, schema.env.agent_name)
+    assert composed.advantage_mode == schema.advantage_mode
