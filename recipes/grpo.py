@@ -116,11 +116,12 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
     run_dir = Path(dist_utils.broadcast_object(cfg.run_dir))  # ${now:...} may differ by a second across ranks
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoints" / "last"
-    start_step = 0
+    start_step, start_version = 0, 0
     if cfg.resume:
         if not (ckpt / "trainer_state.json").is_file():
             raise SystemExit(f"resume=true but {ckpt} holds no checkpoint; run without resume or fix run_dir.")
-        start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start_step, start_version = state["step"], state.get("policy_version", state["step"])
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_policy_model(str(ckpt) if cfg.resume else cfg.model.spec, cfg.model.dtype)
     model.to(info.device)
@@ -136,6 +137,9 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
                                  batch_wait_ms=cfg.policy.batch_wait_ms, num_threads=cfg.policy.num_threads),
             model=copy.deepcopy(model).eval(), tokenizer=tokenizer,
         )
+        # the served weights are the checkpoint's: go on counting policy versions from there, so versions in
+        # metrics and rollouts stay monotonic over a resume (set before the first request is generated)
+        policy_server.engine.policy_version = start_version
         base_urls = [f"http://127.0.0.1:{policy_server.config.port}/v1"]
     else:
         base_urls = list(cfg.policy.base_urls)
@@ -157,7 +161,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
              f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
              + (f" | resumed at step {start_step} from {ckpt} (params sha256 {dist_utils.params_digest(model)})"
                 if cfg.resume else ""))
-    policy_version = policy_server.policy_version if policy_server is not None else start_step
+    policy_version = policy_server.policy_version if policy_server is not None else start_version
 
     def next_rollouts(step: int):
         """Start collecting this rank's share of step ``step``'s prompt groups."""

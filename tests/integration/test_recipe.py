@@ -127,6 +127,10 @@ def test_two_steps_then_resume(tmp_path):
     rows3 = read_jsonl(run_dir / "metrics.jsonl")
     assert_finite_steps(rows3, [1, 2, 3])
     assert rows3[:2] == rows  # the finished steps are kept as they were
+    # policy versions go on from the checkpoint's (2 syncs before, the 3rd now), as do the rollouts' versions
+    assert [r["policy/version"] for r in rows3] == [1, 2, 3]
+    assert {i["policy_version"] for r in read_jsonl(run_dir / "rollouts" / "step_000003.jsonl")
+            for i in r["response"]["output"] if "policy_version" in i} == {2}
     assert (run_dir / "rollouts" / "step_000003.jsonl").is_file()
     # the evaluations of the first run are kept (no new step-0 eval on resume), step 3's is added
     assert [e["step"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 2, 3]
