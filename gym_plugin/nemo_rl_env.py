@@ -38,6 +38,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from gym_plugin.errors import (
@@ -184,6 +185,11 @@ def _call_text(items: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def _tensor(values: list, dtype: type) -> torch.Tensor:
+    """A Python list -> a CPU tensor via np.fromiter (about 4x torch.tensor(list) on long id lists)."""
+    return torch.from_numpy(np.fromiter(values, dtype=dtype, count=len(values)))
+
+
 def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> list[dict]:
     """A Gym rollout (agent reply: ``response.output`` items, the last item of each model call carrying
     ``prompt_token_ids`` / ``generation_token_ids`` / ``generation_log_probs``) -> a NeMo-RL message log.
@@ -228,9 +234,12 @@ def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> 
                 "process_rollouts(drift_policy=...) or a template that keeps the history."
             )
         new_prompt = prompt[len(seen):]
-        context_ids = torch.tensor(new_prompt, dtype=torch.long)  # [P_k]
-        gen_ids = torch.tensor(gen, dtype=torch.long)  # [G_k]
-        gen_lp = torch.tensor(logprobs, dtype=torch.float32)  # [G_k]
+        context_ids = _tensor(new_prompt, np.int64)  # [P_k]
+        gen_ids = _tensor(gen, np.int64)  # [G_k]
+        gen_lp = _tensor(logprobs, np.float32)  # [G_k]
+        if bool(torch.isnan(gen_lp).any()):  # NeMo-RL refuses these too: a NaN poisons the whole batch's loss
+            raise ProtocolError(f"{where}: model call {len(log) // 2 + 1} has NaN generation log-probs; check the "
+                                "policy endpoint (dtype overflow, a broken logits processor)")
         if tokenizer is not None:
             context_text, gen_text = tokenizer.decode(new_prompt), tokenizer.decode(gen)
         else:

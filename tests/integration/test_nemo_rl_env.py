@@ -428,6 +428,8 @@ def test_conversion_rejects_drift_and_bad_token_fields():
         rollout_to_message_log(drift)
     with pytest.raises(MissingTokenIdsError, match=r"want 2"):
         rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1])))
+    with pytest.raises(ProtocolError, match="NaN generation log-probs"):
+        rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1, float("nan")])))
     # a call that extends exactly: context [14] between the calls, nothing re-tokenized
     ok = rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1, -0.2]), ([10, 11, 12, 13, 14], [15], [-0.3])))
     assert [m["token_ids"].tolist() for m in ok] == [[10, 11], [12, 13], [14], [15]]
