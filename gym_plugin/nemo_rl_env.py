@@ -185,6 +185,13 @@ def _call_text(items: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def _conversion_error(cls: type, kind: str, message: str) -> ProtocolError:
+    """A conversion error carrying ``kind``: the failure kind run_rollouts reports when it masks the rollout."""
+    err = cls(message)
+    err.kind = kind  # type: ignore[attr-defined]
+    return err
+
+
 def _tensor(values: list, dtype: type) -> torch.Tensor:
     """A Python list -> a CPU tensor via np.fromiter (about 4x torch.tensor(list) on long id lists)."""
     return torch.from_numpy(np.fromiter(values, dtype=dtype, count=len(values)))
@@ -202,13 +209,15 @@ def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> 
 
     Raises MissingTokenIdsError when no model call carries token ids, ProtocolError when a call's prompt does
     not extend the tokens seen so far (chat-template drift: a message log cannot represent it; use
-    gym_plugin.process_rollouts, which has drift policies).
+    gym_plugin.process_rollouts, which has drift policies) or a log-prob is NaN. The error's ``kind``
+    attribute names the case (missing_token_ids, token_drift, nan_log_probs, malformed_response).
     """
     where = f"rollout (row {record.get(TASK_INDEX_KEY)}, repeat {record.get(ROLLOUT_INDEX_KEY)})"
     response = record.get("response")
     output = response.get("output") if isinstance(response, Mapping) else None
     if not isinstance(output, list):
-        raise ProtocolError(f"{where} has no response.output list: {truncate(response, 200)}")
+        raise _conversion_error(ProtocolError, "malformed_response",
+                                f"{where} has no response.output list: {truncate(response, 200)}")
     log: list[dict] = []
     seen: list[int] = []
     call_items: list[Mapping[str, Any]] = []
@@ -219,7 +228,8 @@ def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> 
             continue
         prompt, logprobs = item.get("prompt_token_ids"), item.get("generation_log_probs")
         if not isinstance(prompt, list) or not isinstance(logprobs, list) or len(logprobs) != len(gen):
-            raise MissingTokenIdsError(
+            raise _conversion_error(
+                MissingTokenIdsError, "missing_token_ids",
                 f"{where}: output item {item.get('id')!r} has generation_token_ids but prompt_token_ids "
                 f"{truncate(prompt, 60)} / generation_log_probs of length "
                 f"{len(logprobs) if isinstance(logprobs, list) else logprobs!r} (want {len(gen)})"
@@ -227,7 +237,8 @@ def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> 
         if prompt[: len(seen)] != seen:
             first = next(i for i, (a, b) in enumerate(zip(prompt, seen)) if a != b) if len(prompt) >= len(seen) \
                 else len(prompt)
-            raise ProtocolError(
+            raise _conversion_error(
+                ProtocolError, "token_drift",
                 f"{where}: model call {len(log) // 2 + 1}'s prompt does not start with the earlier prompt + "
                 f"generation (first difference at token {first} of {len(seen)}): the chat template rewrote the "
                 "history (e.g. dropped reasoning). A NeMo-RL message log cannot hold this rollout; use "
@@ -238,8 +249,10 @@ def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> 
         gen_ids = _tensor(gen, np.int64)  # [G_k]
         gen_lp = _tensor(logprobs, np.float32)  # [G_k]
         if bool(torch.isnan(gen_lp).any()):  # NeMo-RL refuses these too: a NaN poisons the whole batch's loss
-            raise ProtocolError(f"{where}: model call {len(log) // 2 + 1} has NaN generation log-probs; check the "
-                                "policy endpoint (dtype overflow, a broken logits processor)")
+            raise _conversion_error(
+                ProtocolError, "nan_log_probs",
+                f"{where}: model call {len(log) // 2 + 1} has NaN generation log-probs; check the policy endpoint "
+                "(dtype overflow, a broken logits processor)")
         if tokenizer is not None:
             context_text, gen_text = tokenizer.decode(new_prompt), tokenizer.decode(gen)
         else:
@@ -249,7 +262,8 @@ def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> 
         seen = prompt + gen
         call_items = []
     if not log:
-        raise MissingTokenIdsError(
+        raise _conversion_error(
+            MissingTokenIdsError, "missing_token_ids",
             f"{where}: no model call carries token ids ({len(output)} output items of types "
             f"{[it.get('type') for it in output]}). The policy endpoint must return them (vLLM: "
             "return_tokens_as_token_ids / return_token_ids), or the first prompt exceeded max_model_len."
@@ -502,8 +516,10 @@ class GymEnvironment:
 
         ``{"message_log": [...], "input_message_log": message_log[:1], "full_result": <Gym record>,
         "reward": float, "mask_sample": bool, "failure": None, "task_index": i, "rollout_index": r}``.
-        A failed rollout (failure record, no token ids, template drift) has ``message_log: None``, ``reward:
-        None``, ``mask_sample: True`` and ``failure: {kind, reason, ...}``; with ``on_failure: raise`` it raises.
+        A failed rollout has ``message_log: None``, ``reward: None``, ``mask_sample: True`` and ``failure: {kind,
+        reason, ...}``: the collector's failure records (kinds timeout, connection, http_status, verifier, ...)
+        and rollouts that cannot become a message log (missing_token_ids, token_drift, nan_log_probs,
+        malformed_response). With ``on_failure: raise`` it raises instead.
         """
         if not self.cfg.base_urls:
             raise ConfigError("env.base_urls: empty, so there is no policy endpoint for run_rollouts. Set it to "
@@ -532,8 +548,7 @@ class GymEnvironment:
             except ProtocolError as e:  # no token ids, or template drift
                 if self.cfg.on_failure == "raise":
                     raise
-                kind = "missing_token_ids" if isinstance(e, MissingTokenIdsError) else "token_drift"
-                failure = {"kind": kind, "reason": str(e)}
+                failure = {"kind": getattr(e, "kind", "malformed_response"), "reason": str(e)}
         elif self.cfg.on_failure == "raise":
             raise GymPluginError(
                 f"rollout of row {out['task_index']} (repeat {out['rollout_index']}) failed: "

@@ -424,12 +424,14 @@ def test_conversion_rejects_drift_and_bad_token_fields():
 
     # call 2's prompt [10, 11, 99, ...] should start with call 1's prompt + generation [10, 11, 12, 13]
     drift = _record(([10, 11], [12, 13], [-0.1, -0.2]), ([10, 11, 99, 13, 14], [15], [-0.3]))
-    with pytest.raises(ProtocolError, match="first difference at token 2 of 4"):
+    with pytest.raises(ProtocolError, match="first difference at token 2 of 4") as info:
         rollout_to_message_log(drift)
+    assert info.value.kind == "token_drift"
     with pytest.raises(MissingTokenIdsError, match=r"want 2"):
         rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1])))
-    with pytest.raises(ProtocolError, match="NaN generation log-probs"):
+    with pytest.raises(ProtocolError, match="NaN generation log-probs") as info:
         rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1, float("nan")])))
+    assert info.value.kind == "nan_log_probs"
     # a call that extends exactly: context [14] between the calls, nothing re-tokenized
     ok = rollout_to_message_log(_record(([10, 11], [12, 13], [-0.1, -0.2]), ([10, 11, 12, 13, 14], [15], [-0.3])))
     assert [m["token_ids"].tolist() for m in ok] == [[10, 11], [12, 13], [14], [15]]
