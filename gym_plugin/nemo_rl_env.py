@@ -465,7 +465,7 @@ class GymEnvironment:
         Returns the batch (``mask_sample`` [B] bool set, ``loss_multiplier`` zeroed on masked rows) and
         metrics: ``rollout/reward_mean``, ``rollout/accuracy`` (correct and properly ended, over unmasked
         rows), ``rollout/pass_at_samples_per_prompt``, ``rollout/fraction_properly_ended``,
-        ``rollout/num_samples``, ``rollout/num_masked``, length means.
+        ``rollout/num_samples``, ``rollout/num_masked``, length means (unmasked rows).
         """
         if "rewards" not in batch:
             raise ProtocolError(f"global_post_process_and_metrics: the batch has no 'rewards' (keys: "
@@ -500,11 +500,12 @@ class GymEnvironment:
             if prompt_len is not None:
                 # NeMo-RL's generation_lengths count the whole sequence; the response is the difference.
                 gen_len = gen_len - torch.as_tensor(prompt_len).float().reshape(-1).cpu()
-            metrics["rollout/generation_length_mean"] = float(gen_len.mean()) if b else 0.0
+            metrics["rollout/generation_length_mean"] = float(gen_len[keep].mean()) if n_keep else 0.0
             ok = (correct > 0) & keep
             metrics["rollout/correct_generation_length_mean"] = float(gen_len[ok].mean()) if ok.any() else 0.0
         if prompt_len is not None:
-            metrics["rollout/prompt_length_mean"] = float(torch.as_tensor(prompt_len).float().mean()) if b else 0.0
+            prompt_len = torch.as_tensor(prompt_len).float().reshape(-1).cpu()  # [B]
+            metrics["rollout/prompt_length_mean"] = float(prompt_len[keep].mean()) if n_keep else 0.0
         if "text" in batch and b:
             metrics["rollout/pass_at_samples_per_prompt"] = _pass_rate_per_prompt(batch["text"], correct, keep)
         return batch, metrics

@@ -174,8 +174,11 @@ def test_step_verifier_failure_is_masked_never_a_silent_zero(env):
     assert "expected_answer" in ret.metadata[0]["failure"]["reason"]
     assert ret.observations[0]["content"] == "Environment: verification failed" and ret.answers[0] is None
 
-    batch = {"rewards": ret.rewards, "extra_env_info": ret.metadata, "loss_multiplier": torch.ones(2)}
+    batch = {"rewards": ret.rewards, "extra_env_info": ret.metadata, "loss_multiplier": torch.ones(2),
+             "generation_lengths": torch.tensor([100, 12]), "prompt_lengths": torch.tensor([50, 8])}
     batch, metrics = env.global_post_process_and_metrics(batch)
+    # lengths over the unmasked row 1 only: response 12 - 8 = 4, prompt 8
+    assert metrics["rollout/generation_length_mean"] == 4.0 and metrics["rollout/prompt_length_mean"] == 8.0
     assert batch["mask_sample"].tolist() == [True, False]
     assert batch["loss_multiplier"].tolist() == [0.0, 1.0]  # NeMo-RL drops row 0 from the loss
     # metrics over unmasked rows only: reward 1 / 1, accuracy 1 / 1; 1 masked of 2
