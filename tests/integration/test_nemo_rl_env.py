@@ -447,3 +447,38 @@ def test_dead_policy_endpoint_fails_at_start_naming_it():
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     with pytest.raises(EndpointUnreachableError, match=url.replace(".", r"\.")):
         GymEnvironment({"config_paths": [GYM_CONFIGS[1]], "base_urls": [url]})
+
+
+# ---- a real model: the message log is what NeMo-RL trains on ------------------------------------------------------
+def test_message_log_logprobs_match_teacher_forcing_on_the_embedded_tiny_model():
+    """NeMo-RL concatenates the message log's token_ids and trains on the assistant tokens against
+    generation_logprobs: on a real (tiny, fp32) model served by the embedded policy, those log-probs must equal
+    a teacher-forced forward pass over the concatenated ids at the assistant positions."""
+    from gym_plugin.servers.embedded import EmbeddedPolicyServer
+    from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    port = free_port()
+    server = EmbeddedPolicyServer(model=model, tokenizer=tok, served_model_name="tiny", port=port)
+    rows = [{"responses_create_params": {"input": [{"role": "user", "content": "What is 2 + 3?"}],
+                                         "max_output_tokens": 12, "temperature": 1.0},
+             "expected_answer": "5", "agent_ref": {"name": "exact_match_agent"}}]
+    with GymEnvironment({"config_paths": [GYM_CONFIGS[0]], "base_urls": [f"http://127.0.0.1:{port}/v1"],
+                         "model_name": "tiny"}, extra_servers=[server], tokenizer=tok) as e:
+        results = e.run_rollouts(rows, repeats=2)
+    assert [r["failure"] for r in results] == [None, None]
+    for r in results:
+        log = r["message_log"]
+        assert [m["role"] for m in log] == ["user", "assistant"]
+        ids = torch.cat([m["token_ids"] for m in log])  # [T]
+        n_prompt, n_gen = len(log[0]["token_ids"]), len(log[1]["token_ids"])
+        assert 0 < n_gen <= 12 and log[0]["content"] == tok.decode(log[0]["token_ids"].tolist())
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0].float()  # [T, V]
+        # token t is predicted by position t - 1: the generation's log-probs come from rows n_prompt-1 .. T-2
+        lp = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[1:, None])[:, 0]  # [T - 1]
+        teacher = lp[n_prompt - 1:]  # [G]
+        assert teacher.shape == (n_gen,)
+        assert (teacher - log[1]["generation_logprobs"]).abs().max().item() < 1e-4
+        assert r["reward"] in (0.0, 1.0)
