@@ -335,16 +335,18 @@ def test_import_needs_neither_ray_nor_nemo_rl():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_ray_actor_is_lazy():
-    import gym_plugin.nemo_rl_env as m
+def test_ray_actor_is_lazy_and_resolves_as_nemo_rl_resolves_it():
+    # NeMo-RL's create_env resolves the registered FQN with hydra.utils.get_object, then calls .options().remote()
+    from hydra.utils import get_object
 
+    assert get_object("gym_plugin.nemo_rl_env.GymEnvironment") is GymEnvironment
     try:
         import ray  # noqa: F401
     except ImportError:
         with pytest.raises(GymPluginError, match="needs ray"):
-            m.GymEnvironmentActor  # noqa: B018
+            get_object("gym_plugin.nemo_rl_env.GymEnvironmentActor")
     else:
-        assert hasattr(m.GymEnvironmentActor, "remote")
+        assert hasattr(get_object("gym_plugin.nemo_rl_env.GymEnvironmentActor"), "options")
 
 
 def test_register_with_nemo_rl(tmp_path, monkeypatch):
