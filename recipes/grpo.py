@@ -16,6 +16,9 @@ or OpenAI-compatible endpoints such as vLLM (policy=vllm).
 Under torchrun each rank collects whole prompt groups (its share of the step's prompts) from its own environment
 servers, all ranks sample from one policy (rank 0's embedded server, or the endpoints), DDP averages gradients,
 the loss is normalized by the global trained-token count, and only rank 0 syncs weights and writes files.
+
+Start vs end on the same prompts: eval.at_start / eval.every / eval.at_end sample eval.samples rollouts of the
+task's first eval.num_prompts prompts with the current policy (no update) into eval.jsonl and the PNG.
 """
 
 from __future__ import annotations
