@@ -446,10 +446,11 @@ def process_rollouts(
     input_ids = np.full((num_rows, width), pad_token_id, dtype=np.int64)
     input_ids[layout] = flat_ids
     attention = layout.astype(np.int64)
-    loss_mask = np.zeros((num_rows, width), dtype=np.float32)
-    loss_mask[layout] = flat_mask
+    sampled = np.zeros((num_rows, width), dtype=bool)  # [B, T] model-sampled tokens
+    sampled[layout] = flat_mask.view(bool)
+    loss_mask = sampled.astype(np.float32)  # a contiguous cast is cheaper than a float boolean scatter
     rollout_lp = np.zeros((num_rows, width), dtype=np.float32)
-    rollout_lp[loss_mask > 0] = lp_values  # sampled tokens in row-major order = the order of lp_values
+    rollout_lp[sampled] = lp_values  # sampled tokens in row-major order = the order of lp_values
 
     # ---- rewards, groups, advantages (per kept rollout, then broadcast to its rows) ------------------------
     rewards_k = torch.tensor(kept_rewards, dtype=torch.float32)  # [K]
