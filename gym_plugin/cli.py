@@ -137,6 +137,27 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
                 raise ProtocolError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from e
 
 
+def _cut_partial_tail(path: Path) -> int:
+    """Truncate ``path`` after its last newline (a crash can leave half a line); returns the bytes removed.
+    Appending to a cut line would glue the next record onto it and lose both to any reader."""
+    if not path.exists():
+        return 0
+    with path.open("rb+") as f:
+        size = f.seek(0, 2)
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                pos = pos - step + nl + 1
+                break
+            pos -= step
+        f.truncate(pos)
+    return size - pos
+
+
 def _done_units(path: Path) -> set[tuple[int, int]]:
     """(task index, rollout index) of records already in an output file (for --resume)."""
     done = set()
@@ -191,6 +212,9 @@ async def _collect(args: argparse.Namespace) -> int:
         config.max_attempts = args.max_attempts
     config.invalid_rows = "record"
     out_path = Path(args.output)
+    if args.resume and _cut_partial_tail(out_path):
+        print(f"--resume: dropped a partial last line of {out_path} (cut by a crash); that row runs again",
+              file=sys.stderr)
     done = _done_units(out_path) if args.resume else set()
     if out_path.exists() and not args.resume and not args.overwrite:
         raise GymPluginError(f"output {str(out_path)!r} exists; pass --resume to skip finished rows or --overwrite")

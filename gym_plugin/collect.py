@@ -253,6 +253,7 @@ class RolloutCollector:
         lock = asyncio.Lock()  # async generators cannot be advanced by two workers at once
 
         async def worker() -> None:
+            cancelled = False
             try:
                 while True:
                     async with lock:
@@ -262,12 +263,17 @@ class RolloutCollector:
                             return
                     record = await self.run_row(row, index, rollout_index)
                     await out.put(record)
+            except asyncio.CancelledError:
+                # The caller stopped reading (break, error, cancelled trainer): nobody drains `out`, so
+                # awaiting a put here would hang the cleanup below.
+                cancelled = True
+                raise
             except BaseException as e:  # a collector bug or a raise-mode row error: reaches the caller
                 await out.put(e)
                 raise
             finally:
                 state["alive"] -= 1
-                if state["alive"] == 0:
+                if state["alive"] == 0 and not cancelled:
                     await out.put(_END)
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
@@ -295,7 +301,11 @@ class RolloutCollector:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            gathering = asyncio.gather(*tasks, return_exceptions=True)
+            while not gathering.done():  # drain, so that no worker can stay blocked on a full queue
+                while not out.empty():
+                    out.get_nowait()
+                await asyncio.wait([gathering], timeout=0.05)
 
 
 def _is_reward(value: Any) -> bool:

@@ -236,8 +236,11 @@ class PolicyModelServer(Server):
         if not isinstance(completion, Mapping) or not completion.get("choices"):
             if tokenize_task is not None:
                 tokenize_task.cancel()
-            raise MalformedResponseError(
-                f"{base_url}/chat/completions answered without 'choices': {truncate(completion, 300)}"
+            raise HandlerError(
+                502,
+                f"policy model server {self.name!r}: backend {base_url}/chat/completions answered without "
+                f"'choices': {truncate(completion, 300)}",
+                "upstream_error",
             )
         choice = completion["choices"][0]
         token_fields = None
@@ -270,7 +273,9 @@ class PolicyModelServer(Server):
                     "upstream_error",
                 ) from e
             raise
-        except EndpointError as e:
+        except (EndpointError, MalformedResponseError) as e:
+            # A reply that is not JSON (truncated, a proxy's HTML page) is the backend's failure, like a reset:
+            # 502, so the caller retries it, not a 400 that blames the request.
             raise HandlerError(
                 502,
                 f"policy model server {self.name!r}: backend {url} failed after {getattr(e, 'attempts', 1)} "
