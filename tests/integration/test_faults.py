@@ -500,7 +500,7 @@ async def test_backend_killed_and_restarted_mid_run():
 
 # ---- collector errors, watchdog, backpressure -------------------------------------------------------------------
 class CountingAgent(Server):
-    """/run answers at once with reward 1.0 and counts rows in flight."""
+    """/run answers (after ``delay_s``) with reward 1.0 and counts rows in flight."""
 
     server_type = "responses_api_agents"
 
@@ -518,7 +518,7 @@ class CountingAgent(Server):
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.delay_s)  # sleep(0) still yields, so rows overlap even on direct calls
-            return {"response": {"output": []}, "reward": 1.0}
+            return {**body, "response": {"output": []}, "reward": 1.0}  # the row echoed, as agents do
         finally:
             self.in_flight -= 1
 
@@ -766,3 +766,24 @@ async def test_auth_token_in_the_config_makes_servers_require_it():
     finally:
         await transport.close()
         await running.stop()
+
+
+async def test_an_oversized_row_is_refused_with_413_and_recorded():
+    """Servers refuse request bodies over DEFAULT_CLIENT_MAX_SIZE (64 MiB) with HTTP 413; the collector files the
+    row as one failure record (a 4xx is the request's fault: not retried) and goes on with the others."""
+    from gym_plugin.servers.base import DEFAULT_CLIENT_MAX_SIZE
+
+    assert DEFAULT_CLIENT_MAX_SIZE == 64 * 1024 * 1024
+    agent = CountingAgent()
+    await agent.start(register_local=False)
+    rows = [fault_row(0), fault_row(1)]
+    rows[0]["blob"] = "x" * (DEFAULT_CLIENT_MAX_SIZE + 1)
+    try:
+        records = await collect_all(agent.url, rows, max_attempts=3)
+    finally:
+        await agent.stop()
+    by_index, failures = check_accounting(2, records)
+    assert [f["_ng_task_index"] for f in failures] == [0]
+    assert by_index[0]["failure"]["kind"] == "http_status" and by_index[0]["failure"]["attempts"] == 1
+    assert "HTTP 413" in by_index[0]["failure"]["last_error"]
+    assert by_index[1]["reward"] == 1.0
