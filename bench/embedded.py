@@ -5,6 +5,8 @@
 
 Two servers share one model over HTTP on 127.0.0.1: the batched one (``max_batch_size`` 32, 5 ms gathering)
 and a one-at-a-time one (``max_batch_size`` 1: every request generated alone, as a naive server would).
+Each row also reports how many batches the batched server ran at that concurrency and the mean rows per
+batch (c clients firing together should fill batches of c rows).
 At each concurrency c (1, 8, 32), c clients each send ``--rounds`` requests back to back; tokens/s =
 generated tokens / wall time. The one-at-a-time server's throughput does not depend on concurrency (its
 queue serializes everything), so it is measured once and every row is compared against it.
@@ -90,6 +92,7 @@ async def main_async(args) -> dict:
         torch.set_num_threads(args.num_threads)
     batched = EmbeddedPolicyServer(model=model, tokenizer=tok, served_model_name="bench",
                                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                                   batch_max_wait_ms=args.batch_max_wait_ms,
                                    num_threads=args.num_threads)
     serial = EmbeddedPolicyServer(model=model, tokenizer=tok, served_model_name="bench", max_batch_size=1,
                                   batch_wait_ms=0.0, num_threads=args.num_threads)
@@ -106,13 +109,19 @@ async def main_async(args) -> dict:
         rows = []
         last_payloads: list[dict] = []
         for c in args.concurrency:
+            stats = batched.engine.stats
+            batches0, rows0 = stats.batches, stats.rows
             tps, secs, payloads = await load(batched, c, args.rounds, args.max_tokens, not args.stop_at_eos)
+            n_batches = stats.batches - batches0
+            rows_per_batch = (stats.rows - rows0) / max(n_batches, 1)
             last_payloads = payloads
             rows.append({"concurrency": c, "requests": c * args.rounds, "seconds": round(secs, 2),
                          "tokens_per_s": round(tps, 1), "one_at_a_time_tokens_per_s": round(serial_tps, 1),
-                         "speedup": round(tps / serial_tps, 2)})
+                         "speedup": round(tps / serial_tps, 2), "batches": n_batches,
+                         "rows_per_batch": round(rows_per_batch, 1)})
             print(f"concurrency {c:>3}: {c * args.rounds:>3} requests in {secs:6.1f} s = {tps:7.1f} tokens/s "
-                  f"({tps / serial_tps:.2f}x one-at-a-time)", flush=True)
+                  f"({tps / serial_tps:.2f}x one-at-a-time; {n_batches} batches, {rows_per_batch:.1f} rows each)",
+                  flush=True)
         diff = teacher_forced_max_diff(model, last_payloads)
         print(f"max |served log-prob - teacher-forced log-prob| over {len(last_payloads)} batched answers: "
               f"{diff:.2e}", flush=True)
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial-requests", type=int, default=8, help="requests for the one-at-a-time figure")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-max-wait-ms", type=float, default=100.0)
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--stop-at-eos", action="store_true", help="let answers end at eos (fewer tokens)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -142,6 +142,48 @@ def test_concurrent_requests_are_batched_and_equal_unbatched():
     assert worst < FP32_TOL
 
 
+def _batch_sizes_for_staggered_requests(batch_wait_ms: float, batch_max_wait_ms: float) -> list[int]:
+    """Submit 8 requests 30 ms apart to an idle engine; return the rows of each batch it ran."""
+    import time
+
+    from gym_plugin.servers.embedded import GenerationEngine, SamplingParams
+
+    tok = build_tiny_tokenizer()
+    engine = GenerationEngine(build_tiny_model(tok), tok, batch_wait_ms=batch_wait_ms,
+                              batch_max_wait_ms=batch_max_wait_ms)
+    sizes: list[int] = []
+    real_generate = engine.generate
+
+    def recording_generate(prompts, params, policy_version=None):
+        sizes.append(sum(p.n for p in params))
+        return real_generate(prompts, params, policy_version)
+
+    engine.generate = recording_generate  # the real generation, only counted
+    engine.start()
+    try:
+        prompt = tok.encode("hi", add_special_tokens=False)
+        futures = []
+        for _ in range(8):
+            futures.append(engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0.0)))
+            time.sleep(0.030)
+        for f in futures:
+            assert len(f.result(timeout=30)) == 1
+    finally:
+        engine.stop()
+    return sizes
+
+
+def test_gathering_waits_for_a_quiet_gap_up_to_a_cap():
+    # Arrivals at 0, 30, ..., 210 ms. A 150 ms quiet gap is never reached between them, so with a 5 s cap
+    # all 8 form one batch, although the last arrives 210 ms after the first (a fixed 150 ms window would
+    # have cut the batch at the 6th request).
+    assert _batch_sizes_for_staggered_requests(150.0, 5000.0) == [8]
+    # The cap: a 100 ms cap from the first arrival takes the requests that came by then (those at 0, 30, 60,
+    # 90 ms: 4, or 3-5 with sleep jitter), so the 8 need at least 2 batches and the first is not all of them.
+    sizes = _batch_sizes_for_staggered_requests(150.0, 100.0)
+    assert sum(sizes) == 8 and len(sizes) >= 2 and sizes[0] < 8
+
+
 # ------------------------------------------------------------------------------------------ sampling
 def test_seed_determinism_and_n_rows():
     async def test(server, s):

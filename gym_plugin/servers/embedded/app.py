@@ -59,7 +59,9 @@ class EmbeddedPolicyConfig:
     max_batch_size: int = 32
     """Most rows (requests x n) generated together in one batch."""
     batch_wait_ms: float = 5.0
-    """How long the engine gathers concurrent requests before it starts a batch."""
+    """The engine starts a batch once no new request has arrived for this long (or the batch is full)."""
+    batch_max_wait_ms: float = 100.0
+    """Upper bound on gathering, counted from the batch's first request, while requests keep arriving."""
     max_model_len: int | None = None
     """Context length (prompt + completion); None = the model's ``max_position_embeddings`` (capped at 8192)."""
     default_max_tokens: int = 1024
@@ -306,6 +308,7 @@ class EmbeddedPolicyServer:
         self.renderer = PromptRenderer(tokenizer)
         self.engine = GenerationEngine(
             model, tokenizer, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
+            batch_max_wait_ms=cfg.batch_max_wait_ms,
             num_threads=cfg.num_threads,
         )
         mpe = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -653,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    parser.add_argument("--batch-max-wait-ms", type=float, default=d.batch_max_wait_ms)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     parser.add_argument("--num-threads", type=int, default=None)
@@ -661,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EmbeddedPolicyConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-        max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
+        batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
     )
     try:
         server = EmbeddedPolicyServer(cfg)
