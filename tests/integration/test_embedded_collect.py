@@ -117,3 +117,61 @@ def test_collect_32_math_rows_with_smollm2(tmp_path):
     # these sums right (0.44 measured), and a run with no success at all would mean a broken pipeline:
     # with p ~ 0.14 per row (the design note's lowest start rate), P(0 of 32) = 0.86**32 ~ 0.008.
     assert counts["reward_sum"] >= 1
+
+
+def test_weight_update_changes_collected_rollouts_and_their_policy_version():
+    """Acceptance 3 through the whole stack: collector -> agent -> policy model server -> embedded policy."""
+    import asyncio
+
+    from gym_plugin.collect import RolloutCollector
+    from gym_plugin.config import load_config
+    from gym_plugin.integration import _collector_config
+    from gym_plugin.launch import start_servers
+    from gym_plugin.servers.embedded import EmbeddedPolicyServer
+    from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()[:4]]
+    tok = build_tiny_tokenizer()
+    seed1 = build_tiny_model(tok, seed=1)
+
+    async def main():
+        cfg = load_config(CONFIG, ["policy_endpoint.model=tiny"])
+        running = await start_servers(cfg, start_head=False)
+        try:
+            endpoint = next(s for s in running.servers if isinstance(s, EmbeddedPolicyServer))
+            config = _collector_config(running.config.data, None)
+            async with RolloutCollector(running.agent_urls(), config) as collector:
+                before = [r async for r in collector.collect(rows)]
+                version = await endpoint.update_weights_async(seed1.state_dict())
+                after = [r async for r in collector.collect(rows)]
+            return before, version, after
+        finally:
+            await running.stop()
+
+    before, version, after = asyncio.run(main())
+    assert version == 1
+
+    def calls(records):
+        out = {}
+        for rec in records:
+            assert not is_failure(rec), rec.get("failure")
+            (item,) = [i for i in rec["response"]["output"] if "generation_token_ids" in i]
+            out[rec["_ng_task_index"]] = item
+        return out
+
+    b, a = calls(before), calls(after)
+    assert sorted(b) == sorted(a) == [0, 1, 2, 3]
+    assert {i["policy_version"] for i in b.values()} == {0}
+    assert {i["policy_version"] for i in a.values()} == {1}
+    # Same rows, same seeds, same prompts: only the weights changed, and so did every sampled answer.
+    for k in b:
+        assert a[k]["prompt_token_ids"] == b[k]["prompt_token_ids"]
+        assert a[k]["generation_token_ids"] != b[k]["generation_token_ids"]
+    # The new log-probs are the seed-1 model's (teacher-forced), not the seed-0 model's.
+    seed0 = build_tiny_model(tok)
+    for k, item in a.items():
+        served = torch.tensor(item["generation_log_probs"])
+        new = teacher_forced(seed1, item["prompt_token_ids"], item["generation_token_ids"])
+        old = teacher_forced(seed0, item["prompt_token_ids"], item["generation_token_ids"])
+        assert (new - served).abs().max().item() < FP32_TOL
+        assert (old - served).abs().max().item() > 0.1
