@@ -197,7 +197,8 @@ def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = t
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelLoadError(
             f"model {spec_str!r} is neither 'smollm2', 'tiny' nor a Hugging Face folder with a config.json "
-            f"(looked at {folder}). Pass --model smollm2, --model tiny or the path of a saved HF model."
+            f"(looked at {folder}). Set the model to smollm2, tiny or the path of a saved HF model folder "
+            "(--model on the command line; policy_endpoint.model or policy.model in a config)."
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

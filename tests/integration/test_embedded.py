@@ -537,3 +537,12 @@ def test_smollm2_first_use_converts_with_messages_then_loads_from_the_cache(tmp_
     assert second < 15.0, log
     # Dequantized weights that answer like the model (random or mis-mapped weights would not say Paris).
     assert "Paris" in re.search(r"answer=(.*)", log).group(1), log
+
+
+def test_model_spec_and_dtype_errors_name_the_value_and_the_choices(tmp_path):
+    from gym_plugin.models import load_policy_model
+
+    with pytest.raises(ModelLoadError, match=r"'.*no_model'.*looked at .*no_model.*smollm2, tiny or the path"):
+        load_policy_model(str(tmp_path / "no_model"))
+    with pytest.raises(ModelLoadError, match=r"dtype 'float64' is not supported.*Use one of"):
+        load_policy_model("tiny", "float64")
