@@ -183,8 +183,9 @@ async def _collect(args: argparse.Namespace) -> int:
     from gym_plugin.launch import check_policy_endpoints, directory_from_config, fetch_head_config, start_servers
 
     running = None
+    token = args.auth_token or os.environ.get("GYM_PLUGIN_AUTH_TOKEN")
     if args.head_url:
-        transport = Transport(timeout_s=60)
+        transport = Transport(timeout_s=60, headers={"Authorization": f"Bearer {token}"} if token else {})
         try:
             data = await fetch_head_config(args.head_url, transport)
         finally:
@@ -204,6 +205,8 @@ async def _collect(args: argparse.Namespace) -> int:
         data = running.config.data
         agent_urls = running.agent_urls()
     config = _collector_config(data, None)
+    if token and not config.auth_token:
+        config.auth_token = token
     if args.concurrency:
         config.concurrency = args.concurrency
     if args.timeout_s:
@@ -282,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="append; skip rows already in the output")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--auth-token", default=None,
+                   help="bearer token of servers started with auth_token (default: $GYM_PLUGIN_AUTH_TOKEN)")
     c.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value")
 
     e = sub.add_parser("embedded", help="serve a local HF model, OpenAI-compatible (see gym_plugin.servers.embedded)",

@@ -250,7 +250,8 @@ class RolloutCollectionHelper:
         delivered = {"n": 0}
 
         async def drive() -> None:
-            transport = Transport(timeout_s=60.0)
+            token = self.collector_config.auth_token if self.collector_config is not None else None
+            transport = Transport(timeout_s=60.0, headers={"Authorization": f"Bearer {token}"} if token else {})
             try:
                 data = await fetch_head_config(head_url, transport)
                 directory, agents = directory_from_config(data)

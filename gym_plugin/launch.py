@@ -100,10 +100,11 @@ async def start_servers(
         for s in extra:
             await s.start()
             running.servers.append(s)
+        token = data.get("auth_token") or None  # servers of the config require it (401 without), collector sends it
         for name, spec in cfg.servers.items():
             server = build_server(spec, directory)
             try:
-                await server.start()
+                await server.start(auth_token=token)
             except OSError as e:
                 raise EndpointError(
                     f"server {name!r} could not bind {spec.host}:{spec.port}: {e}. Pick another port "
@@ -123,7 +124,7 @@ async def start_servers(
             host, port = head_cfg.get("host", "127.0.0.1"), int(head_cfg.get("port", 11000))
             head = HeadServer(data, host=host, port=port)
             try:
-                await head.start()
+                await head.start(auth_token=token)
             except OSError as e:
                 raise EndpointError(
                     f"head server could not bind {host}:{port}: {e}. Set head_server.port to a free port "
@@ -187,7 +188,7 @@ async def start_only(cfg: GymConfig, name: str) -> RunningServers:
         from gym_plugin.servers.head import HeadServer
 
         head = HeadServer(cfg.data, host=cfg.head_host, port=cfg.head_port)
-        await head.start()
+        await head.start(auth_token=cfg.data.get("auth_token") or None)
         running.servers.append(head)
         running.head = head
         return running
@@ -199,7 +200,7 @@ async def start_only(cfg: GymConfig, name: str) -> RunningServers:
     if name not in cfg.servers:
         raise ConfigError(f"--only {name!r}: no such server. Configured: {sorted(cfg.servers)}")
     server = build_server(cfg.servers[name], directory)
-    await server.start()
+    await server.start(auth_token=cfg.data.get("auth_token") or None)
     running.servers.append(server)
     return running
 

@@ -100,10 +100,12 @@ class AgentServer(Server):
         return [("POST", "/run", self.run), ("POST", "/v1/responses", self.responses)]
 
     async def on_start(self) -> None:
+        token = getattr(self, "auth_token", None)  # the resource and policy model servers require the same one
         self.transport = Transport(
             limit=self.config.connector_limit,
             limit_per_host=self.config.connector_limit_per_host,
             timeout_s=self.config.timeout_s,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
         )
 
     async def on_stop(self) -> None:

@@ -193,6 +193,7 @@ class Server:
         if port is not None:
             self.port = port
         self.loop = asyncio.get_running_loop()
+        self.auth_token = auth_token  # servers that call other servers of the config send it too (agent)
         await self.on_start()
         self._runner = web.AppRunner(self.build_app(auth_token=auth_token), access_log=None)
         await self._runner.setup()

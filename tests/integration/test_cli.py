@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def test_collect_errors_are_one_line_with_the_fix(tmp_path):
 
 
 def test_serve_process_per_server_then_collect_over_http(tmp_path):
-    """`serve --process-per-server`: every server in its own process, found through the head server."""
+    """`serve --process-per-server`: every server in its own process, found through the head server; with
+    auth_token set, every hop (collector -> head/agent, agent -> resource/policy servers) carries the token."""
     import socket
 
     with socket.socket() as s:
@@ -90,7 +92,8 @@ def test_serve_process_per_server_then_collect_over_http(tmp_path):
         port = s.getsockname()[1]
     serve = subprocess.Popen(
         [*CLI, "serve", "--config", str(ROOT / "conf/gym/exact_match.yaml"), "--process-per-server",
-         "policy_endpoint.impl=fake_openai", "policy_endpoint.default=4", f"head_server.port={port}"],
+         "policy_endpoint.impl=fake_openai", "policy_endpoint.default=4", f"head_server.port={port}",
+         "+auth_token=s3cret"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -103,13 +106,24 @@ def test_serve_process_per_server_then_collect_over_http(tmp_path):
             if seen_head and line.strip() == "ready":
                 break
             assert time.monotonic() < deadline, "serve did not become ready"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/global_config_dict_yaml", timeout=5) as r:
+        head = f"http://127.0.0.1:{port}/global_config_dict_yaml"
+        with pytest.raises(urllib.error.HTTPError) as err:  # no token: 401
+            urllib.request.urlopen(head, timeout=5)
+        assert err.value.code == 401
+        req = urllib.request.Request(head, headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=5) as r:
             assert b"exact_match_agent" in r.read()
         rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
         write_rows(rows, 20)
         proc = subprocess.run(
             [*CLI, "collect", "--head-url", f"http://127.0.0.1:{port}", "--input", str(rows), "--output", str(out),
              "--quiet"],
+            env=ENV, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2 and "401" in proc.stderr  # the head server refuses a collector without it
+        proc = subprocess.run(
+            [*CLI, "collect", "--head-url", f"http://127.0.0.1:{port}", "--input", str(rows), "--output", str(out),
+             "--quiet", "--auth-token", "s3cret"],
             env=ENV, capture_output=True, text=True, timeout=60,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -748,11 +748,6 @@ async def test_servers_bind_loopback_by_default():
     assert set(hosts.values()) == {"127.0.0.1"}, hosts
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP in gym_plugin/launch.py: the config's top-level auth_token reaches the collector "
-    "(integration._collector_config sends it) but start_servers never passes it to Server.start(auth_token=...), "
-    "so servers started from a config (gym-plugin serve, GymIntegration) answer without a token instead of 401. "
-    "Fix: in start_servers/start_only, `await server.start(auth_token=data.get('auth_token'))` (and the head)."))
 async def test_auth_token_in_the_config_makes_servers_require_it():
     from gym_plugin.launch import start_servers
 
