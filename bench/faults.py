@@ -132,6 +132,8 @@ async def run(args: argparse.Namespace) -> dict:
 
         seen = bytearray(n)  # times each index came back
         kinds: Counter[str] = Counter()
+        kinds_on_verifier_rows: Counter[str] = Counter()  # failures of the rows whose verifier raises
+        samples: dict[str, list[str]] = {}  # the first two last_errors of each kind, for the report
         results = zero_rewards = invented = verifier_as_result = max_ahead = 0
         malformed_failures = 0
         restart_task = None
@@ -156,6 +158,10 @@ async def run(args: argparse.Namespace) -> dict:
                 if is_failure(rec):
                     f = rec["failure"]
                     kinds[f["kind"]] += 1
+                    if rec.get("verifier") == "raise":
+                        kinds_on_verifier_rows[f["kind"]] += 1
+                    if len(samples.setdefault(f["kind"], [])) < 2:
+                        samples[f["kind"]].append(f"attempts={f['attempts']}: {f['last_error'][:400]}")
                     if rec["reward"] is not None or not (f["reason"] and f["last_error"] and f["attempts"] >= 1):
                         malformed_failures += 1
                 else:
@@ -189,6 +195,8 @@ async def run(args: argparse.Namespace) -> dict:
         "results": results,
         "failure_records": failures,
         "failures_by_kind": dict(sorted(kinds.items())),
+        "verifier_rows": sum(1 for i in range(n) if i % VERIFIER_RAISE_EVERY == 7),
+        "failures_on_verifier_rows_by_kind": dict(sorted(kinds_on_verifier_rows.items())),
         "duplicates": sum(1 for s in seen if s > 1),
         "missing": sum(1 for s in seen if s == 0),
         "invented_rewards": invented,
@@ -204,6 +212,7 @@ async def run(args: argparse.Namespace) -> dict:
         "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "client_peak_rss_sampled_mb": round(peak_sampled, 1),
         "faults_injected": faults,
+        "sample_errors": samples,
     }
 
 
@@ -228,11 +237,16 @@ def main() -> int:
         f"rows in {r['rows_in']} = results {r['results']} + failure records {r['failure_records']} "
         f"{r['failures_by_kind']}; duplicates {r['duplicates']}, missing {r['missing']}, invented rewards "
         f"{r['invented_rewards']}, verifier errors scored {r['verifier_errors_scored']}\n"
+        f"rows whose verifier raises: {r['verifier_rows']}, their failure records by kind (the kind is the last "
+        f"attempt's): {r['failures_on_verifier_rows_by_kind']}\n"
         f"wall {r['wall_s']}s, {r['rollouts_per_s']} rollouts/s, client peak RSS {r['client_peak_rss_mb']} MB "
         f"(start {r['client_rss_start_mb']} MB), max rows pulled ahead {r['max_rows_pulled_ahead']} "
         f"(concurrency {r['concurrency']})\nfaults injected: {r['faults_injected']}",
         flush=True,
     )
+    for kind, errors in r["sample_errors"].items():
+        for e in errors:
+            print(f"  {kind}: {e}")
     print(json.dumps(r))
     ok = (r["rows_in"] == r["results"] + r["failure_records"] and r["duplicates"] == 0 and r["missing"] == 0
           and r["invented_rewards"] == 0 and r["verifier_errors_scored"] == 0
