@@ -749,18 +749,44 @@ async def test_servers_bind_loopback_by_default():
 
 
 async def test_auth_token_in_the_config_makes_servers_require_it():
+    """Servers started from a config with auth_token answer 401 without it; a collector with a wrong token gets
+    one failure record per row (401 is not retried), with the right token the rows run."""
     from gym_plugin.launch import start_servers
 
     running = await start_servers(_stack_config("+auth_token=s3cret-token"))
     transport = Transport(allow_local=False)
     try:
         agent_url = running.agent_urls()["exact_match_agent"]
+        row = fault_row(0) | {"agent_ref": {"name": "exact_match_agent"}}
         with pytest.raises(HTTPStatusError) as err:
-            await transport.post(agent_url + "/run", fault_row(0) | {"agent_ref": {"name": "exact_match_agent"}})
+            await transport.post(agent_url + "/run", row)
         assert err.value.status == 401
+        urls = {"exact_match_agent": agent_url}
+        wrong = await _collect_with(urls, [row], CollectorConfig(auth_token="wrong", max_attempts=3))
+        right = await _collect_with(urls, [row], CollectorConfig(auth_token="s3cret-token"))
     finally:
         await transport.close()
         await running.stop()
+    (fail,) = wrong
+    assert fail["failure"]["kind"] == "http_status" and fail["failure"]["attempts"] == 1
+    assert "HTTP 401" in fail["failure"]["last_error"] and fail["reward"] is None
+    assert "s3cret-token" not in json.dumps(fail)  # the secret is not echoed into the record
+    (ok,) = right
+    assert not is_failure(ok) and ok["reward"] == 1.0
+
+
+async def _collect_with(agent_urls: dict, rows: list, config: CollectorConfig) -> list[dict]:
+    async with RolloutCollector(agent_urls, config, Transport(allow_local=False, timeout_s=config.timeout_s,
+                                                              headers=_auth(config))) as c:
+        return await asyncio.wait_for(_drain(c.collect(rows)), 30)
+
+
+def _auth(config: CollectorConfig) -> dict:
+    return {"Authorization": f"Bearer {config.auth_token}"} if config.auth_token else {}
+
+
+async def _drain(records) -> list[dict]:
+    return [r async for r in records]
 
 
 async def test_an_oversized_row_is_refused_with_413_and_recorded():
