@@ -546,3 +546,22 @@ def test_model_spec_and_dtype_errors_name_the_value_and_the_choices(tmp_path):
         load_policy_model(str(tmp_path / "no_model"))
     with pytest.raises(ModelLoadError, match=r"dtype 'float64' is not supported.*Use one of"):
         load_policy_model("tiny", "float64")
+
+
+def test_preallocated_kv_cache_gives_the_same_rows_as_transformers_dynamic_cache():
+    # Rows of different prompt lengths and max_tokens (so rows leave the batch at different steps and the
+    # cache is re-indexed), n=3 rows sharing one prefilled prompt, greedy and sampled: bit-identical results.
+    from gym_plugin.servers.embedded import GenerationEngine, SamplingParams
+
+    tok = build_tiny_tokenizer()
+    engine = GenerationEngine(build_tiny_model(tok), tok)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:5]]
+    params = [SamplingParams(max_tokens=4 + 7 * i, temperature=[0.0, 1.0][i % 2], seed=i, n=3 if i == 1 else 1,
+                             ignore_eos=True) for i in range(5)]
+    engine.preallocate_kv = True
+    pre = engine.generate(prompts, params)
+    engine.preallocate_kv = False
+    dyn = engine.generate(prompts, params)
+    assert [[len(r.token_ids) for r in req] for req in pre] == [[4], [11, 11, 11], [18], [25], [32]]
+    assert [[r.token_ids for r in req] for req in pre] == [[r.token_ids for r in req] for req in dyn]
+    assert [[r.logprobs for r in req] for req in pre] == [[r.logprobs for r in req] for req in dyn]

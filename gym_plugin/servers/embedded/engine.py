@@ -145,6 +145,9 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._token_text_cache: dict[int, str] = {}
+        self.preallocate_kv = True
+        """Write the KV cache into buffers sized prompt + max_tokens up front (False: transformers' DynamicCache,
+        which concatenates the whole cache at every step; kept for comparison in benchmarks)."""
         # transformers 5 renamed forward(past_key_values=) to forward(cache=); the cache is updated in place.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -340,9 +343,8 @@ class GenerationEngine:
             attn[u, L - len(pr):] = 1
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # [U, L]
 
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
+        max_new_total = max(p.max_tokens for p in params)
+        cache = _new_cache(model, capacity=L + max_new_total) if self.preallocate_kv else _new_cache(model, None)
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=attn.to(device),
@@ -533,6 +535,101 @@ class GenerationEngine:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text_cache[token_id] = text
         return text
+
+
+def _new_cache(model, capacity: int | None):
+    """A ``DynamicCache`` for ``model``; with ``capacity``, its full-attention layers write into preallocated
+    buffers of that many positions instead of concatenating (see ``_PreallocatedLayer``)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    if capacity is not None and cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_preallocated_layer_class()(capacity) for _ in cache.layers]
+    return cache
+
+
+_PREALLOCATED_LAYER = None
+
+
+def _preallocated_layer_class():
+    """``_PreallocatedLayer``, defined on first use so importing this module does not import transformers."""
+    global _PREALLOCATED_LAYER
+    if _PREALLOCATED_LAYER is not None:
+        return _PREALLOCATED_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class _PreallocatedLayer(DynamicLayer):
+        """A KV cache layer that writes each step into a buffer of ``capacity`` positions allocated at prefill.
+
+        Why: ``DynamicLayer.update`` does ``torch.cat([cache, new])``, copying the whole cache at every decode
+        step: B x layers x 2 x L x kv_dim floats per step, which for long answers costs more than the matmuls
+        (SmolLM2, B=32, L=1000: ~1.5 GB copied per token vs ~0.5 GB of weights read). Here ``keys``/``values``
+        are views ``buf[:, :, :n]`` of one buffer ``[B, H, capacity, D]``; a step writes one slice.
+        """
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = int(capacity)
+            self._kbuf = self._vbuf = None
+            self._n = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            # key_states, value_states: [B, H, S, D] (S = prompt length at prefill, then 1)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            s = key_states.shape[-2]
+            if self._kbuf is None:
+                b, h, _, d = key_states.shape
+                self._kbuf = key_states.new_empty((b, h, max(self.capacity, s), d))  # [B, H, C, D]
+                self._vbuf = value_states.new_empty((b, h, max(self.capacity, s), d))
+            elif self._n + s > self._kbuf.shape[-2]:  # more steps than planned: grow (not expected)
+                grow = max(self._n + s, 2 * self._kbuf.shape[-2])
+                self._kbuf = _grow_seq(self._kbuf, grow)
+                self._vbuf = _grow_seq(self._vbuf, grow)
+            self._kbuf[:, :, self._n : self._n + s] = key_states
+            self._vbuf[:, :, self._n : self._n + s] = value_states
+            self._n += s
+            self.keys = self._kbuf[:, :, : self._n]  # [B, H, n, D] view
+            self.values = self._vbuf[:, :, : self._n]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self._kbuf is not None:
+                self._kbuf = self._kbuf[indices]
+                self._vbuf = self._vbuf[indices]
+                self.keys = self._kbuf[:, :, : self._n]
+                self.values = self._vbuf[:, :, : self._n]
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self._kbuf is not None:
+                self.batch_select_indices(
+                    torch.arange(self._kbuf.shape[0], device=self._kbuf.device).repeat_interleave(repeats)
+                )
+
+        def crop(self, tokens_to_remove: int) -> None:
+            # DynamicLayer's contract: a negative count removes that many of the latest positions.
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop({tokens_to_remove}): pass a negative number of positions to remove")
+            if tokens_to_remove and self._kbuf is not None:
+                self._n = max(0, self._n + tokens_to_remove)
+                self.keys = self._kbuf[:, :, : self._n]
+                self.values = self._vbuf[:, :, : self._n]
+
+        def reset(self) -> None:
+            self._kbuf = self._vbuf = None
+            self._n = 0
+            super().reset()
+
+    _PREALLOCATED_LAYER = _PreallocatedLayer
+    return _PreallocatedLayer
+
+
+def _grow_seq(buf: torch.Tensor, size: int) -> torch.Tensor:
+    """A copy of ``buf`` [B, H, C, D] with room for ``size`` positions."""
+    out = buf.new_empty((*buf.shape[:2], size, buf.shape[-1]))  # [B, H, size, D]
+    out[:, :, : buf.shape[-2]] = buf
+    return out
 
 
 def iter_queue(q: queue.Queue):
