@@ -85,7 +85,9 @@ def _failure_kind(exc: BaseException) -> str:
     if isinstance(exc, EndpointUnreachableError):
         return "connection"
     if isinstance(exc, HTTPStatusError):
-        return "verifier" if "VerifierError" in exc.body or "verif" in exc.body.lower() else "http_status"
+        # The agent marks a failed /verify (servers/agent.py VERIFIER_ERROR_PREFIX, error type verifier_error);
+        # nothing looser, or an agent named e.g. 'verifier_agent' would file every HTTP error as a verifier one.
+        return "verifier" if "VerifierError:" in exc.body or '"verifier_error"' in exc.body else "http_status"
     if isinstance(exc, MalformedResponseError):
         return "malformed_response"
     return "agent"
@@ -140,6 +142,16 @@ class RolloutCollector:
             raise ConfigError(problems)
         self.agent_urls = {k: v.rstrip("/") for k, v in agent_urls.items()}
         headers = {"Authorization": f"Bearer {self.config.auth_token}"} if self.config.auth_token else {}
+        if transport is not None and headers and "Authorization" not in transport.headers:
+            if transport._session is not None:  # noqa: SLF001 (headers are fixed when the session is made)
+                from gym_plugin.errors import ConfigError
+
+                raise ConfigError(
+                    "collector.auth_token is set but the Transport passed to RolloutCollector already has a "
+                    "session without an Authorization header; pass Transport(headers={'Authorization': "
+                    "'Bearer <token>'}) or let the collector build its transport."
+                )
+            transport.headers = {**transport.headers, **headers}
         self.transport = transport or Transport(
             limit=self.config.connector_limit,
             limit_per_host=self.config.connector_limit_per_host,

@@ -221,3 +221,17 @@ async def test_repeats_and_skip():
         await agent.stop()
     units = sorted((r["_ng_task_index"], r["_ng_rollout_index"]) for r in recs)
     assert units == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+
+
+def test_failure_kind_marks_only_real_verifier_errors():
+    from gym_plugin.collect import _failure_kind
+    from gym_plugin.http import HTTPStatusError
+
+    def err(body: str) -> HTTPStatusError:
+        return HTTPStatusError("POST x answered HTTP 502", "http://a/run", 502, body)
+
+    # What the agent sends when /verify failed: the VerifierError: prefix and the verifier_error type.
+    assert _failure_kind(err('{"error": {"message": "VerifierError: resource server ...", "type": "verifier_error"}}')) == "verifier"
+    # An agent whose *name* contains "verif" failing for another reason is an HTTP failure, not a verifier one.
+    assert _failure_kind(err('{"error": {"message": "agent \'verifier_agent\': policy model server failed", '
+                             '"type": "upstream_error"}}')) == "http_status"
