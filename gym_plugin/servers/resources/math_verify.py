@@ -2,7 +2,9 @@
 
 The prediction is the final assistant message; the gold is the row's ``expected_answer``. A fast path handles
 the common case without sympy: when the ``\\boxed{}`` content (or the whole message) and the gold are plain
-numbers ("42", "-3.5", "1,000"), they are compared as numbers (relative tolerance 1e-9). Everything else goes to
+numbers ("42", "-3.5", "1,000"), they are compared as numbers (relative tolerance 1e-9). With a numeric gold
+and no ``\\boxed{}``, the answer is the message's last number ("The answer is 13." -> 13): free text is not
+evaluated, so repeating the question's "9 + 4" scores 0. Everything else goes to
 the ``math_verify`` package (``parse`` both, ``verify(gold, prediction)``): LaTeX, fractions, expressions, sets.
 
 math_verify bounds its work with ``signal.alarm``, which only works in the main thread. In the main thread the
@@ -30,6 +32,8 @@ from gym_plugin.servers.resources.base import (
 
 _PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_ANY_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|-?\d+(?:\.\d+)?|-?\.\d+")
+"""Numbers inside free text (thousands separators allowed), for the last-number rule."""
 
 
 def plain_number(text: str) -> float | None:
@@ -78,6 +82,15 @@ class MathVerifyResourceServer(ResourceServer):
         candidate = boxed if boxed is not None else text
         pred_num = plain_number(candidate)
         gold_num = plain_number(gold)
+        if gold_num is not None and boxed is None and pred_num is None:
+            # A numeric gold and no \boxed{}: the answer is the message's last number. Handing free text to
+            # math_verify would evaluate any expression in it, so echoing the question ("what is 9 + 4") would
+            # score as 13: a reward a policy can learn to hack.
+            numbers = _ANY_NUMBER.findall(text)
+            pred_num = plain_number(numbers[-1]) if numbers else None
+            if pred_num is None:
+                return {"reward": 0.0, "extracted_answer": ""}
+            candidate = numbers[-1]
         if pred_num is not None and gold_num is not None:
             return {"reward": 1.0 if numbers_equal(pred_num, gold_num) else 0.0, "extracted_answer": candidate.strip()}
         if threading.current_thread() is threading.main_thread():
