@@ -400,6 +400,21 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def _local_endpoint_options(impl: str) -> set[str]:
+    """Keys ``policy_endpoint`` accepts for ``impl``: the server's constructor options plus impl/host/port."""
+    import inspect
+
+    if impl == "embedded":
+        from gym_plugin.servers.embedded import EmbeddedPolicyConfig
+
+        names = {f.name for f in dataclasses.fields(EmbeddedPolicyConfig)}
+    else:
+        from gym_plugin.testing.fake_openai import FakeOpenAIServer
+
+        names = set(inspect.signature(FakeOpenAIServer.__init__).parameters) - {"self", "name"}
+    return names | {"impl", "host", "port"}
+
+
 def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
     """With ``policy_endpoint`` set, fix its port now (a free one if 0) and point ``policy_base_url`` at it
     (unless set), before interpolations like ``${policy_base_url}`` are resolved."""
@@ -412,6 +427,13 @@ def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
             f"{list(LOCAL_ENDPOINT_IMPLS)} (or remove policy_endpoint and set policy_base_url)"
         )
         return
+    known = _local_endpoint_options(str(ep.get("impl")))
+    for key in ep.keys():
+        if key not in known:
+            problems.append(
+                f"policy_endpoint.{key}: unknown option for impl {ep.get('impl')!r} (value {truncate(ep.get(key), 60)})."
+                f"{did_you_mean(str(key), known)} Known: {sorted(known)}."
+            )
     host = str(ep.get("host", "127.0.0.1"))
     port = ep.get("port", 0) or _free_port(host)
     ep.port = port

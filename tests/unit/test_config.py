@@ -107,3 +107,11 @@ def test_policy_endpoint_gets_a_fixed_port_and_becomes_the_base_url():
     assert cfg.base_urls == [f"http://127.0.0.1:{port}/v1"]
     with pytest.raises(ConfigError, match="policy_endpoint.impl.*embedded"):
         load_config(ROOT / "conf/gym/exact_match.yaml", ["policy_endpoint.impl=vllm"])
+
+
+def test_policy_endpoint_options_are_checked_with_did_you_mean():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "conf/gym/exact_match.yaml", ["policy_endpoint.impl=embedded", "policy_endpoint.modle=tiny"])
+    assert "policy_endpoint.modle" in str(err.value) and "Did you mean 'model'" in str(err.value)
+    with pytest.raises(ConfigError, match="policy_endpoint.defualt.*Did you mean 'default'"):
+        load_config(ROOT / "conf/gym/exact_match.yaml", ["policy_endpoint.impl=fake_openai", "policy_endpoint.defualt=4"])
