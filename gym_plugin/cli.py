@@ -78,11 +78,16 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
         overrides.append(f"policy_endpoint.port={endpoint['port']}")
         names.insert(0, "__policy_endpoint__")
     children = []
+
+    def _terminated(signum, frame):  # SIGTERM (kill, timeout, a supervisor): run the finally below, stop children
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         for name in names:
             cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", *sum((["--config", c] for c in args.config), []),
                    "--only", name, *overrides]
-            children.append(subprocess.Popen(cmd))
+            children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
         _wait_healthy(children, args.config, overrides)
         args.overrides = overrides
         args.only = "__head__"
@@ -93,8 +98,23 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
         for child in children:
             child.terminate()
         for child in children:
-            child.wait(timeout=10)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
     return 0
+
+
+def _die_with_parent() -> None:
+    """In a child server process (Linux): get SIGTERM when the launching process dies, even by SIGKILL, so no
+    server outlives its `serve --process-per-server`. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_healthy(children: list, config: list, overrides: list[str], timeout_s: float = 120.0) -> None:

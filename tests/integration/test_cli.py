@@ -129,6 +129,14 @@ def test_serve_process_per_server_then_collect_over_http(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(records) == 20 and sum(r["reward"] for r in records) == 10  # 10 even rows expect '4'
+        # The launcher dies without any cleanup (SIGKILL): its server processes must not outlive it.
+        import psutil
+
+        children = psutil.Process(serve.pid).children()
+        assert len(children) == 4  # policy endpoint, exact_match, policy_model, exact_match_agent
+        serve.kill()
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"server processes outlived their launcher: {alive}"
     finally:
         serve.terminate()
         try:
