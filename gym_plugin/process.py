@@ -481,7 +481,7 @@ def process_rollouts(
     if flat_mask.size:
         row_starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         nonempty = lengths > 0  # reduceat would return the next row's first element for an empty row
-        gen_lens[nonempty] = np.add.reduceat(flat_mask.astype(np.int64), row_starts[nonempty])
+        gen_lens[nonempty] = np.add.reduceat(flat_mask, row_starts[nonempty], dtype=np.int64)
     num_trained = int((gen_lens * sample_mask.numpy()).sum())
     seq_lens = lengths.astype(np.float64)
     metrics: dict[str, float] = {
