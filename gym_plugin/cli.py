@@ -144,9 +144,9 @@ def _wait_healthy(children: list, config: list, overrides: list[str], timeout_s:
 
 
 # ---- collect --------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    from gym_plugin.errors import ProtocolError
-
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    """Example rows of a jsonl file. A line that is not JSON is passed on as its text, so the collector files
+    it as one ``invalid_row`` failure record (with the text) and every other row still runs."""
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -154,7 +154,8 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
-                raise ProtocolError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from e
+                logger.warning("%s:%d is not valid JSON (%s): recorded as an invalid_row failure", path, lineno, e.msg)
+                yield f"{path}:{lineno}: not valid JSON ({e.msg}): {line.strip()[:200]}"
 
 
 def _cut_partial_tail(path: Path) -> int:

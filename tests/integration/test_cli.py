@@ -143,3 +143,24 @@ def test_serve_process_per_server_then_collect_over_http(tmp_path):
             serve.wait(20)
         except subprocess.TimeoutExpired:
             serve.kill()
+
+
+def test_a_line_that_is_not_json_is_one_invalid_row_record(tmp_path):
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    write_rows(rows, 4)
+    lines = rows.read_text().splitlines()
+    rows.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")  # 5 rows, the 3rd is broken
+    proc = subprocess.run(
+        [*CLI, "collect", "--config", str(ROOT / "conf/gym/exact_match.yaml"), "--input", str(rows),
+         "--output", str(out), "--quiet", "policy_endpoint.impl=fake_openai", "policy_endpoint.default=4"],
+        env=ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r[TASK_INDEX_KEY]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(records) == [0, 1, 2, 3, 4]
+    bad = records[2]
+    assert bad["reward"] is None and bad["failure"]["kind"] == "invalid_row"
+    assert "rows.jsonl:3: not valid JSON" in bad["invalid_row"]
+    # rows 0, 1 (file lines 1, 2) and 3, 4 (lines 4, 5 = written rows 2, 3): even written rows expect '4'
+    assert [records[i]["reward"] for i in (0, 1, 3, 4)] == [1.0, 0.0, 1.0, 0.0]
+    assert "1 failures: invalid_row=1" in proc.stdout
