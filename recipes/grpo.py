@@ -142,7 +142,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
         )
         # the served weights are the checkpoint's: go on counting policy versions from there, so versions in
         # metrics and rollouts stay monotonic over a resume (set before the first request is generated)
-        policy_server.engine.policy_version = start_version
+        policy_server.policy_version = start_version
         base_urls = [f"http://127.0.0.1:{policy_server.config.port}/v1"]
     else:
         base_urls = list(cfg.policy.base_urls)

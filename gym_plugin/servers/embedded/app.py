@@ -369,6 +369,13 @@ class EmbeddedPolicyServer:
         """The weights version new requests are generated with (0 at start, +1 per update)."""
         return self.engine.policy_version
 
+    @policy_version.setter
+    def policy_version(self, version: int) -> None:
+        """Start counting from ``version`` (a trainer resuming from a checkpoint of that version)."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"policy_version must be an integer >= 0, got {version!r}")
+        self.engine.policy_version = version
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
         """Copy ``state_dict`` into the served model between batches; returns the new ``policy_version``.
 
