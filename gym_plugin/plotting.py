@@ -29,8 +29,10 @@ def plot_reward_curve(rows: Sequence[Mapping[str, Any]], out_path: str | Path, t
     ax.plot(steps, mean, marker="o", label="reward mean")
     if points and all(r.get("rollout/reward_std") is not None for r in points):
         std = [r["rollout/reward_std"] for r in points]
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        alpha=0.2, label="+-1 std")
+        # Clipped to the rewards seen at that step: for 0/1 rewards mean +- std would leave [0, 1].
+        low = [max(m - s, r.get("rollout/reward_min", -float("inf"))) for m, s, r in zip(mean, std, points)]
+        high = [min(m + s, r.get("rollout/reward_max", float("inf"))) for m, s, r in zip(mean, std, points)]
+        ax.fill_between(steps, low, high, alpha=0.2, label="+-1 std (within the rewards seen)")
     acc = [(r["step"], r["rollout/accuracy"]) for r in points if r.get("rollout/accuracy") is not None]
     if acc:
         ax.plot([s for s, _ in acc], [a for _, a in acc], marker=".", linestyle="--", label="accuracy")

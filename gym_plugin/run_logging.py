@@ -57,6 +57,7 @@ def reward_metrics(records: Sequence[Mapping[str, Any]], accuracy_threshold: flo
         mean = sum(rewards) / len(rewards)
         out["rollout/reward_mean"] = mean
         out["rollout/reward_std"] = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
+        out["rollout/reward_min"], out["rollout/reward_max"] = min(rewards), max(rewards)
         out["rollout/accuracy"] = sum(x >= accuracy_threshold for x in rewards) / len(rewards)
         out["rollout/gen_tokens_mean"] = sum(gen_tokens) / len(gen_tokens)
     return out
