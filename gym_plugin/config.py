@@ -132,19 +132,19 @@ def with_default_policy_server(data: dict) -> dict:
     (``policy_model.responses_api_models.vllm_model.max_attempts=1``) are merged over it."""
     if "policy_base_url" not in data:  # present but None (unresolved): still add it, so only the cause is reported
         return data
-    others = any(isinstance(v, dict) and "responses_api_models" in v
-                 for k, v in data.items() if k != DEFAULT_POLICY_INSTANCE)
     current = data.get(DEFAULT_POLICY_INSTANCE)
-    partial = (current is None
-               or (isinstance(current, dict) and list(current) == ["responses_api_models"]
-                   and isinstance(current["responses_api_models"], dict)
-                   and list(current["responses_api_models"]) == ["vllm_model"]
-                   and isinstance(current["responses_api_models"]["vllm_model"], dict)
-                   and "base_url" not in current["responses_api_models"]["vllm_model"]))
-    if (current is None and others) or not partial:
-        return data
+    if current is None:
+        if any(isinstance(v, dict) and "responses_api_models" in v for v in data.values()):
+            return data  # the config names its own policy model server
+        overrides: dict = {}
+    else:
+        # Only dotlist overrides of the default server (no base_url of their own) are merged into it.
+        models = current.get("responses_api_models") if isinstance(current, dict) and len(current) == 1 else None
+        params = models.get("vllm_model") if isinstance(models, dict) and len(models) == 1 else None
+        if not isinstance(params, dict) or "base_url" in params:
+            return data
+        overrides = dict(params)
     data = dict(data)
-    overrides = dict(current["responses_api_models"]["vllm_model"]) if current is not None else {}
     data[DEFAULT_POLICY_INSTANCE] = {
         "responses_api_models": {
             "vllm_model": {
