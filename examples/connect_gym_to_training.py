@@ -7,8 +7,8 @@ in the seed; here they make arithmetic questions for the exact-match agent of `g
 
     POLICY_BASE_URL=http://localhost:8000/v1 POLICY_MODEL_NAME=qwen3-4b-instruct python examples/connect_gym_to_training.py
 
-No vLLM at hand? Serve a local model first (`gym-plugin embedded --port 8000`, SmolLM2 on CPU) or the
-scripted fake (`gym-plugin fake-openai --port 8000 --reply 4`).
+No vLLM at hand? Serve a local model first (`gym-plugin embedded --port 8000`, SmolLM2 on CPU; then
+POLICY_MODEL_NAME=smollm2) or the scripted fake (`gym-plugin fake-openai --port 8000 --reply 4`; any model name).
 """
 
 import asyncio
