@@ -10,7 +10,6 @@ evaluation, torchrun and overlap).
 """
 
 import copy
-import socket
 import sys
 from pathlib import Path
 
@@ -24,26 +23,18 @@ from gym_plugin.tasks import letter_rows
 HERE = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(model_spec: str = "tiny", steps: int = 3, prompts_per_step: int = 4, group_size: int = 4) -> list[float]:
     torch.manual_seed(0)
     model, tokenizer = load_policy_model(model_spec)  # "tiny" | "smollm2" | a local HF folder
     # The server samples from its own copy, so an update never changes weights under a running batch.
-    port = free_port()
-    policy = EmbeddedPolicyServer(model=copy.deepcopy(model).eval(), tokenizer=tokenizer, served_model_name="policy",
-                                  port=port)
+    policy = EmbeddedPolicyServer(model=copy.deepcopy(model).eval(), tokenizer=tokenizer, served_model_name="policy")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = letter_rows("letters_agent")
     for row in rows:
         row["responses_create_params"].update(temperature=1.0, max_output_tokens=16)
     rewards = []
-    with GymIntegration("policy", f"http://127.0.0.1:{port}/v1", HERE / "letters_env.yaml", head_server_port=0,
-                        extra_servers=[policy]) as gym:
+    # base_urls=None: the policy endpoint is the embedded server, started first on a free port.
+    with GymIntegration("policy", None, HERE / "letters_env.yaml", head_server_port=0, extra_servers=[policy]) as gym:
         for step in range(steps):
             batch_rows = rows[step * prompts_per_step:(step + 1) * prompts_per_step]
             records = gym.collect(batch_rows, repeats=group_size)          # G rollouts per prompt, sorted

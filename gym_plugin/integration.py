@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator, Mapping, S
 
 from gym_plugin.collect import CollectorConfig, RolloutCollector
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
-from gym_plugin.errors import GymPluginError
+from gym_plugin.errors import ConfigError, GymPluginError
 from gym_plugin.http import Transport
 from gym_plugin.launch import (
     RunningServers,
@@ -69,7 +69,8 @@ class GymIntegration:
     """Start Gym servers from a config and collect rollouts from them.
 
     model_name / base_urls: the policy endpoint(s) (OpenAI-compatible, e.g. vLLM), written into the config as
-    ``policy_model_name`` / ``policy_base_url``. config_path: YAML file(s) with the agents, resource servers
+    ``policy_model_name`` / ``policy_base_url``; base_urls=None uses the ``base_url`` of the extra_servers
+    (started first, so an embedded policy on port 0 works). config_path: YAML file(s) with the agents, resource servers
     and settings (``${oc.env:VAR}`` and the seed's ``${VAR}`` read environment variables). overrides: dotlist
     overrides (``math_agent.responses_api_agents.simple_agent.max_turns=4``). extra_servers: servers to start
     first on the same loop (e.g. an embedded policy, so the policy model server calls it directly).
@@ -80,7 +81,7 @@ class GymIntegration:
     def __init__(
         self,
         model_name: str,
-        base_urls: Sequence[str] | str,
+        base_urls: Sequence[str] | str | None,
         config_path: str | Path | Sequence[str | Path] | None = None,
         head_server_host: str = "127.0.0.1",
         head_server_port: int = 8080,
@@ -92,25 +93,47 @@ class GymIntegration:
         check_endpoints: bool = True,
     ):
         self.model_name = model_name
-        self.base_urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
-        initial = {
-            "policy_model_name": model_name,
-            "policy_base_url": self.base_urls,
-            "policy_api_key": policy_api_key,
-            HEAD_SERVER_KEY_NAME: {"host": head_server_host, "port": head_server_port},
-        }
-        self.config: GymConfig = load_config(config_path, overrides, initial)
-        self.collector_config = _collector_config(self.config.data, collector_config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gym_plugin-servers", daemon=True)
         self._thread.start()
         self._closed = False
+        extras, started = list(extra_servers), []
         try:
-            self.servers: RunningServers = self._call(start_servers(self.config, extra=list(extra_servers)))
+            if base_urls is None:
+                # The policy is one of extra_servers (e.g. an embedded policy on port 0): start it first, then
+                # its bound URL is the policy_base_url.
+                for server in extras:
+                    self._call(server.start())
+                    started.append(server)
+                base_urls = [s.base_url for s in extras if getattr(s, "base_url", None)]
+                if not base_urls:
+                    raise ConfigError(
+                        "base_urls=None needs an OpenAI-compatible endpoint among extra_servers (an object with "
+                        f".base_url, e.g. EmbeddedPolicyServer); got {[type(s).__name__ for s in extras]}. Pass "
+                        "base_urls=['http://host:port/v1'] instead."
+                    )
+            self.base_urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+            initial = {
+                "policy_model_name": model_name,
+                "policy_base_url": self.base_urls,
+                "policy_api_key": policy_api_key,
+                HEAD_SERVER_KEY_NAME: {"host": head_server_host, "port": head_server_port},
+            }
+            self.config: GymConfig = load_config(config_path, overrides, initial)
+            self.collector_config = _collector_config(self.config.data, collector_config)
+            self.servers: RunningServers = self._call(
+                start_servers(self.config, extra=[s for s in extras if s not in started])
+            )
+            self.servers.servers[0:0] = started  # stopped last, like every extra server
+            started = []
             if check_endpoints:
                 self._call(check_policy_endpoints(self.servers.config))
             self._collector = self._call(self._make_collector())
         except BaseException:
+            for server in started:
+                self._call(server.stop())
+            if getattr(self, "servers", None) is not None:
+                self._call(self.servers.stop())
             self._stop_loop()
             raise
         self.head_server_config = BaseServerConfig(

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gym_plugin import BaseServerConfig, GymIntegration, RolloutCollectionHelper
-from gym_plugin.errors import EndpointUnreachableError, UnknownAgentError
+from gym_plugin.errors import ConfigError, EndpointUnreachableError, UnknownAgentError
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, is_failure
 from gym_plugin.servers.resources.calculator import calculator_row
 from gym_plugin.testing.fake_openai import LOG_PROBS, Behaviour, FakeOpenAIServer, ToolCall, Turn
@@ -187,3 +187,14 @@ def test_the_seed_example_script_runs():
     rewards = sorted(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("Collected rollout"))
     assert rewards == [0.0] * 6 + [1.0] * 2
     assert lines[-1] == "Collected 8 rollouts"
+
+
+def test_base_urls_none_uses_an_extra_server_started_first():
+    fake = FakeOpenAIServer("local_fake", SUMS)  # port 0: its URL is known only once started
+    with GymIntegration("fake-model", None, EXACT, head_server_port=0, extra_servers=[fake]) as gym:
+        assert gym.base_urls == [fake.base_url] and fake.port > 0
+        records = gym.collect([sum_row(q, a) for q, a in SUMS])
+    assert [r["reward"] for r in records] == [1.0] * 4
+    assert fake.requests["/v1/chat/completions"] == 4
+    with pytest.raises(ConfigError, match="base_urls=None needs an OpenAI-compatible endpoint"):
+        GymIntegration("fake-model", None, EXACT, head_server_port=0)
