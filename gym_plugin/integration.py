@@ -146,6 +146,18 @@ class GymIntegration:
     def _call(self, coro: Awaitable[Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
+    def run_on_servers_loop(self, coro: Awaitable[Any]) -> Any:
+        """Run ``coro`` on the servers' event loop and return its result (blocking): code there calls the
+        servers directly, without HTTP (e.g. a batch of /verify calls)."""
+        if self._closed:
+            raise GymPluginError("GymIntegration is shut down; create a new one.")
+        return self._call(coro)
+
+    @property
+    def closed(self) -> bool:
+        """True after shutdown()."""
+        return self._closed
+
     @property
     def agents(self) -> list[str]:
         return self.config.agents

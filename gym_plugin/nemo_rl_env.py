@@ -335,7 +335,7 @@ class GymEnvironment:
             raise ProtocolError(f"step: {len(message_log_batch)} message logs but {len(metadata)} metadata entries;"
                                 " pass one metadata dict per message log")
         jobs = [self._verify_job(i, log, meta) for i, (log, meta) in enumerate(zip(message_log_batch, metadata))]
-        replies = self.gym._call(self._verify_all(jobs))  # noqa: SLF001 (the servers' loop; direct calls)
+        replies = self.gym.run_on_servers_loop(self._verify_all(jobs))  # direct calls, no HTTP
         rewards, observations, out_meta, answers = [], [], [], []
         for (i, url, body), reply in zip(jobs, replies):
             meta = {k: v for k, v in metadata[i].items() if k not in _STEP_OUTPUT_KEYS}
@@ -567,9 +567,9 @@ class GymEnvironment:
     def shutdown(self) -> None:
         """Stop the Gym servers (NeMo-RL calls this at the end of training). Safe to call twice."""
         gym = getattr(self, "gym", None)
-        if gym is not None and not gym._closed:  # noqa: SLF001
+        if gym is not None and not gym.closed:
             if self._transport is not None:
-                gym._call(self._transport.close())  # noqa: SLF001
+                gym.run_on_servers_loop(self._transport.close())
                 self._transport = None
             gym.shutdown()
         self._remove_inline()
