@@ -8,7 +8,14 @@ Did you mean 'math_agent'? Fix the row's agent_ref or add the agent to your conf
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import os
+import sys
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
+
+DEBUG_ENV_VARS = ("GYM_PLUGIN_DEBUG", "HYDRA_FULL_ERROR")
+"""Either set to 1 shows the traceback of a user error instead of only its message."""
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
@@ -83,3 +90,26 @@ class ModelLoadError(GymPluginError):
 class SandboxError(GymPluginError):
     """The code sandbox itself failed (interpreter would not start, no free sandbox uid): not the answer's fault,
     so the rollout is a failure, never reward 0."""
+
+
+def debug_enabled() -> bool:
+    """True when the user asked for tracebacks (``GYM_PLUGIN_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``)."""
+    return any(os.environ.get(name, "").strip() not in ("", "0", "false") for name in DEBUG_ENV_VARS)
+
+
+def format_user_error(exc: BaseException) -> str:
+    """The block a command prints for an error the user caused: its type and message, and how to see more."""
+    return (f"error: {type(exc).__name__}: {exc}\n"
+            f"(no traceback shown: set GYM_PLUGIN_DEBUG=1 to see it)")
+
+
+def exit_on_user_error(fn: Callable[[], T], code: int = 2) -> T:
+    """Run ``fn``; a GymPluginError it raises becomes one printed block and exit ``code`` (a traceback only when
+    ``debug_enabled()``). For the top of commands and scripts, never for library code."""
+    try:
+        return fn()
+    except GymPluginError as exc:
+        if debug_enabled():
+            raise
+        print(format_user_error(exc), file=sys.stderr, flush=True)
+        raise SystemExit(code) from None

@@ -156,6 +156,21 @@ def _file_lock(lock_path: Path, timeout_s: float = 900.0):
 
 
 @contextlib.contextmanager
+def quiet_hf_progress():
+    """Hide transformers' own progress bars ("Loading weights", "Writing model shards") inside the block: our
+    commands show their own progress, and third-party bars interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _progress(label: str, expected_s: float):
     """Print an elapsed-time progress line every few seconds while a blocking step runs."""
     done = threading.Event()
@@ -200,7 +215,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
             _log("  [1/3] reading the tokenizer and chat template from the GGUF")
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
             _log("  [2/3] dequantizing the 4-bit weights to float32")
-            with _progress("dequantizing", 70):
+            with _progress("dequantizing", 70), quiet_hf_progress():
                 gguf_model = AutoModelForCausalLM.from_pretrained(
                     str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
                 )
@@ -217,7 +232,8 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
                 model.tie_weights()
             model.generation_config = gguf_model.generation_config
             _log(f"  [3/3] saving the HF folder ({time.monotonic() - start:.0f} s so far)")
-            model.save_pretrained(tmp)
+            with quiet_hf_progress():
+                model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             os.replace(tmp, target)  # atomic on one filesystem: the folder appears complete or not at all
         except ModelLoadError:
@@ -257,8 +273,9 @@ def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = t
 
     start = time.monotonic()
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        with quiet_hf_progress():
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
     except Exception as exc:
         raise ModelLoadError(
             f"Loading the HF model at {folder} failed: {type(exc).__name__}: {exc}. "

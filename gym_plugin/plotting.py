@@ -34,7 +34,9 @@ def plot_reward_curve(rows: Sequence[Mapping[str, Any]], out_path: str | Path, t
         high = [min(m + s, r.get("rollout/reward_max", float("inf"))) for m, s, r in zip(mean, std, points)]
         ax.fill_between(steps, low, high, alpha=0.2, label="+-1 std (within the rewards seen)")
     acc = [(r["step"], r["rollout/accuracy"]) for r in points if r.get("rollout/accuracy") is not None]
-    if acc:
+    # With 0/1 rewards accuracy equals the reward mean at every step: a second line would only hide the first.
+    if acc and any(abs(r["rollout/accuracy"] - r["rollout/reward_mean"]) > 1e-9
+                   for r in points if r.get("rollout/accuracy") is not None):
         ax.plot([s for s, _ in acc], [a for _, a in acc], marker=".", linestyle="--", label="accuracy")
     evals = [(r["step"], r["eval/reward_mean"]) for r in eval_rows if r.get("eval/reward_mean") is not None]
     if evals:

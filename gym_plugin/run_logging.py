@@ -12,12 +12,14 @@ recipe calls it unconditionally. Files in the run directory:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 from gym_plugin.protocol import is_failure
 
@@ -113,14 +115,43 @@ class RunLogger:
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
-    def rollout_bar(self, total: int, desc: str = "rollouts"):
-        """A progress bar over the rollouts of one step (``update(1)`` per record); a dummy when disabled."""
+    @contextlib.asynccontextmanager
+    async def rollout_bar(self, total: int, desc: str = "rollouts",
+                          tokens_sampled: Callable[[], int] | None = None) -> AsyncIterator[Any]:
+        """A progress bar over the rollouts of one collection (``update(1)`` per record; a dummy when disabled).
+
+        It shows no ETA: a batching policy finishes most rollouts of a batch at the same moment, so a rate
+        measured on the first ones predicts nothing. With ``tokens_sampled`` (a counter of the policy's sampled
+        tokens) it shows, once a second, how many tokens were sampled so far and at what rate: the live sign of
+        progress while a batch runs."""
         if not self.progress:
-            return _NullBar()
+            yield _NullBar()
+            return
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="rollout", position=1, leave=False, dynamic_ncols=True,
-                    file=sys.stderr)
+        bar = tqdm(total=total, desc=desc, unit="rollout", position=1, leave=False, dynamic_ncols=True,
+                   file=sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} rollouts |{bar}| {elapsed}{postfix}")
+        ticker = None
+        if tokens_sampled is not None:
+            first, t0 = tokens_sampled(), time.perf_counter()
+
+            async def tick() -> None:
+                while True:
+                    await asyncio.sleep(1.0)
+                    n = tokens_sampled() - first
+                    bar.set_postfix_str(f"{n} tokens sampled, {n / (time.perf_counter() - t0):.0f} tok/s")
+
+            ticker = asyncio.ensure_future(tick())
+        try:
+            yield bar
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            bar.close()
+
+    def train_progress(self, step: int) -> "TrainProgress":
+        """A live line over one training step's micro-batches (see ``TrainProgress``)."""
+        return TrainProgress(f"train step {step}", enabled=self.progress)
 
     def info(self, message: str) -> None:
         """One line to the console without breaking the bars."""
@@ -171,6 +202,69 @@ class RunLogger:
         if self._step_bar is not None:
             self._step_bar.close()
             self._step_bar = None
+
+
+class TrainProgress:
+    """The live line of a training step: micro-batches done out of the total, trained tokens per second,
+    elapsed time. Call it with each progress report of ``grpo_step`` (``on_progress``; any object with
+    ``micro_batches_done``, ``micro_batches_total``, ``tokens_done``, ``elapsed_s``); ``close()`` at the end."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc = desc
+        self.enabled = enabled
+        self._bar = None
+
+    def __call__(self, progress: Any) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=progress.micro_batches_total, desc=self.desc, unit="micro-batch", position=1,
+                             leave=False, dynamic_ncols=True, file=sys.stderr,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} micro-batches |{bar}| {elapsed}{postfix}")
+        rate = progress.tokens_done / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
+        self._bar.set_postfix_str(f"{progress.tokens_done} tokens, {rate:.0f} tok/s", refresh=False)
+        self._bar.update(progress.micro_batches_done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def run_summary(run_dir: str | Path, elapsed_s: float) -> str:
+    """The lines a run ends with: time, the eval reward at its first and last evaluation, and every file and
+    folder it wrote with sizes (folders: file count and total), then the folder's total size."""
+    run_dir = Path(run_dir)
+    lines = [f"done in {elapsed_s // 60:.0f}m{elapsed_s % 60:02.0f}s"]
+    eval_path = run_dir / "eval.jsonl"
+    evals = [r for r in read_metrics(eval_path) if r.get("eval/reward_mean") is not None] if eval_path.is_file() else []
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"eval reward {first['eval/reward_mean']:.3f} (step {first['step']}) -> "
+                     f"{last['eval/reward_mean']:.3f} (step {last['step']}) over "
+                     f"{last.get('eval/num_rollouts', 0):.0f} rollouts of the same prompts")
+    lines.append(f"run dir {run_dir} ({_human(_size(run_dir))}):")
+    for entry in sorted(run_dir.iterdir(), key=lambda p: (p.is_dir(), p.name)):
+        if entry.is_dir():
+            files = [p for p in entry.rglob("*") if p.is_file()]
+            lines.append(f"  {entry.name + '/':<28} {_human(_size(entry)):>9}  ({len(files)} files)")
+        else:
+            lines.append(f"  {entry.name:<28} {_human(_size(entry)):>9}")
+    return "\n".join(lines)
 
 
 class _NullBar:

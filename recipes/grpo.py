@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a fresh clone runs without `pip install -e .`
 
 from gym_plugin import distributed as dist_utils  # noqa: E402
-from gym_plugin.grpo_config import GRPOConfig, parse_grpo_config  # noqa: E402
+from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, exit_on_user_error, format_user_error  # noqa: E402,E501
+from gym_plugin.grpo_config import GRPOConfig, check_overrides, parse_grpo_config  # noqa: E402
 from gym_plugin.integration import GymIntegration  # noqa: E402
-from gym_plugin.models import load_policy_model  # noqa: E402
+from gym_plugin.models import load_policy_model, quiet_hf_progress  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts  # noqa: E402
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY  # noqa: E402
-from gym_plugin.run_logging import RunLogger, read_metrics, reward_metrics  # noqa: E402
+from gym_plugin.run_logging import RunLogger, read_metrics, reward_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
 from gym_plugin.weight_sync import build_weight_sync, unwrap_model  # noqa: E402
@@ -77,14 +80,15 @@ def start_environment(cfg: GRPOConfig, policy_server, base_urls: list[str], run_
     )
 
 
-async def collect(gym: GymIntegration, rows: list[dict], repeats: int, log: RunLogger, desc: str) -> list[dict]:
-    """Every record of ``rows`` x ``repeats`` (failures included), sorted by (row, repeat)."""
+async def collect(gym: GymIntegration, rows: list[dict], repeats: int, log: RunLogger, desc: str,
+                  tokens_sampled=None) -> list[dict]:
+    """Every record of ``rows`` x ``repeats`` (failures included), sorted by (row, repeat). ``tokens_sampled``:
+    a counter of the embedded policy's sampled tokens, shown live (a batch finishes all its rollouts at once)."""
     records = []
-    bar = log.rollout_bar(len(rows) * repeats, desc)
-    async for record in gym.collect_rollouts(rows, repeats=repeats):
-        records.append(record)
-        bar.update(1)
-    bar.close()
+    async with log.rollout_bar(len(rows) * repeats, desc, tokens_sampled) as bar:
+        async for record in gym.collect_rollouts(rows, repeats=repeats):
+            records.append(record)
+            bar.update(1)
     records.sort(key=lambda r: (r[TASK_INDEX_KEY], r[ROLLOUT_INDEX_KEY]))
     return records
 
@@ -96,37 +100,52 @@ def rollout_version(record: dict) -> int | None:
     return min(versions) if versions else None
 
 
-def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int, run_dir: Path) -> Path:
-    """HF folder (loadable with model.spec=<dir>) + optimizer + step, swapped in atomically as checkpoints/last."""
+def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int, run_dir: Path,
+                    save_optimizer: bool) -> Path:
+    """HF folder (loadable with model.spec=<dir>) + step (+ the optimizer state when ``save_optimizer``: AdamW's
+    moments are twice the model's size), swapped in atomically as checkpoints/last; the previous one is removed."""
     final = run_dir / "checkpoints" / "last"
     tmp = run_dir / "checkpoints" / f"tmp-{step}"
-    unwrap_model(model).save_pretrained(tmp)
+    with quiet_hf_progress():
+        unwrap_model(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if save_optimizer:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": policy_version}))
     if final.exists():
         final.rename(run_dir / "checkpoints" / f"old-{step}")
     tmp.rename(final)
     for old in (run_dir / "checkpoints").glob("old-*"):
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
+class RunState:
+    """What ``main`` needs to know when ``train`` stops early: where it wrote, how far it got, and whether the
+    folder holds earlier work (a resumed run, or a run_dir that existed before)."""
+
+    def __init__(self, keep_run_dir: bool):
+        self.run_dir: Path | None = None
+        self.steps_done = 0
+        self.keep_run_dir = keep_run_dir
+
+
+async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> None:
     # ---- build ---------------------------------------------------------------------------------------------
     run_dir = Path(dist_utils.broadcast_object(cfg.run_dir))  # ${now:...} may differ by a second across ranks
     run_dir.mkdir(parents=True, exist_ok=True)
+    state.run_dir = run_dir
+    started = time.perf_counter()
     ckpt = run_dir / "checkpoints" / "last"
     start_step, start_version = 0, 0
     if cfg.resume:
         if not (ckpt / "trainer_state.json").is_file():
-            raise SystemExit(f"resume=true but {ckpt} holds no checkpoint; run without resume or fix run_dir.")
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        start_step, start_version = state["step"], state.get("policy_version", state["step"])
+            raise ConfigError(f"resume=true but {ckpt} holds no checkpoint; run without resume or fix run_dir.")
+        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        start_step, start_version = trainer_state["step"], trainer_state.get("policy_version", trainer_state["step"])
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_policy_model(str(ckpt) if cfg.resume else cfg.model.spec, cfg.model.dtype)
+    with quiet_hf_progress():
+        model, tokenizer = load_policy_model(str(ckpt) if cfg.resume else cfg.model.spec, cfg.model.dtype)
     model.to(info.device)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.kl_coef > 0 else None
     policy_server = None
@@ -150,8 +169,11 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
     gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
     train_model = dist_utils.wrap_model(model, info, cfg.distributed.strategy)
     optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    resume_note = ""
     if cfg.resume and (ckpt / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=info.device))
+    elif cfg.resume:
+        resume_note = " (no optimizer state in it: AdamW's moments start fresh; train.save_optimizer=true keeps them)"
     weight_sync = build_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls, run_dir=run_dir) \
         if info.is_main else None
     rows = load_rows(cfg)
@@ -163,20 +185,23 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
     log.info(f"run dir {run_dir} | {cfg.model.name} | task {cfg.env.task or cfg.env.data_path} | "
              f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
              + (f" | resumed at step {start_step} from {ckpt} (params sha256 {dist_utils.params_digest(model)})"
-                if cfg.resume else ""))
+                + resume_note if cfg.resume else ""))
     policy_version = policy_server.policy_version if policy_server is not None else start_version
 
     def next_rollouts(step: int):
         """Start collecting this rank's share of step ``step``'s prompt groups."""
         mine = dist_utils.shard_groups([rows[i] for i in next(batches)], info.rank, info.world_size)
-        return asyncio.ensure_future(collect(gym, mine, cfg.train.group_size, log, f"rollouts step {step}"))
+        return asyncio.ensure_future(collect(gym, mine, cfg.train.group_size, log, f"rollouts step {step}",
+                                             tokens_sampled))
+
+    tokens_sampled = (lambda: policy_server.engine.stats.decoded_tokens) if policy_server is not None else None
 
     eval_rows = rows[: cfg.eval.num_prompts]
 
     async def evaluate(step: int) -> None:
         """Reward over the first eval.num_prompts rows (the same prompts every time), no update."""
         mine = dist_utils.shard_groups(eval_rows, info.rank, info.world_size)
-        records = await collect(gym, mine, cfg.eval.samples, log, f"eval step {step}")
+        records = await collect(gym, mine, cfg.eval.samples, log, f"eval step {step}", tokens_sampled)
         merged = [r for part in dist_utils.all_gather_objects(records) for r in part]
         log.log_eval(step, {k.replace("rollout/", "eval/"): v for k, v in reward_metrics(merged).items()},
                      len(eval_rows))
@@ -237,21 +262,24 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
             # ---- checkpoint ------------------------------------------------------------------------------------
             if info.is_main and (step == cfg.train.steps or (cfg.train.checkpoint_every
                                                              and step % cfg.train.checkpoint_every == 0)):
-                save_checkpoint(train_model, tokenizer, optimizer, step, policy_version, run_dir)
+                save_checkpoint(train_model, tokenizer, optimizer, step, policy_version, run_dir,
+                                cfg.train.save_optimizer)
             if info.is_main and cfg.logging.plot:
                 plot_curve(run_dir)
+            state.steps_done = step
         # DDP keeps ranks identical; check it (a digest of every parameter) instead of assuming it
         digests = dist_utils.all_gather_objects(dist_utils.params_digest(train_model))
         if info.is_main:
             (run_dir / "param_digests.json").write_text(json.dumps(digests))
             if len(set(digests)) > 1:
                 raise RuntimeError(f"ranks ended with different parameters: {digests}")
-        log.info(f"done: {run_dir} (metrics.jsonl, rollouts/, reward_curve.png, checkpoints/last)")
     finally:
         log.close()
         if weight_sync is not None:
             await weight_sync.close()
         gym.shutdown()
+    if info.is_main:
+        print(run_summary(run_dir, time.perf_counter() - started), file=sys.stderr, flush=True)
 
 
 def plot_curve(run_dir: Path) -> None:
@@ -269,15 +297,47 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+RUN_DIR_PREEXISTED = False
+"""Whether the run_dir given on the command line existed before this run (then it is never removed)."""
+
+
+def _remove_unfinished_run_dir(cfg_run_dir: str | None, state: RunState) -> None:
+    """A run that stopped before its first step leaves nothing behind (unless it resumed or reused a folder)."""
+    run_dir = state.run_dir or (Path(cfg_run_dir) if cfg_run_dir else None)
+    if run_dir is None or state.keep_run_dir or state.steps_done > 0 or not run_dir.is_dir():
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"removed {run_dir}: the run stopped before its first step", file=sys.stderr, flush=True)
+
+
 @hydra.main(config_path="../conf", config_name="grpo", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
-    info = dist_utils.init_distributed(cfg.distributed.backend)
+    state = RunState(keep_run_dir=RUN_DIR_PREEXISTED or bool(raw.get("resume")))
+    run_dir = raw.get("run_dir")
     try:
-        asyncio.run(train(cfg, info))
-    finally:
-        dist_utils.shutdown_distributed()
+        cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
+        info = dist_utils.init_distributed(cfg.distributed.backend)
+        try:
+            asyncio.run(train(cfg, info, state))
+        finally:
+            dist_utils.shutdown_distributed()
+    except GymPluginError as exc:
+        # A mistake the user can fix: one block naming it, exit 2; Hydra's handler would bury it in a traceback.
+        _remove_unfinished_run_dir(run_dir, state)
+        if debug_enabled():
+            raise
+        print(format_user_error(exc), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except BaseException:
+        _remove_unfinished_run_dir(run_dir, state)
+        raise
 
 
 if __name__ == "__main__":
+    # Overrides are checked against the schema first: `train.step=3` gets our "did you mean 'steps'" instead of
+    # Hydra's "use +train.step" hint.
+    exit_on_user_error(lambda: check_overrides(sys.argv[1:], ROOT / "conf"))
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("run_dir=")]
+    RUN_DIR_PREEXISTED = bool(given) and Path(given[-1]).exists()
     main()

@@ -87,7 +87,8 @@ def assert_finite_steps(rows: list[dict], steps: list[int]) -> None:
 
 def test_two_steps_then_resume(tmp_path):
     run_dir = tmp_path / "run"
-    out = run_recipe(SMOKE + ["train.steps=2"], run_dir)
+    # train.save_optimizer: resume below continues Adam's moments exactly (by default a checkpoint is the model only)
+    out = run_recipe(SMOKE + ["train.steps=2", "train.save_optimizer=true"], run_dir)
     assert "step 2/2 | reward" in out  # the per-step line
 
     # ---- files: metrics (2 lines), rollouts of each step, the PNG, the checkpoint -----------------------------
@@ -122,7 +123,7 @@ def test_two_steps_then_resume(tmp_path):
     # ---- resume: step 3 starts from checkpoints/last (same weights, same Adam state) ------------------------
     ckpt_digest = params_digest(load_policy_model(ckpt)[0])
     step2_opt = torch.load(ckpt / "optimizer.pt")
-    out = run_recipe(SMOKE + ["train.steps=3", "resume=true"], run_dir)
+    out = run_recipe(SMOKE + ["train.steps=3", "resume=true", "train.save_optimizer=true"], run_dir)
     assert f"resumed at step 2 from {ckpt} (params sha256 {ckpt_digest})" in out
     rows3 = read_jsonl(run_dir / "metrics.jsonl")
     assert_finite_steps(rows3, [1, 2, 3])
@@ -151,7 +152,15 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 
 def test_overlap_trains_on_one_version_old_rollouts(tmp_path):
     run_dir = tmp_path / "run"
-    run_recipe(SMOKE + ["train.steps=3", "train.overlap=true"], run_dir)
+    out = run_recipe(SMOKE + ["train.steps=3", "train.overlap=true"], run_dir)
+    # by default a checkpoint is the model only: the optimizer's moments (2x the model) need train.save_optimizer
+    ckpt = run_dir / "checkpoints" / "last"
+    assert (ckpt / "model.safetensors").is_file() and not (ckpt / "optimizer.pt").exists()
+    # the run ends with a summary: the eval rewards and every file written, with the folder's size
+    assert re.search(r"eval reward \d\.\d{3} \(step 0\) -> \d\.\d{3} \(step 3\)", out)
+    for name in ("metrics.jsonl", "eval.jsonl", "rollouts/", "checkpoints/", "reward_curve.png"):
+        assert re.search(rf"^  {re.escape(name)} +\d", out, flags=re.M), name
+    assert re.search(rf"run dir {re.escape(str(run_dir))} \(\d+\.\d (KB|MB)\):", out)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert_finite_steps(rows, [1, 2, 3])
     # step 1's rollouts come from version 0 and train version 0 -> staleness 0; step k+1's were collected by

@@ -186,3 +186,49 @@ def test_yaml_defaults_match_the_schema_defaults():
         assert getattr(composed, section) == getattr(schema, section), section
     assert (composed.env.task, composed.env.agent_name) == (schema.env.task, schema.env.agent_name)
     assert composed.advantage_mode == schema.advantage_mode
+
+
+# ---- command-line overrides, checked before Hydra composes them --------------------------------------------------
+def _schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of every field of the recipe schema, down to (not into) free-form mappings."""
+    import dataclasses
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_schema_keys(hints[f.name], key + "."))
+    return keys
+
+
+def test_every_schema_key_is_in_the_composed_yaml():
+    # check_overrides accepts exactly the schema's keys; Hydra accepts only keys present in the YAML. Were a
+    # field missing from conf/, `train.<field>=x` would pass our check and then fail in Hydra.
+    data = compose_grpo([])
+    for key in _schema_keys(GRPOConfig):
+        node = data
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{key} is in the schema but not in conf/grpo.yaml"
+            node = node[part]
+
+
+def test_override_typos_get_did_you_mean_and_the_known_keys():
+    from gym_plugin.grpo_config import check_overrides
+
+    check_overrides(["train.steps=3", "model=tiny", "env.gym.x.y=1", "+foo=1", "~eval", "hydra.run.dir=/x",
+                     "--cfg", "job", "policy.base_urls=[http://h:8000/v1]", "loss=dr_grpo"], CONF)
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["train.step=3", "model=tinyy", "trian.steps=2", "eval.sample=4", "train.lr=1e-5"], CONF)
+    problems = err.value.problems
+    assert len(problems) == 4  # the good override (train.lr) is not among them
+    assert problems[0].startswith("train.step=3: unknown key 'train.step'. Did you mean 'steps'? Known keys at "
+                                  "train: ['checkpoint_every',")
+    assert problems[1] == ("model=tinyy: 'tinyy' is not a model config. Did you mean 'tiny'? Known: "
+                           f"{_options('model')} (files in {CONF / 'model'}).")
+    # a group name is a known top-level key too
+    assert problems[2].startswith("trian.steps=2: unknown key 'trian'. Did you mean 'train'? Known keys at the "
+                                  "top level: ['advantage_mode', 'distributed', 'env', 'eval',")
+    assert problems[3].startswith("eval.sample=4: unknown key 'eval.sample'. Did you mean 'samples'?")
