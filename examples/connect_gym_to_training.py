@@ -1,6 +1,7 @@
 """The seed's "Full Integration Example" (Connect Gym to Your Training Loop), running on gym_plugin.
 
-Only the imports changed: the seed builds `GymIntegration` itself on NeMo Gym's `RunHelper` and
+Only the imports changed (and the last line: a mistake such as a wrong model name prints one error block instead
+of a traceback; GYM_PLUGIN_DEBUG=1 shows it): the seed builds `GymIntegration` itself on NeMo Gym's `RunHelper` and
 `RolloutCollectionHelper`; gym_plugin ships that class (`gym_plugin.GymIntegration`, same constructor, same
 `collect_rollouts` / `shutdown`). `load_training_prompts` and `prepare_gym_example` are the user's own code, as
 in the seed; here they make arithmetic questions for the exact-match agent of `gym_env.yaml`.
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from gym_plugin import GymIntegration  # the seed defines this class itself on top of NeMo Gym
+from gym_plugin.errors import exit_on_user_error
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,4 +75,4 @@ async def main():
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    exit_on_user_error(lambda: asyncio.run(main()))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from gym_plugin.errors import GymPluginError
+from gym_plugin.errors import GymPluginError, debug_enabled, format_user_error
 
 logger = logging.getLogger("gym_plugin")
 
@@ -202,6 +202,7 @@ async def _collect(args: argparse.Namespace) -> int:
     from gym_plugin.http import Transport
     from gym_plugin.integration import _collector_config
     from gym_plugin.launch import check_policy_endpoints, directory_from_config, fetch_head_config, start_servers
+    from gym_plugin.protocol import describe_failure, is_failure
 
     running = None
     token = args.auth_token or os.environ.get("GYM_PLUGIN_AUTH_TOKEN")
@@ -254,6 +255,7 @@ async def _collect(args: argparse.Namespace) -> int:
                 total=total, desc="collect", unit="rollout", disable=args.quiet, mininterval=0.5
             ) as bar:
                 rewards = 0.0
+                first_failure: dict[str, str] = {}  # kind -> the first such failure, shown in the summary
                 t0 = time.perf_counter()
                 async for record in collector.collect(
                     _read_jsonl(in_path), repeats=args.repeats, skip=(lambda i, r: (i, r) in done) if done else None
@@ -262,6 +264,9 @@ async def _collect(args: argparse.Namespace) -> int:
                     out.flush()  # a crash loses nothing that finished
                     if record.get("reward") is not None:
                         rewards += record["reward"]
+                    elif is_failure(record) and record["failure"].get("kind") not in first_failure:
+                        first_failure[record["failure"].get("kind")] = describe_failure(record)
+                        bar.write(describe_failure(record), file=sys.stderr)
                     bar.update(1)
                 elapsed = time.perf_counter() - t0
                 stats = collector.last_stats
@@ -273,6 +278,8 @@ async def _collect(args: argparse.Namespace) -> int:
     mean = rewards / stats.succeeded if stats.succeeded else float("nan")
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(stats.failures_by_kind.items())) or "none"
     skipped = f", {len(done)} skipped (--resume)" if done else ""
+    for line in first_failure.values():  # the first failure of each kind, with its reason
+        print(f"first of its kind: {line}", flush=True)
     print(
         f"collected {stats.done} records ({stats.succeeded} rollouts, {stats.failed} failures: {kinds}{skipped}) "
         f"in {elapsed:.2f}s: {rate:.1f} rollouts/s, reward mean {mean:.3f} -> {out_path}",
@@ -282,9 +289,23 @@ async def _collect(args: argparse.Namespace) -> int:
 
 
 # ---- main -----------------------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gym_plugin")
+    except PackageNotFoundError:  # run from a source tree without `pip install`
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gym-plugin", description="NeMo-Gym-style environments for RL training.")
-    p.add_argument("--log-level", default=os.environ.get("GYM_PLUGIN_LOG_LEVEL", "WARNING"))
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--log-level", default=os.environ.get("GYM_PLUGIN_LOG_LEVEL", "WARNING"),
+                   help="logging level of gym_plugin's servers and collector (default: %(default)s, from "
+                   "$GYM_PLUGIN_LOG_LEVEL when set)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (same as GYM_PLUGIN_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="start the servers a config names")
@@ -294,21 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", default=None, help=argparse.SUPPRESS)
     s.add_argument("--print-config", action="store_true", help="print the merged config (secrets redacted)")
 
-    c = sub.add_parser("collect", help="input jsonl of example rows -> output jsonl of rollouts")
-    c.add_argument("--config", action="append", default=None, help="YAML config: start the servers in process")
-    c.add_argument("--head-url", default=None, help="use running servers: the head server's URL")
-    c.add_argument("--input", required=True)
-    c.add_argument("--output", required=True)
-    c.add_argument("--repeats", type=int, default=1, help="rollouts per row")
-    c.add_argument("--concurrency", type=int, default=None)
-    c.add_argument("--timeout-s", type=float, default=None)
-    c.add_argument("--max-attempts", type=int, default=None)
+    c = sub.add_parser("collect", help="input jsonl of example rows -> output jsonl of rollouts",
+                       description="Send every row of --input to its agent (row['agent_ref']) and write one record "
+                       "per rollout to --output as rollouts finish: the agent's reply with reward and token ids, or "
+                       "a failure record ('failure': kind, reason) that is counted, never dropped.")
+    c.add_argument("--config", action="append", default=None,
+                   help="YAML config whose servers are started in this process (repeatable, merged in order)")
+    c.add_argument("--head-url", default=None,
+                   help="use servers that already run: their head server's URL (instead of --config)")
+    c.add_argument("--input", required=True, help="jsonl file of example rows (responses_create_params + agent_ref)")
+    c.add_argument("--output", required=True, help="jsonl file the records are written to (flushed per record)")
+    c.add_argument("--repeats", type=int, default=1, help="rollouts per row (default: %(default)s)")
+    c.add_argument("--concurrency", type=int, default=None,
+                   help="most rollouts in flight at once (default: the config's collector.concurrency, 256)")
+    c.add_argument("--timeout-s", type=float, default=None,
+                   help="timeout of one rollout attempt in seconds (default: collector.timeout_s, 600)")
+    c.add_argument("--max-attempts", type=int, default=None,
+                   help="attempts per rollout, first included, on retryable errors (default: collector.max_attempts, 3)")
     c.add_argument("--resume", action="store_true", help="append; skip rows already in the output")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--auth-token", default=None,
                    help="bearer token of servers started with auth_token (default: $GYM_PLUGIN_AUTH_TOKEN)")
-    c.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value")
+    c.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value of the --config")
 
     e = sub.add_parser("embedded", help="serve a local HF model, OpenAI-compatible (see gym_plugin.servers.embedded)",
                        add_help=False)
@@ -317,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, default=8000)
     f.add_argument("--reply", default="OK", help="what the fake model answers to every prompt")
-    f.add_argument("--model", default="fake-model", help="model name it reports")
+    f.add_argument("--model", default=None,
+                   help="the one model name it serves (listed by /v1/models; others get 404); default: any name")
     return p
 
 
@@ -328,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return embedded_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["GYM_PLUGIN_DEBUG"] = "1"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
@@ -344,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve_main(args.host, args.port, args.reply, args.model)
     except GymPluginError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        if debug_enabled():
+            raise
+        print(format_user_error(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

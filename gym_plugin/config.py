@@ -364,7 +364,15 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
             if isinstance(value, dict) and set(value) == {"type", "name"}:
                 target = servers.get(value["name"])
                 where = f"{spec.name}.{spec.server_type}.{spec.impl}.{key}"
-                if target is None:
+                if target is None and value["name"] == DEFAULT_POLICY_INSTANCE and data.get("policy_base_url") is None:
+                    problems.append(
+                        f"{where}.name: {DEFAULT_POLICY_INSTANCE!r} is the policy model server that is added when "
+                        "policy_base_url is set, and policy_base_url is not set. Set it to your OpenAI-compatible "
+                        "endpoint(s): policy_base_url=http://127.0.0.1:8000/v1 (GymIntegration(base_urls=[...]), "
+                        "or a list for several replicas), or add policy_endpoint: {impl: embedded} to serve a "
+                        "local model."
+                    )
+                elif target is None:
                     problems.append(
                         f"{where}.name: {value['name']!r} is not a configured server.{did_you_mean(value['name'], servers)} "
                         f"Configured: {sorted(servers)}."

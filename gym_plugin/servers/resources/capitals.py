@@ -65,3 +65,8 @@ class CapitalsResourceServer(ResourceServer):
             return {"reward": 0.0, "extracted_answer": None}
         found = find_answer(text, accepted, self.config.match)
         return {"reward": 1.0 if found is not None else 0.0, "extracted_answer": found}
+
+
+class ContainsAnswerResourceServer(CapitalsResourceServer):
+    """``resources_servers / contains_answer``: the same check under a task-neutral name, for tasks that are not
+    about capitals (the ``letters`` smoke task uses it with ``match: substring``)."""
