@@ -201,7 +201,7 @@ async def _collect(args: argparse.Namespace) -> int:
     from gym_plugin.collect import RolloutCollector
     from gym_plugin.http import Transport
     from gym_plugin.integration import _collector_config
-    from gym_plugin.launch import check_policy_endpoints, directory_from_config, fetch_head_config, start_servers
+    from gym_plugin.launch import agent_routes, check_policy_endpoints, fetch_head_config, start_servers
 
     running = None
     token = args.auth_token or os.environ.get("GYM_PLUGIN_AUTH_TOKEN")
@@ -211,8 +211,7 @@ async def _collect(args: argparse.Namespace) -> int:
             data = await fetch_head_config(args.head_url, transport)
         finally:
             await transport.close()
-        directory, agents = directory_from_config(data)
-        agent_urls = {a: directory.url(a) for a in agents}
+        agent_urls = agent_routes(data)  # through each agent's environment server where the deployment has one
     else:
         from gym_plugin.config import load_config
 
