@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--port", type=int, default=8000)
     f.add_argument("--reply", default="OK", help="what the fake model answers to every prompt")
     f.add_argument("--model", default="fake-model", help="model name it reports")
+    f.add_argument("--tasks", action="store_true",
+                   help="solve arithmetic, calculator and weather rows instead (gym_plugin.testing.scripted_tasks)")
     return p
 
 
@@ -339,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise GymPluginError("collect needs --config (start servers here) or --head-url (running servers)")
             return asyncio.run(_collect(args))
         if args.command == "fake-openai":
+            if args.tasks:
+                from gym_plugin.testing.scripted_tasks import main as tasks_main
+
+                return tasks_main(["--host", args.host, "--port", str(args.port), "--model", args.model])
             from gym_plugin.testing.fake_openai import serve_main
 
             return serve_main(args.host, args.port, args.reply, args.model)

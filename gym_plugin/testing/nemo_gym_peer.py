@@ -4,7 +4,7 @@ NeMo Gym lives in a venv of its own: it requires Python >= 3.13.14, but its clie
 installed with ``--ignore-requires-python`` plus the packages they import (.ci/run does, into ``.ci-nemo-gym``).
 Its location: ``$GYM_PLUGIN_NEMO_GYM_VENV``, default ``<repo>/.ci-nemo-gym``.
 
-- `start_fake`: the scripted task fake (`gym_plugin.testing.scripted_tasks`) in a process of its own;
+- `start_fake`: ``gym-plugin fake-openai --tasks`` (`gym_plugin.testing.scripted_tasks`), a process of its own;
 - `start_gym_plugin`: ``gym-plugin serve`` with the given environment configs;
 - `start_ng_run`: NeMo Gym's ``ng_run`` with string_match and example_single_tool_call (each behind its
   simple_agent and a legacy_agent environment server) and its vllm_model policy server (token ids on), all pointed
@@ -125,7 +125,7 @@ def _popen(cmd: list, log: Path, env: dict, cwd: Path | None = None) -> subproce
 def start_fake(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """The scripted task fake in its own process: (process, base_url)."""
     port = port or free_port()
-    proc = _popen([sys.executable, "-m", "gym_plugin.testing.scripted_tasks", "--port", str(port)],
+    proc = _popen([sys.executable, "-m", "gym_plugin.cli", "fake-openai", "--tasks", "--port", str(port)],
                   workdir / "fake.log", ours_env())
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, time.monotonic() + 60, workdir / "fake.log")

@@ -12,7 +12,7 @@ and two collectors can be compared row by row:
 - weather (NeMo Gym's ``example_single_tool_call`` rows, `weather_row`): ``get_weather(city)`` then a sentence
   with the tool's text; answers without calling the tool (reward 0 there) when ``len(message) % 3 == 0``.
 
-Anything else is answered ``OK``. ``python -m gym_plugin.testing.scripted_tasks --port P`` serves it.
+Anything else is answered ``OK``. ``gym-plugin fake-openai --tasks --port P`` serves it.
 """
 
 from __future__ import annotations
