@@ -131,6 +131,16 @@ def ng_collect_rollouts(head_port: int, rows: Path, out: Path, timeout: float = 
         cwd=out.parent, env=NG_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def ng_aggregate_rollouts(head_port: int, rollouts: Path, out: Path, timeout: float = 300
+                          ) -> subprocess.CompletedProcess:
+    """NeMo Gym 0.7.0's ``ng_aggregate_rollouts`` on a rollouts file: /aggregate_metrics on the environment server
+    each record names (``_ng_environment_server``), then its rollout health check on the records."""
+    return subprocess.run(
+        [str(VENV / "bin" / "ng_aggregate_rollouts"), f"+input_glob={rollouts}", f"+output_jsonl_fpath={out}",
+         "+head_server.host=127.0.0.1", f"+head_server.port={head_port}"],
+        cwd=out.parent, env=NG_ENV, capture_output=True, text=True, timeout=timeout)
+
+
 def our_collect(head_port: int, rows: Path, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """gym_plugin's collector CLI against a head server (through its environment servers)."""
     return subprocess.run(

@@ -16,6 +16,7 @@ from tests.peers.nemo_gym_peer import (
     VENV,
     expected_reward,
     model_call_items,
+    ng_aggregate_rollouts,
     ng_collect_rollouts,
     our_collect,
     our_rows,
@@ -143,4 +144,13 @@ def test_our_collector_gives_nemo_gyms_rewards_on_our_servers(ng_run, gym_plugin
     assert sorted(mine) == sorted(theirs)
     for i in theirs:
         assert mine[i]["reward"] == theirs[i]["reward"], i
-        assert mine[i]["_ng_environment_server"] == theirs[i]["_ng_environment_server"]
+        for key in ("agent_ref", "_ng_environment_server", "_ng_result_type"):
+            assert mine[i][key] == theirs[i][key], (i, key)
+    # NeMo Gym's ng_aggregate_rollouts reads our collector's records (through our /aggregate_metrics) as its own.
+    (tmp_path / "agg").mkdir()
+    agg = ng_aggregate_rollouts(gym_plugin_deployment, ours_path, tmp_path / "agg" / "rollouts.jsonl")
+    assert agg.returncode == 0, agg.stdout[-3000:] + agg.stderr[-3000:]
+    metrics = json.loads((tmp_path / "agg" / "rollouts_aggregate_metrics.json").read_text())
+    served = json.loads(out.with_name("rollouts_aggregate_metrics.json").read_text())
+    assert {m["_ng_environment_server"]: m["key_metrics"] for m in metrics} == {
+        m["_ng_environment_server"]: m["key_metrics"] for m in served}

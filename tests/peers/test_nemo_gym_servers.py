@@ -13,6 +13,7 @@ from tests.peers.nemo_gym_peer import (
     expected_reward,
     model_call_items,
     nemo_gym_rows,
+    ng_aggregate_rollouts,
     ng_collect_rollouts,
     our_collect,
     read_jsonl,
@@ -62,3 +63,14 @@ def test_same_rewards_and_tokens_as_nemo_gyms_collector_row_by_row(nemo_gym_depl
         assert mine["_ng_environment_server"] == ENV_SERVER[row["agent_ref"]["name"]]
     summary = json.loads(ng_out.with_name("quality_summary.json").read_text())
     assert summary["run"]["verdicts"]["unhealthy"] == 0
+
+    # Our records carry what NeMo Gym's tools read: its ng_aggregate_rollouts scores them on the environment
+    # server each names, and its health check passes them.
+    (tmp_path / "agg").mkdir()
+    agg = ng_aggregate_rollouts(nemo_gym_deployment, our_out, tmp_path / "agg" / "rollouts.jsonl")
+    assert agg.returncode == 0, agg.stdout[-3000:] + agg.stderr[-3000:]
+    metrics = json.loads((tmp_path / "agg" / "rollouts_aggregate_metrics.json").read_text())
+    ng_metrics = json.loads(ng_out.with_name("rollouts_aggregate_metrics.json").read_text())
+    assert {m["_ng_environment_server"]: m["key_metrics"]["mean/reward"] for m in metrics} == {
+        m["_ng_environment_server"]: m["key_metrics"]["mean/reward"] for m in ng_metrics}
+    assert "Rollout health: 200 checked" in agg.stdout and ", 0 unhealthy," in agg.stdout
