@@ -3,7 +3,9 @@ problem reported at once), and the server directory.
 
 The merged config has NeMo Gym's shape (see docs/architecture.md): a few global keys (``policy_model_name``,
 ``policy_base_url``, ``policy_api_key``, the aiohttp connector limits, ``head_server``) and one section per
-server instance, ``instance: {server_type: {implementation: {...params}}}``.
+server instance, ``instance: {server_type: {implementation: {...params}}}``. ``environment_servers`` sections
+(NeMo Gym 0.7.0's hop in front of each agent) are accepted, and generated for agents without one; they start
+nothing (see gym_plugin.envservers).
 """
 
 from __future__ import annotations
