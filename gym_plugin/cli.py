@@ -48,6 +48,10 @@ async def _serve(args: argparse.Namespace) -> None:
         running = await start_servers(cfg)
     for s in running.servers:
         print(f"{s.name:>24}  {type(s).__name__:<24} {s.url}", flush=True)
+    if running.head is not None:  # the entries NeMo Gym's client posts to: each served at its agent's address
+        for name, env in running.config.environment_servers.items():
+            if env.agent in running.directory:
+                print(f"{name:>24}  {env.impl + ' (entry)':<24} {running.directory.url(env.agent)}", flush=True)
     if args.print_config:
         from gym_plugin.config import to_yaml
         from gym_plugin.redact import redact
