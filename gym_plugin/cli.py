@@ -48,6 +48,10 @@ async def _serve(args: argparse.Namespace) -> None:
         running = await start_servers(cfg)
     for s in running.servers:
         print(f"{s.name:>24}  {type(s).__name__:<24} {s.url}", flush=True)
+    if running.head is not None:  # the entries NeMo Gym's client posts to: each served at its agent's address
+        for name, env in running.config.environment_servers.items():
+            if env.agent in running.directory:
+                print(f"{name:>24}  {env.impl + ' (entry)':<24} {running.directory.url(env.agent)}", flush=True)
     if args.print_config:
         from gym_plugin.config import to_yaml
         from gym_plugin.redact import redact
@@ -201,7 +205,7 @@ async def _collect(args: argparse.Namespace) -> int:
     from gym_plugin.collect import RolloutCollector
     from gym_plugin.http import Transport
     from gym_plugin.integration import _collector_config
-    from gym_plugin.launch import check_policy_endpoints, directory_from_config, fetch_head_config, start_servers
+    from gym_plugin.launch import agent_routes, check_policy_endpoints, fetch_head_config, start_servers
     from gym_plugin.protocol import describe_failure, is_failure
 
     running = None
@@ -212,8 +216,7 @@ async def _collect(args: argparse.Namespace) -> int:
             data = await fetch_head_config(args.head_url, transport)
         finally:
             await transport.close()
-        directory, agents = directory_from_config(data)
-        agent_urls = {a: directory.url(a) for a in agents}
+        agent_urls = agent_routes(data)  # through each agent's environment server where the deployment has one
     else:
         from gym_plugin.config import load_config
 
@@ -348,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--reply", default="OK", help="what the fake model answers to every prompt")
     f.add_argument("--model", default=None,
                    help="the one model name it serves (listed by /v1/models; others get 404); default: any name")
+    f.add_argument("--tasks", action="store_true",
+                   help="solve arithmetic, calculator and weather rows instead (gym_plugin.testing.scripted_tasks)")
     return p
 
 
@@ -372,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise GymPluginError("collect needs --config (start servers here) or --head-url (running servers)")
             return asyncio.run(_collect(args))
         if args.command == "fake-openai":
+            if args.tasks:
+                from gym_plugin.testing.scripted_tasks import main as tasks_main
+
+                return tasks_main(["--host", args.host, "--port", str(args.port),
+                                   *(["--model", args.model] if args.model else [])])
             from gym_plugin.testing.fake_openai import serve_main
 
             return serve_main(args.host, args.port, args.reply, args.model)

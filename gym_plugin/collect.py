@@ -1,7 +1,10 @@
 """The async rollout collector: example rows in, one record per row out, as rows finish.
 
 `RolloutCollector.collect(rows)` sends each row to its agent's ``/run`` and yields the agent's reply as soon as
-it arrives, tagged with the row's index (``_ng_task_index``) so order can be restored. Guarantees:
+it arrives, tagged with the row's index (``_ng_task_index``) so order can be restored. Where the deployment puts an
+environment server in front of an agent (NeMo Gym 0.7.0 does for every agent; see `gym_plugin.envservers`), the
+row goes through it, as NeMo Gym's own collector sends it, and the record is stamped with
+``_ng_environment_server`` / ``_ng_result_type`` as 0.7.0 stamps its records. Guarantees:
 
 - every row ends as exactly one record: the agent's reply, or a failure record (``gym_plugin.protocol``) with
   the kind, reason, attempts and last error; nothing is dropped;
@@ -33,6 +36,9 @@ from gym_plugin.errors import (
 )
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
 from gym_plugin.protocol import (
+    AGENT_REF_KEY,
+    ENVIRONMENT_SERVER_KEY,
+    RESULT_TYPE_KEY,
     ROLLOUT_INDEX_KEY,
     TASK_INDEX_KEY,
     agent_name,
@@ -41,6 +47,18 @@ from gym_plugin.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentRoute:
+    """Where the collector posts an agent's rows."""
+
+    url: str
+    """Base URL that ``/run`` is posted to: the environment server's when there is one, else the agent's."""
+    environment_server: str | None = None
+    """Instance name of the environment server in front of the agent (None: posted to the agent directly)."""
+    environment_server_type: str | None = None
+    """Its implementation (e.g. 'legacy_agent'), stamped on records as ``_ng_result_type``."""
 
 
 @dataclass
@@ -124,13 +142,14 @@ class CollectionStats:
 class RolloutCollector:
     """Sends example rows to agent servers and yields one record per row as rows finish.
 
-    ``agent_urls`` maps agent instance names (the rows' ``agent_ref``) to base URLs. Use as an async context
-    manager, or call ``close()``.
+    ``agent_urls`` maps agent instance names (the rows' ``agent_ref``) to base URLs, or to `AgentRoute`s (from
+    `gym_plugin.launch.agent_routes`) for deployments with environment servers. Use as an async context manager,
+    or call ``close()``.
     """
 
     def __init__(
         self,
-        agent_urls: Mapping[str, str],
+        agent_urls: Mapping[str, str | AgentRoute],
         config: CollectorConfig | None = None,
         transport: Transport | None = None,
     ):
@@ -140,7 +159,10 @@ class RolloutCollector:
             from gym_plugin.errors import ConfigError
 
             raise ConfigError(problems)
-        self.agent_urls = {k: v.rstrip("/") for k, v in agent_urls.items()}
+        self.routes = {k: AgentRoute(v.rstrip("/")) if isinstance(v, str) else AgentRoute(
+            v.url.rstrip("/"), v.environment_server, v.environment_server_type) for k, v in agent_urls.items()}
+        self.agent_urls = {k: r.url for k, r in self.routes.items()}
+        """Agent -> the base URL its rows are posted to (an environment server's where one fronts the agent)."""
         headers = {"Authorization": f"Bearer {self.config.auth_token}"} if self.config.auth_token else {}
         if transport is not None and headers and "Authorization" not in transport.headers:
             if transport._session is not None:  # noqa: SLF001 (headers are fixed when the session is made)
@@ -172,8 +194,11 @@ class RolloutCollector:
 
     # ---- routing -----------------------------------------------------------------------------------------
     def agent_url(self, name: str) -> str:
+        return self.route(name).url
+
+    def route(self, name: str) -> AgentRoute:
         try:
-            return self.agent_urls[name]
+            return self.routes[name]
         except KeyError:
             raise UnknownAgentError(
                 f"agent_ref {name!r} is not a configured agent. Configured agents: {sorted(self.agent_urls)}."
@@ -192,7 +217,8 @@ class RolloutCollector:
         try:
             validate_example(row, index)
             name = agent_name(row)
-            url = self.agent_url(name) + "/run"
+            route = self.route(name)
+            url = route.url + "/run"
         except (ProtocolError, UnknownAgentError) as e:
             if self.config.invalid_rows == "raise":
                 raise
@@ -205,7 +231,7 @@ class RolloutCollector:
         try:
             reply, attempts = await post_with_retries(self.transport, url, body, self.retry)
         except GymPluginError as e:
-            return failure_record(
+            return _stamped(failure_record(
                 row,
                 kind=_failure_kind(e),
                 reason=f"POST {url} failed: {type(e).__name__}",
@@ -214,12 +240,12 @@ class RolloutCollector:
                 url=url,
                 task_index=index,
                 rollout_index=rollout_index,
-            )
+            ), name, route)
         data = reply.data
         if not isinstance(data, dict) or not isinstance(data.get("response"), dict) or not _is_reward(
             data.get("reward")
         ):
-            return failure_record(
+            return _stamped(failure_record(
                 row,
                 kind="malformed_response",
                 reason=f"POST {url} replied without a 'response' object and a numeric 'reward'",
@@ -228,10 +254,10 @@ class RolloutCollector:
                 url=url,
                 task_index=index,
                 rollout_index=rollout_index,
-            )
+            ), name, route)
         data[TASK_INDEX_KEY] = index
         data[ROLLOUT_INDEX_KEY] = rollout_index
-        return data
+        return _stamped(data, name, route)
 
     # ---- many rows -------------------------------------------------------------------------------------
     async def collect(
@@ -318,6 +344,16 @@ class RolloutCollector:
                 while not out.empty():
                     out.get_nowait()
                 await asyncio.wait([gathering], timeout=0.05)
+
+
+def _stamped(record: dict, agent: str, route: AgentRoute) -> dict:
+    """The keys NeMo Gym 0.7.0's collector writes on every record: ``agent_ref``, and the environment server the
+    row went through with its implementation (only when it went through one)."""
+    record[AGENT_REF_KEY] = {"name": agent}
+    if route.environment_server is not None:
+        record[ENVIRONMENT_SERVER_KEY] = route.environment_server
+        record[RESULT_TYPE_KEY] = route.environment_server_type
+    return record
 
 
 def _is_reward(value: Any) -> bool:

@@ -3,7 +3,9 @@ problem reported at once), and the server directory.
 
 The merged config has NeMo Gym's shape (see docs/architecture.md): a few global keys (``policy_model_name``,
 ``policy_base_url``, ``policy_api_key``, the aiohttp connector limits, ``head_server``) and one section per
-server instance, ``instance: {server_type: {implementation: {...params}}}``.
+server instance, ``instance: {server_type: {implementation: {...params}}}``. ``environment_servers`` sections
+(NeMo Gym 0.7.0's hop in front of each agent) are accepted, and generated for agents without one; they start
+nothing (see gym_plugin.envservers).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gym_plugin import envservers
+from gym_plugin.envservers import ENVIRONMENT_SERVERS, EnvironmentServerSpec
 from gym_plugin.errors import ConfigError, did_you_mean, truncate
 
 HEAD_SERVER_KEY_NAME = "head_server"
 SERVER_TYPES = ("responses_api_agents", "resources_servers", "responses_api_models")
+"""Server types gym_plugin starts; ``environment_servers`` entries are accepted too (see gym_plugin.envservers)."""
+ALL_SERVER_TYPES = (*SERVER_TYPES, ENVIRONMENT_SERVERS)
 GLOBAL_KEYS = {
     "policy_model_name": "name the policy endpoint serves (e.g. 'Qwen/Qwen3-4B')",
     "policy_base_url": "OpenAI-compatible base URL, or a list of them (e.g. 'http://127.0.0.1:8000/v1')",
@@ -97,7 +103,9 @@ class GymConfig:
     data: dict
     """The merged config as plain containers (what the head server serves)."""
     servers: dict[str, ServerSpec]
-    """Server instances by name."""
+    """Server instances by name (the ones gym_plugin starts)."""
+    environment_servers: dict[str, EnvironmentServerSpec] = field(default_factory=dict)
+    """Environment server entries by name (served at their agent's address; see gym_plugin.envservers)."""
 
     @property
     def head_host(self) -> str:
@@ -322,6 +330,7 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
             port = head.get("port", 11000)
             if not isinstance(port, int) or not 0 <= port <= 65535:
                 problems.append(f"{HEAD_SERVER_KEY_NAME}.port: {port!r} must be an integer 0..65535")
+    env_sections: list[tuple[str, dict]] = []
     for name, section in data.items():
         if name in GLOBAL_KEYS or name.startswith("_"):
             continue
@@ -329,15 +338,18 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
             problems.append(
                 f"{name}: {truncate(section, 60)} is neither a known global key ({sorted(GLOBAL_KEYS)})"
                 f"{did_you_mean(name, GLOBAL_KEYS)} nor a server section "
-                f"({{server_type: {{implementation: {{...}}}}}} with server_type in {list(SERVER_TYPES)})"
+                f"({{server_type: {{implementation: {{...}}}}}} with server_type in {list(ALL_SERVER_TYPES)})"
             )
+            continue
+        if ENVIRONMENT_SERVERS in section:
+            env_sections.append((name, section))  # checked below, once the agents are known
             continue
         types = [k for k in section if k in SERVER_TYPES]
         if len(types) != 1 or len(section) != 1:
             bad = [k for k in section if k not in SERVER_TYPES]
-            hint = "".join(did_you_mean(b, SERVER_TYPES) for b in bad)
+            hint = "".join(did_you_mean(b, ALL_SERVER_TYPES) for b in bad)
             problems.append(
-                f"{name}: a server section needs exactly one server type key out of {list(SERVER_TYPES)}, "
+                f"{name}: a server section needs exactly one server type key out of {list(ALL_SERVER_TYPES)}, "
                 f"got {sorted(section)}.{hint}"
             )
             continue
@@ -382,9 +394,16 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
                         f"{where}.type: {value['type']!r} but {value['name']!r} is a {target.server_type}; "
                         f"set type: {target.server_type}"
                     )
+    agents = {n: s.impl for n, s in servers.items() if s.server_type == "responses_api_agents"}
+    environment_servers = {}
+    for name, section in env_sections:
+        spec_env = envservers.check(name, section, agents, problems)
+        if spec_env is not None:
+            environment_servers[name] = spec_env
+    envservers.check_one_per_agent(environment_servers, problems)
     if problems:
         raise ConfigError(problems)
-    return GymConfig(data=data, servers=servers)
+    return GymConfig(data=data, servers=servers, environment_servers=environment_servers)
 
 
 def load_config(
@@ -396,7 +415,7 @@ def load_config(
     cfg = compose(config_paths, overrides, initial)
     problems: list[str] = []
     _place_local_endpoint(cfg, problems)
-    data = with_default_policy_server(_resolve_all(cfg, problems))
+    data = envservers.with_environment_servers(with_default_policy_server(_resolve_all(cfg, problems)))
     return validate(data, problems)
 
 

@@ -26,8 +26,8 @@ from gym_plugin.errors import ConfigError, GymPluginError
 from gym_plugin.http import Transport
 from gym_plugin.launch import (
     RunningServers,
+    agent_routes,
     check_policy_endpoints,
-    directory_from_config,
     fetch_head_config,
     start_servers,
 )
@@ -308,9 +308,9 @@ class RolloutCollectionHelper:
             transport = Transport(timeout_s=60.0, headers={"Authorization": f"Bearer {token}"} if token else {})
             try:
                 data = await fetch_head_config(head_url, transport)
-                directory, agents = directory_from_config(data)
                 config = _collector_config(data, self.collector_config)
-                collector = RolloutCollector({a: directory.url(a) for a in agents}, config)
+                # through each agent's environment server where the deployment has one (NeMo Gym 0.7.0 does)
+                collector = RolloutCollector(agent_routes(data), config)
                 async with collector:
                     async for record in collector.collect(rows, repeats=repeats):
                         delivered["n"] += 1

@@ -15,9 +15,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from gym_plugin import envservers
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, Directory, GymConfig, ServerSpec
 from gym_plugin.errors import ConfigError, EndpointError, EndpointTimeoutError, EndpointUnreachableError, did_you_mean
 from gym_plugin.servers.base import Server
+
+if typing.TYPE_CHECKING:
+    from gym_plugin.collect import AgentRoute
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,11 @@ class RunningServers:
     def agent_urls(self) -> dict[str, str]:
         return {name: self.directory.url(name) for name in self.config.agents}
 
+    def agent_routes(self) -> dict[str, "AgentRoute"]:
+        """Agent -> route for the collector, as a NeMo Gym client sees this deployment (through each agent's
+        environment server entry, which is served at the agent's own address)."""
+        return agent_routes(self.config.data)
+
     async def stop(self) -> None:
         for s in reversed(self.servers):
             try:
@@ -93,7 +102,8 @@ async def start_servers(
     """Start ``extra`` servers (e.g. an embedded policy), then every configured server, then the head."""
     data = copy.deepcopy(cfg.data)
     directory = Directory()
-    running = RunningServers(config=GymConfig(data=data, servers=cfg.servers), directory=directory)
+    running = RunningServers(config=GymConfig(data=data, servers=cfg.servers,
+                                              environment_servers=cfg.environment_servers), directory=directory)
     try:
         if data.get("policy_endpoint"):
             extra = [build_local_endpoint(data["policy_endpoint"]), *extra]
@@ -117,6 +127,7 @@ async def start_servers(
             if params is None:
                 params = data[name][spec.server_type][spec.impl] = {}
             params["host"], params["port"] = server.host, server.port
+        envservers.place(data, cfg.environment_servers)  # each entry at its agent's bound address
         if start_head:
             from gym_plugin.servers.head import HeadServer
 
@@ -179,6 +190,44 @@ def directory_from_config(data: dict) -> tuple[Directory, list[str]]:
     return directory, agents
 
 
+def agent_routes(data: dict) -> dict[str, "AgentRoute"]:
+    """Agent instance -> where a collector posts its rows, read from a served config (ours or NeMo Gym's): through
+    the environment server that fronts the agent when the config has one (NeMo Gym 0.7.0 relays every row that
+    way), else to the agent directly. ConfigError when several environment servers front one agent (a row cannot
+    pick one) or an environment server has no address."""
+    from gym_plugin.collect import AgentRoute
+    from gym_plugin.errors import ConfigError
+
+    directory, agents = directory_from_config(data)
+    fronting: dict[str, list[tuple[str, str, dict]]] = {}
+    for name, (impl, params) in envservers.entries(data).items():
+        for agent in envservers.fronted_agents(params):
+            fronting.setdefault(agent, []).append((name, impl, params))
+    routes, problems = {}, []
+    for agent in agents:
+        servers = fronting.get(agent, [])
+        if not servers:
+            routes[agent] = AgentRoute(directory.url(agent))
+            continue
+        if len(servers) > 1:
+            problems.append(f"agent {agent!r} is fronted by several environment servers "
+                            f"{sorted(s[0] for s in servers)}: a row routed by its agent_ref cannot pick one. Keep "
+                            "one environment server per agent in the deployment's config.")
+            continue
+        name, impl, params = servers[0]
+        if not params.get("port"):
+            problems.append(f"{name}.{envservers.ENVIRONMENT_SERVERS}.{impl}: no port in the served config, so agent "
+                            f"{agent!r} cannot be reached through it. Is that head server's deployment started?")
+            continue
+        host = params.get("host", "127.0.0.1")
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        routes[agent] = AgentRoute(f"http://{host}:{params['port']}", environment_server=name,
+                                   environment_server_type=impl)
+    if problems:
+        raise ConfigError(problems)
+    return routes
+
+
 async def start_only(cfg: GymConfig, name: str) -> RunningServers:
     """Start one server of a process-per-server launch (every port fixed in the config), or the head server
     alone when ``name`` is '__head__'. The directory is filled from the configured ports."""
@@ -187,7 +236,9 @@ async def start_only(cfg: GymConfig, name: str) -> RunningServers:
     if name == "__head__":
         from gym_plugin.servers.head import HeadServer
 
-        head = HeadServer(cfg.data, host=cfg.head_host, port=cfg.head_port)
+        data = copy.deepcopy(cfg.data)
+        envservers.place(data, cfg.environment_servers)  # every port is fixed in a process-per-server launch
+        head = HeadServer(data, host=cfg.head_host, port=cfg.head_port)
         await head.start(auth_token=cfg.data.get("auth_token") or None)
         running.servers.append(head)
         running.head = head

@@ -14,6 +14,11 @@ from gym_plugin.errors import ProtocolError, truncate
 
 TASK_INDEX_KEY = "_ng_task_index"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
+AGENT_REF_KEY = "agent_ref"
+ENVIRONMENT_SERVER_KEY = "_ng_environment_server"
+"""Stamped on a record by the collector: the environment server instance the row was posted through."""
+RESULT_TYPE_KEY = "_ng_result_type"
+"""Stamped with it: that environment server's implementation (e.g. 'legacy_agent'), as NeMo Gym 0.7.0 does."""
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 
 FAILURE_KINDS = (

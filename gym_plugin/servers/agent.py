@@ -9,6 +9,9 @@ object whose ``output`` is every item of every turn in order, tool results inclu
 
 ``POST /v1/responses`` runs the same loop without verifying and returns the Responses object.
 
+``POST /aggregate_metrics`` summarises finished rollouts as NeMo Gym 0.7.0's collector asks after a run
+(`gym_plugin.aggregate`).
+
 Error handling: an unknown tool, arguments that are not a JSON object, or a tool that rejects its arguments
 (HTTP 4xx) become a ``function_call_output`` carrying the error, so the model can recover. A policy model
 server failure answers 502 ("upstream_error") and a verifier failure 500 whose message starts with
@@ -23,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from gym_plugin.aggregate import aggregate_metrics
 from gym_plugin.config import Directory
 from gym_plugin.errors import ConfigError, EndpointError, GymPluginError, ProtocolError, truncate
 from gym_plugin.http import HTTPStatusError, Transport
@@ -30,7 +34,7 @@ from gym_plugin.servers.base import HandlerError, RequestContext, Server
 from gym_plugin.servers.policy import ROUTE_KEY_HEADER
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_RESERVED_ROUTES = frozenset(("seed_session", "verify", "health"))
+_RESERVED_ROUTES = frozenset(("seed_session", "verify", "health", "aggregate_metrics"))
 
 VERIFIER_ERROR_PREFIX = "VerifierError:"
 """Start of the message of an agent reply that failed in /verify (direct calls lose the JSON error type)."""
@@ -97,7 +101,8 @@ class AgentServer(Server):
         self._rollout_ids = itertools.count()
 
     def routes(self):
-        return [("POST", "/run", self.run), ("POST", "/v1/responses", self.responses)]
+        return [("POST", "/run", self.run), ("POST", "/v1/responses", self.responses),
+                ("POST", "/aggregate_metrics", self.aggregate_metrics)]
 
     async def on_start(self) -> None:
         token = getattr(self, "auth_token", None)  # the resource and policy model servers require the same one
@@ -144,6 +149,9 @@ class AgentServer(Server):
                 "verifier_error",
             )
         return result
+
+    async def aggregate_metrics(self, body: Any, ctx: RequestContext) -> dict:
+        return aggregate_metrics(body)
 
     async def responses(self, body: Any, ctx: RequestContext) -> dict:
         if not isinstance(body, Mapping) or not isinstance(body.get("input"), (str, list)):

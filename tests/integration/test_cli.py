@@ -129,6 +129,8 @@ def test_serve_process_per_server_then_collect_over_http(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(records) == 20 and sum(r["reward"] for r in records) == 10  # 10 even rows expect '4'
+        # The head server fronts the agent with an environment server entry (at the agent's port) in this launch too.
+        assert {r["_ng_environment_server"] for r in records} == {"exact_match_environment_server"}
         # The launcher dies without any cleanup (SIGKILL): its server processes must not outlive it.
         import psutil
 

@@ -8,7 +8,8 @@ A resource server is a small subclass of `ResourceServer` that implements ``veri
 - ``POST /<tool_name>``: one route per entry of ``tools()`` (name -> ``async fn(args, state) -> JSON``), the
   session's state threaded in;
 - ``POST /verify``: row + ``response`` in, row + ``reward`` + verifier keys out; the session is dropped
-  (sessions are also bounded by ``max_sessions``, oldest evicted, so rollouts that never verify cannot leak).
+  (sessions are also bounded by ``max_sessions``, oldest evicted, so rollouts that never verify cannot leak);
+- ``POST /aggregate_metrics``: NeMo Gym 0.7.0's run summary of finished rollouts (`gym_plugin.aggregate`).
 
 A verifier that cannot judge (bad row, internal error, timeout) raises; the agent turns that into a failed
 rollout, never a reward of 0.
@@ -19,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, ClassVar, Mapping
 
+from gym_plugin.aggregate import aggregate_metrics
 from gym_plugin.config import Directory
-from gym_plugin.errors import ProtocolError, truncate
+from gym_plugin.errors import ConfigError, ProtocolError, truncate
 from gym_plugin.responses import output_text
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
 
@@ -65,8 +67,12 @@ class ResourceServer(Server):
 
     # ---- routes ---------------------------------------------------------------------------------------------
     def routes(self):
-        routes = [("POST", "/seed_session", self.seed_session), ("POST", "/verify", self.verify)]
+        routes = [("POST", "/seed_session", self.seed_session), ("POST", "/verify", self.verify),
+                  ("POST", "/aggregate_metrics", self.aggregate_metrics)]
         for tool_name in self._tools:
+            if tool_name in ("seed_session", "verify", "aggregate_metrics", "health"):
+                raise ConfigError(f"resource server {self.name!r}: tool name {tool_name!r} is a reserved route; "
+                                  "rename the tool")
             routes.append(("POST", f"/{tool_name}", self._tool_route(tool_name)))
         return routes
 
@@ -115,6 +121,9 @@ class ResourceServer(Server):
         out = dict(body)
         out.update(result)
         return out
+
+    async def aggregate_metrics(self, body: Any, ctx: RequestContext) -> dict:
+        return aggregate_metrics(body)
 
     @property
     def session_count(self) -> int:
