@@ -299,6 +299,7 @@ class NemoGymDropIn:
         self._options = DropInOptions()
         self._inline_path: str | None = None
         self._policy_ready = False
+        self._shut_down = False
         self._policy_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
@@ -308,6 +309,7 @@ class NemoGymDropIn:
         ``run_rollouts`` waits for them (``gym_plugin.policy_wait_s``). Idempotent."""
         if self.gym is not None:
             return
+        self._shut_down = False
         problems = _check_nemo_gym_config(self.cfg)
         gym_config = dict(self.cfg.get("initial_global_config_dict") or {})
         try:
@@ -350,6 +352,9 @@ class NemoGymDropIn:
         self._tokenizer = tokenizer
 
     def _require_spinup(self) -> None:
+        if self.gym is None and self._shut_down:
+            raise GymPluginError("gym_plugin's NemoGym drop-in was shut down (shutdown()); its _spinup servers are "
+                                 "gone. Build a new actor.")
         if self.gym is None:
             raise GymPluginError(
                 "gym_plugin's NemoGym drop-in has no running servers: _spinup() was never called on this actor "
@@ -382,6 +387,7 @@ class NemoGymDropIn:
         """Stop the Gym servers. Safe to call twice, and on an actor that was never spun up."""
         gym, self.gym = self.gym, None
         if gym is not None:
+            self._shut_down = True
             await asyncio.to_thread(gym.shutdown)
         self._remove_inline()
 

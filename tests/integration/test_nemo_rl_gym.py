@@ -299,7 +299,7 @@ async def test_health_check_and_lifecycle_errors(fake, tokenizer):
     finally:
         await d.shutdown()
     await d.shutdown()  # twice is fine
-    with pytest.raises(GymPluginError, match="_spinup"):
+    with pytest.raises(GymPluginError, match="was shut down"):
         await stream(d, [qa("What is 2+2?")])
 
 
