@@ -483,7 +483,10 @@ class NemoGymDropIn:
                         record[key] = row[key]
                     else:
                         record.pop(key, None)
-                agent = agent_name(row)  # the collector checked every row's agent_ref up front
+                try:
+                    agent = agent_name(row)
+                except ProtocolError:  # collector.invalid_rows: record turns a bad row into a failure record
+                    agent = truncate(row.get("agent_ref"), 60)
                 if is_failure(record):
                     f = record["failure"]
                     failed.append((row["_rowidx"], is_infra_failure(f),
