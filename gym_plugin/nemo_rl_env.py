@@ -1,71 +1,71 @@
-"""A drop-in environment for NeMo-RL-style trainers: Gym verifiers and agents behind NeMo-RL's environment API.
+"""NeMo-RL's classic environment path over Gym verifiers: ``GymEnvironment`` behind NeMo-RL's ``EnvironmentInterface``.
 
-NeMo-RL drives an environment through two methods (``nemo_rl.environments.interfaces.EnvironmentInterface``):
+NeMo-RL has two ways to train on an environment; this module serves the classic one (NeMo-RL generates every
+turn itself, the environment scores it). The Gym path (NeMo Gym runs whole agent rollouts against the policy's
+HTTP server) is `gym_plugin.nemo_rl_gym`, a drop-in for NeMo-RL's ``NemoGym`` actor. docs/nemo_rl.md.
 
 - ``step(message_log_batch, metadata) -> EnvironmentReturn(observations, metadata, next_stop_strings, rewards,
-  terminateds, answers)``: the trainer generated the assistant turns itself; the environment scores them.
-  Here each row's last assistant message is sent, with the row's metadata (the Gym example row: e.g.
-  ``expected_answer``), to a Gym resource server's ``/seed_session`` + ``/verify``, as NeMo Gym's agents do.
-  A Gym environment runs its multi-turn logic inside its agent, so every episode ends at ``step``
-  (``terminateds`` all 1) and the observation is an ``environment`` message saying correct / incorrect.
-- ``global_post_process_and_metrics(batch) -> (batch, metrics)``: after a whole batch, namespaced metrics
-  (``rollout/...``) and ``mask_sample`` for rows whose verifier failed (NeMo-RL zeroes their loss_multiplier).
+  terminateds, answers)`` (``calculate_rewards`` in nemo_rl/experience/rollouts.py): each row's last assistant
+  message is sent, with the row's metadata (the Gym example row: e.g. ``expected_answer``), to a Gym resource
+  server's ``/seed_session`` + ``/verify``, as NeMo Gym's agents do. A Gym environment runs its multi-turn logic
+  inside its agent, so every episode ends at ``step`` (``terminateds`` all 1) and the observation is an
+  ``environment`` message saying correct / incorrect.
+- ``global_post_process_and_metrics(batch) -> (batch, metrics)``: namespaced metrics (``rollout/...``) and
+  ``mask_sample`` for rows whose verifier failed, for trainers that call it (NeMo-RL 7ea279a does not).
 
-plus, like NeMo-RL's NeMo Gym integration, ``run_rollouts(examples)``: whole agent rollouts (the agent calls
-the policy endpoint, runs tools, verifies) collected through `GymIntegration`, each converted to a NeMo-RL
-message log: alternating ``user`` (context: prompt, tool results, template scaffolding; never trained) and
-``assistant`` (sampled tokens, with ``generation_logprobs``) messages whose ``token_ids`` concatenate to the
-exact token sequence the policy saw and produced. No re-tokenization.
+A failed verification is never reward 0 in disguise. NeMo-RL's classic path has no way to keep a row out of
+the loss (``run_multi_turn_rollout`` keeps step metadata only for rows that continue, and the batch's
+``loss_multiplier`` and ``mask_sample`` never come from the environment), so ``on_failure: raise`` (the default)
+raises the typed VerifierError out of ``step``: NeMo-RL stops with the row, the server and the fix named.
+``on_failure: mask`` instead puts a placeholder reward 0.0 with ``mask_sample: true`` and a ``failure`` object
+in the row's metadata, for trainers that honour that flag (``global_post_process_and_metrics``, gym_plugin's own
+loop); under NeMo-RL's classic path that placeholder would be trained as a real 0, and step logs a warning.
 
 Neither nemo_rl nor ray is imported: `GymEnvironment` is a plain class. ``GymEnvironmentActor`` (a module
 attribute created on first access) is ``ray.remote(GymEnvironment)`` for NeMo-RL's ``create_env``, which
-calls ``actor_class.options(...).remote(env_config)``; `register_with_nemo_rl` registers it. docs/nemo_rl.md
-shows the config.
-
-Failures are never reward 0 in disguise: with ``on_failure: mask`` (default) a row whose verifier failed gets a
-placeholder reward of 0.0 *and* ``mask_sample: true`` in its metadata (and a ``failure`` object), which
-``global_post_process_and_metrics`` turns into ``batch["mask_sample"]`` / a zero ``loss_multiplier``; a
-rollout that failed comes back with ``message_log: None`` and its failure. ``on_failure: raise`` raises the
-typed error instead.
+calls ``actor_class.options(...).remote(env_config)``; `register_with_nemo_rl` registers it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
-import numpy as np
 import torch
 
 from gym_plugin.errors import (
     ConfigError,
     EndpointError,
     GymPluginError,
-    MissingTokenIdsError,
     ProtocolError,
     VerifierError,
     did_you_mean,
     truncate,
 )
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
-from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, agent_name, is_failure
+from gym_plugin.protocol import agent_name
 from gym_plugin.responses import content_text, next_id
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EnvironmentReturn",
     "GymEnvConfig",
     "GymEnvironment",
-    "rollout_to_message_log",
     "register_with_nemo_rl",
 ]
 
 UNSET_POLICY_URL = "http://127.0.0.1:9/v1"
-"""Written as the policy endpoint when ``base_urls`` is empty (step-only use): nothing listens on port 9
-(discard), the endpoint is never probed, and `GymEnvironment.run_rollouts` refuses to run without real URLs."""
+"""Written as the policy endpoint of the Gym config (step only verifies; NeMo-RL generates): nothing listens on
+port 9 (discard) and the endpoint is never probed."""
+
+MOVED_TO_GYM_PATH = ("base_urls", "model_name", "api_key", "check_endpoints")
+"""Keys of the former ``run_rollouts`` (whole agent rollouts): that is NeMo-RL's Gym path now."""
 
 ENVIRONMENT_ROLE = "environment"
 """Role of the observation messages (as NeMo-RL's math environment)."""
@@ -103,20 +103,16 @@ class GymEnvConfig:
     """The Gym config inline instead of (or on top of) files, as NeMo-RL's ``initial_global_config_dict``."""
     overrides: list[str] = field(default_factory=list)
     """Dotlist overrides of the Gym config (``math_agent.responses_api_agents.simple_agent.max_turns=4``)."""
-    model_name: str = "policy"
-    """Model name sent to the policy endpoint (``policy_model_name``)."""
-    base_urls: list[str] = field(default_factory=list)
-    """OpenAI-compatible policy endpoints (vLLM ``.../v1``) for run_rollouts; empty = step only."""
-    api_key: str = "dummy_key"
-    """API key for the policy endpoints."""
     verifier: str | None = None
     """Resource server instance that ``step`` verifies with. None: the row's ``agent_ref`` agent's resource
     server, else the only resource server of the config."""
     correct_threshold: float = 1.0
     """A reward >= this counts as correct (observation text, ``rollout/accuracy``)."""
-    on_failure: str = "mask"
-    """'mask': a failed verification / rollout is flagged ``mask_sample`` (kept out of the loss);
-    'raise': it raises (VerifierError / EndpointError / ProtocolError)."""
+    on_failure: str = "raise"
+    """What a verification that failed (the verifier could not judge the row) does. 'raise' (default): step
+    raises the VerifierError; NeMo-RL's classic path has no way to mask a row. 'mask': reward 0.0 placeholder
+    plus ``mask_sample: true`` in the row's metadata, only for trainers that honour it (under NeMo-RL's classic
+    path the 0.0 would be trained)."""
     metadata_aliases: dict = field(default_factory=lambda: {"ground_truth": "expected_answer"})
     """Metadata key -> Gym row key, copied when the row lacks it (NeMo-RL math data says ``ground_truth``)."""
     stop_strings: list[str] | None = None
@@ -129,8 +125,6 @@ class GymEnvConfig:
     """Rows verified at once by one step call (verifiers may run sandboxes or math checks: bounded)."""
     head_server_port: int = 0
     """Port of the Gym head server (0: any free port)."""
-    check_endpoints: bool = True
-    """Probe the policy endpoints once at start (only when base_urls is set)."""
 
 
 _ON_FAILURE = ("mask", "raise")
@@ -147,9 +141,13 @@ def _config_from(cfg: GymEnvConfig | Mapping[str, Any], where: str = "env") -> G
     names = [f.name for f in dataclasses.fields(GymEnvConfig)]
     problems = []
     for key in data:
-        if key not in names:
+        if key in MOVED_TO_GYM_PATH:
+            problems.append(f"{where}.{key}: whole Gym rollouts against a policy endpoint are NeMo-RL's Gym path "
+                            "(env.should_use_nemo_gym + gym_plugin.nemo_rl_gym.use_in_nemo_rl(), docs/nemo_rl.md); "
+                            "this environment only verifies NeMo-RL's own generations. Remove the key.")
+        elif key not in names:
             problems.append(f"{where}.{key}: unknown key.{did_you_mean(key, names)} Known keys: {names}")
-    for key in ("config_paths", "overrides", "base_urls"):
+    for key in ("config_paths", "overrides"):
         if isinstance(data.get(key), str):
             data[key] = [data[key]]  # one path / URL written as a string
         if key in data and not isinstance(data[key], (list, tuple)):
@@ -159,7 +157,7 @@ def _config_from(cfg: GymEnvConfig | Mapping[str, Any], where: str = "env") -> G
     if not data.get("config_paths") and not data.get("gym_config"):
         problems.append(f"{where}.config_paths: empty and no {where}.gym_config; name the Gym env YAML "
                         "(e.g. config_paths: [conf/gym/math.yaml]) or give the Gym config inline")
-    if data.get("on_failure", "mask") not in _ON_FAILURE:
+    if data.get("on_failure", "raise") not in _ON_FAILURE:
         problems.append(f"{where}.on_failure: {data['on_failure']!r} must be one of {list(_ON_FAILURE)}")
     if int(data.get("verify_max_attempts", 3)) < 1:
         problems.append(f"{where}.verify_max_attempts: {data['verify_max_attempts']!r} must be >= 1")
@@ -172,120 +170,18 @@ def _config_from(cfg: GymEnvConfig | Mapping[str, Any], where: str = "env") -> G
     return GymEnvConfig(**{k: v for k, v in data.items() if k in names})
 
 
-# ---- rollout -> NeMo-RL message log -------------------------------------------------------------------------
-def _call_text(items: Sequence[Mapping[str, Any]]) -> str:
-    """What one model call said: its message text, then its tool calls as ``name(arguments)`` lines."""
-    parts = []
-    for item in items:
-        kind = item.get("type")
-        if kind == "message":
-            parts.append(content_text(item.get("content")))
-        elif kind == "function_call":
-            parts.append(f"{item.get('name', '')}({item.get('arguments', '')})")
-    return "\n".join(p for p in parts if p)
-
-
-def _conversion_error(cls: type, kind: str, message: str) -> ProtocolError:
-    """A conversion error carrying ``kind``: the failure kind run_rollouts reports when it masks the rollout."""
-    err = cls(message)
-    err.kind = kind  # type: ignore[attr-defined]
-    return err
-
-
-def _tensor(values: list, dtype: type) -> torch.Tensor:
-    """A Python list -> a CPU tensor via np.fromiter (about 4x torch.tensor(list) on long id lists)."""
-    return torch.from_numpy(np.fromiter(values, dtype=dtype, count=len(values)))
-
-
-def rollout_to_message_log(record: Mapping[str, Any], tokenizer: Any = None) -> list[dict]:
-    """A Gym rollout (agent reply: ``response.output`` items, the last item of each model call carrying
-    ``prompt_token_ids`` / ``generation_token_ids`` / ``generation_log_probs``) -> a NeMo-RL message log.
-
-    For model call k: a ``user`` message with the prompt tokens not seen before (``prompt_k[len(seen):]``:
-    the initial prompt, then tool results and chat-template scaffolding) and an ``assistant`` message with
-    ``token_ids`` = the generated ids and ``generation_logprobs`` = their log-probs. Concatenating every
-    ``token_ids`` gives the last call's prompt + generation exactly. ``content``: the decoded tokens when a
-    tokenizer is given; else '' for context and the call's text / tool calls for the assistant.
-
-    Raises MissingTokenIdsError when no model call carries token ids, ProtocolError when a call's prompt does
-    not extend the tokens seen so far (chat-template drift: a message log cannot represent it; use
-    gym_plugin.process_rollouts, which has drift policies) or a log-prob is NaN. The error's ``kind``
-    attribute names the case (missing_token_ids, token_drift, nan_log_probs, malformed_response).
-    """
-    where = f"rollout (row {record.get(TASK_INDEX_KEY)}, repeat {record.get(ROLLOUT_INDEX_KEY)})"
-    response = record.get("response")
-    output = response.get("output") if isinstance(response, Mapping) else None
-    if not isinstance(output, list):
-        raise _conversion_error(ProtocolError, "malformed_response",
-                                f"{where} has no response.output list: {truncate(response, 200)}")
-    log: list[dict] = []
-    seen: list[int] = []
-    call_items: list[Mapping[str, Any]] = []
-    for item in output:
-        call_items.append(item)
-        gen = item.get("generation_token_ids")
-        if not gen:  # not the end of a model call (or an empty generation: nothing to train, as NeMo-RL)
-            continue
-        prompt, logprobs = item.get("prompt_token_ids"), item.get("generation_log_probs")
-        if not isinstance(prompt, list) or not isinstance(logprobs, list) or len(logprobs) != len(gen):
-            raise _conversion_error(
-                MissingTokenIdsError, "missing_token_ids",
-                f"{where}: output item {item.get('id')!r} has generation_token_ids but prompt_token_ids "
-                f"{truncate(prompt, 60)} / generation_log_probs of length "
-                f"{len(logprobs) if isinstance(logprobs, list) else logprobs!r} (want {len(gen)})"
-            )
-        if prompt[: len(seen)] != seen:
-            first = next(i for i, (a, b) in enumerate(zip(prompt, seen)) if a != b) if len(prompt) >= len(seen) \
-                else len(prompt)
-            raise _conversion_error(
-                ProtocolError, "token_drift",
-                f"{where}: model call {len(log) // 2 + 1}'s prompt does not start with the earlier prompt + "
-                f"generation (first difference at token {first} of {len(seen)}): the chat template rewrote the "
-                "history (e.g. dropped reasoning). A NeMo-RL message log cannot hold this rollout; use "
-                "process_rollouts(drift_policy=...) or a template that keeps the history."
-            )
-        new_prompt = prompt[len(seen):]
-        context_ids = _tensor(new_prompt, np.int64)  # [P_k]
-        gen_ids = _tensor(gen, np.int64)  # [G_k]
-        gen_lp = _tensor(logprobs, np.float32)  # [G_k]
-        if bool(torch.isnan(gen_lp).any()):  # NeMo-RL refuses these too: a NaN poisons the whole batch's loss
-            raise _conversion_error(
-                ProtocolError, "nan_log_probs",
-                f"{where}: model call {len(log) // 2 + 1} has NaN generation log-probs; check the policy endpoint "
-                "(dtype overflow, a broken logits processor)")
-        if tokenizer is not None:
-            context_text, gen_text = tokenizer.decode(new_prompt), tokenizer.decode(gen)
-        else:
-            context_text, gen_text = "", _call_text(call_items)
-        log.append({"role": "user", "content": context_text, "token_ids": context_ids})
-        log.append({"role": "assistant", "content": gen_text, "token_ids": gen_ids, "generation_logprobs": gen_lp})
-        seen = prompt + gen
-        call_items = []
-    if not log:
-        raise _conversion_error(
-            MissingTokenIdsError, "missing_token_ids",
-            f"{where}: no model call carries token ids ({len(output)} output items of types "
-            f"{[it.get('type') for it in output]}). The policy endpoint must return them (vLLM: "
-            "return_tokens_as_token_ids / return_token_ids), or the first prompt exceeded max_model_len."
-        )
-    return log
-
-
 # ---- the environment -----------------------------------------------------------------------------------------
 class GymEnvironment:
     """NeMo-RL environment interface over Gym servers started in this process (see the module docstring).
 
     cfg: a `GymEnvConfig` or the equivalent dict (NeMo-RL passes ``env.<name>`` as a dict).
-    extra_servers: servers to start first on the Gym loop (an embedded policy, a fake endpoint in tests).
-    tokenizer: optional HF tokenizer, used only to fill message ``content`` with decoded text.
+    extra_servers: servers to start first on the Gym loop.
     """
 
-    def __init__(self, cfg: GymEnvConfig | Mapping[str, Any], *, extra_servers: Sequence[Any] = (),
-                 tokenizer: Any = None):
+    def __init__(self, cfg: GymEnvConfig | Mapping[str, Any], *, extra_servers: Sequence[Any] = ()):
         from gym_plugin.integration import GymIntegration  # heavy (aiohttp servers); keep module import light
 
         self.cfg = _config_from(cfg)
-        self.tokenizer = tokenizer
         self._transport: Transport | None = None
         self._retry = RetryPolicy(max_attempts=self.cfg.verify_max_attempts, backoff_s=0.05)
         paths = list(self.cfg.config_paths)
@@ -297,13 +193,11 @@ class GymEnvironment:
             with os.fdopen(fd, "w") as f:
                 f.write(OmegaConf.to_yaml(OmegaConf.create(dict(self.cfg.gym_config))))
             paths.append(self._inline_path)
-        base_urls = list(self.cfg.base_urls) or [UNSET_POLICY_URL]
         try:
             self.gym = GymIntegration(
-                self.cfg.model_name, base_urls, paths, head_server_port=self.cfg.head_server_port,
-                policy_api_key=self.cfg.api_key, overrides=self.cfg.overrides, extra_servers=extra_servers,
-                # step-only (no base_urls): the placeholder endpoint is never called, so never probe it
-                check_endpoints=self.cfg.check_endpoints and bool(self.cfg.base_urls),
+                "policy", [UNSET_POLICY_URL], paths, head_server_port=self.cfg.head_server_port,
+                overrides=self.cfg.overrides, extra_servers=extra_servers,
+                check_endpoints=False,  # the placeholder endpoint is never called
             )
         except BaseException:
             self._remove_inline()
@@ -315,10 +209,6 @@ class GymEnvironment:
                 f"env.verifier: {self.cfg.verifier!r} is not a resource server of the Gym config. Resource "
                 f"servers: {self._resource_servers}.{did_you_mean(self.cfg.verifier, self._resource_servers)}"
             )
-
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Install the tokenizer used to decode message contents (as NeMo-RL's NemoGym.set_tokenizer)."""
-        self.tokenizer = tokenizer
 
     # ---- step ---------------------------------------------------------------------------------------------------
     def step(self, message_log_batch: list[list[Mapping[str, Any]]], metadata: list[Mapping[str, Any] | None],
@@ -337,18 +227,21 @@ class GymEnvironment:
         jobs = [self._verify_job(i, log, meta) for i, (log, meta) in enumerate(zip(message_log_batch, metadata))]
         replies = self.gym.run_on_servers_loop(self._verify_all(jobs))  # direct calls, no HTTP
         rewards, observations, out_meta, answers = [], [], [], []
+        unusable: list[str] = []  # rows that must not be trained as their reward: failed, or flagged mask_sample
         for (i, url, body), reply in zip(jobs, replies):
             meta = {k: v for k, v in metadata[i].items() if k not in _STEP_OUTPUT_KEYS}
             if isinstance(reply, BaseException):
-                if self.cfg.on_failure == "raise":
-                    raise reply
-                reward = 0.0  # placeholder only: mask_sample keeps it out of the loss
+                unusable.append(f"row {i}: {reply}")
+                reward = 0.0  # placeholder only: mask_sample keeps it out of the loss (on_failure: mask)
                 meta.update(mask_sample=True, reward=None,
                             failure={"kind": "verifier", "reason": str(reply), "url": url})
                 observations.append({"role": ENVIRONMENT_ROLE, "content": "Environment: verification failed"})
                 answers.append(None)
             else:
                 reward = float(reply["reward"])
+                if reply.get("mask_sample"):
+                    unusable.append(f"row {i}: the verifier at {url} judged it (reward {reward:g}) but flagged it "
+                                    "mask_sample: true (not to be trained on)")
                 # What the verifier added or changed (metadata from an earlier step may already hold old
                 # 'reward' / 'extracted_answer' values: they are overwritten, the echoed row is not copied).
                 meta.update({k: v for k, v in reply.items() if k != "response" and (k not in body or body[k] != v)})
@@ -359,6 +252,19 @@ class GymEnvironment:
                 answers.append(None if extracted is None else str(extracted))
             rewards.append(reward)
             out_meta.append(meta)
+        if unusable and self.cfg.on_failure == "raise":
+            raise VerifierError(
+                f"{len(unusable)} of {len(jobs)} rows cannot be trained on as their reward, and NeMo-RL's classic "
+                f"step() path has no way to leave a row out of the loss: {'; '.join(unusable[:5])}"
+                f"{f'; and {len(unusable) - 5} more' if len(unusable) > 5 else ''}. Fix the rows or the verifier, "
+                "use NeMo-RL's Gym path (it masks), or set on_failure: mask with a trainer that honours mask_sample."
+            )
+        if unusable:
+            logger.warning(
+                "step: %d of %d rows carry mask_sample (failed or flagged verification; reward placeholder 0.0 on "
+                "failures). NeMo-RL's classic path ignores that flag and trains these rewards; only a trainer that "
+                "reads mask_sample (global_post_process_and_metrics) keeps them out of the loss.",
+                len(unusable), len(jobs))
         b = len(jobs)
         return EnvironmentReturn(
             observations=observations,
@@ -509,59 +415,6 @@ class GymEnvironment:
         if "text" in batch and b:
             metrics["rollout/pass_at_samples_per_prompt"] = _pass_rate_per_prompt(batch["text"], correct, keep)
         return batch, metrics
-
-    # ---- whole rollouts -----------------------------------------------------------------------------------------
-    def run_rollouts(self, examples: Iterable[Mapping[str, Any]], repeats: int = 1) -> list[dict]:
-        """Run each example (a Gym row with ``responses_create_params`` + ``agent_ref``) ``repeats`` times through
-        its agent, and return one result per rollout, sorted by (row, repeat):
-
-        ``{"message_log": [...], "input_message_log": message_log[:1], "full_result": <Gym record>,
-        "reward": float, "mask_sample": bool, "failure": None, "task_index": i, "rollout_index": r}``.
-        A failed rollout has ``message_log: None``, ``reward: None``, ``mask_sample: True`` and ``failure: {kind,
-        reason, ...}``: the collector's failure records (kinds timeout, connection, http_status, verifier, ...)
-        and rollouts that cannot become a message log (missing_token_ids, token_drift, nan_log_probs,
-        malformed_response). With ``on_failure: raise`` it raises instead.
-        """
-        if not self.cfg.base_urls:
-            raise ConfigError("env.base_urls: empty, so there is no policy endpoint for run_rollouts. Set it to "
-                              "the OpenAI-compatible server(s) of the policy, e.g. ['http://127.0.0.1:8000/v1']")
-        records = self.gym.collect(examples, repeats=repeats)
-        return [self._to_result(record) for record in records]
-
-    async def stream_rollouts(self, examples: Iterable[Mapping[str, Any]], repeats: int = 1
-                              ) -> AsyncIterator[dict]:
-        """`run_rollouts` for async callers (a Ray async actor, an overlapping trainer): yields each result as its
-        rollout finishes (completion order; ``task_index`` / ``rollout_index`` say which)."""
-        if not self.cfg.base_urls:
-            raise ConfigError("env.base_urls: empty, so there is no policy endpoint for stream_rollouts. Set it to "
-                              "the OpenAI-compatible server(s) of the policy, e.g. ['http://127.0.0.1:8000/v1']")
-        async for record in self.gym.collect_rollouts(examples, repeats=repeats):
-            yield self._to_result(record)
-
-    def _to_result(self, record: dict) -> dict:
-        out = {"full_result": record, "task_index": record.get(TASK_INDEX_KEY),
-               "rollout_index": record.get(ROLLOUT_INDEX_KEY)}
-        failure = record.get("failure") if is_failure(record) else None
-        log = None
-        if failure is None:
-            try:
-                log = rollout_to_message_log(record, self.tokenizer)
-            except ProtocolError as e:  # no token ids, or template drift
-                if self.cfg.on_failure == "raise":
-                    raise
-                failure = {"kind": getattr(e, "kind", "malformed_response"), "reason": str(e)}
-        elif self.cfg.on_failure == "raise":
-            raise GymPluginError(
-                f"rollout of row {out['task_index']} (repeat {out['rollout_index']}) failed: "
-                f"{failure.get('kind')}: {failure.get('reason')} (attempts {failure.get('attempts')}, url "
-                f"{failure.get('url')}). Set env.on_failure=mask to keep going with the row masked."
-            )
-        if failure is not None:
-            out.update(message_log=None, input_message_log=None, reward=None, mask_sample=True, failure=failure)
-            return out
-        out.update(message_log=log, input_message_log=log[:1], reward=float(record["reward"]),
-                   mask_sample=bool(record.get("mask_sample", False)), failure=None)
-        return out
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -41,6 +41,7 @@ import torch
 
 from gym_plugin.advantages import ADVANTAGE_MODES, compute_advantages, zero_variance_members
 from gym_plugin.errors import ConfigError, ProtocolError, did_you_mean
+from gym_plugin.protocol import DRIFT, splice_offsets
 
 DRIFT_POLICIES = ("split", "last_turn", "drop")
 MISSING_TOKENS_POLICIES = ("exclude", "retokenize")
@@ -151,21 +152,15 @@ def _model_calls(record: Mapping[str, Any]) -> list[tuple[list, list, list]] | s
     return calls if calls else "missing"
 
 
-def _segments(calls: list[tuple[list, list, list]]) -> list[list[int]]:
-    """Split the call indices into maximal runs where each prompt extends the previous prompt + generation."""
-    if len(calls) == 1:
-        return [[0]]
+def _segments(offsets: list[int]) -> list[list[int]]:
+    """Split the call indices into maximal runs where each prompt extends the previous prompt + generation
+    (``offsets`` from `gym_plugin.protocol.splice_offsets`, the splice shared with the NeMo-RL message logs)."""
     segments = [[0]]
-    prev_prompt, prev_gen, _ = calls[0]
-    for k in range(1, len(calls)):
-        prompt = calls[k][0]
-        n_p, n_g = len(prev_prompt), len(prev_gen)
-        # Does this prompt start with the previous prompt + generation? List slices compare at C speed.
-        if len(prompt) >= n_p + n_g and prompt[:n_p] == prev_prompt and prompt[n_p : n_p + n_g] == prev_gen:
-            segments[-1].append(k)
-        else:
+    for k in range(1, len(offsets)):
+        if offsets[k] == DRIFT:
             segments.append([k])
-        prev_prompt, prev_gen, _ = calls[k]
+        else:
+            segments[-1].append(k)
     return segments
 
 
@@ -360,7 +355,8 @@ def process_rollouts(
             counts["retokenized"] += 1
             retokenized = True
 
-        segments = _segments(calls)
+        offsets = splice_offsets(calls)
+        segments = _segments(offsets)
         if len(segments) > 1:
             counts["drift"] += 1
             if drift_policy == "drop":
@@ -379,7 +375,6 @@ def process_rollouts(
         kept_rewards.append(float(record["reward"]))
         kept_groups.append(group)
         for segment in segments:
-            first_prompt = calls[segment[0]][0]
             last_prompt, last_gen, _ = calls[segment[-1]]
             # Prefix checks passed, so the row is exactly the last call's prompt + generation.
             row_id_sources.append(last_prompt)
@@ -388,18 +383,17 @@ def process_rollouts(
             row_of_rollout.append(kept_index)
             row_source_index.append(index)
             row_retokenized.append(retokenized)
-            seen = len(first_prompt)
-            piece_lengths.append(seen)
-            piece_values.append(0)
             for k in segment:
                 prompt, gen, lps = calls[k]
-                if len(prompt) > seen:  # tool output / template scaffolding added since the last generation
-                    piece_lengths.append(len(prompt) - seen)
+                # Context since the last generation (the whole prompt for a segment's first call; then tool
+                # output / template scaffolding): prompt[offset:], never trained.
+                context = len(prompt) - (offsets[k] if k != segment[0] else 0)
+                if context:
+                    piece_lengths.append(context)
                     piece_values.append(0)
                 piece_lengths.append(len(gen))
                 piece_values.append(1)
                 logprob_sources.append(lps)
-                seen = len(prompt) + len(gen)
 
     num_rows = len(row_lengths)
     num_kept = len(kept_rewards)

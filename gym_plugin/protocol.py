@@ -8,7 +8,7 @@ docs/architecture.md); `is_failure` is the one test for the latter.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from gym_plugin.errors import ProtocolError, truncate
 
@@ -30,6 +30,49 @@ FAILURE_KINDS = (
     "agent",
     "invalid_row",
 )
+
+
+DRIFT = -1
+"""`splice_offsets` value of a model call whose prompt does not extend the tokens before it."""
+
+
+def splice_offsets(calls: Sequence[Sequence[Any]]) -> list[int]:
+    """The multi-turn token splice and its prefix check: the one definition behind `process_rollouts` rows and
+    NeMo-RL message logs.
+
+    ``calls``: one entry per model call of a rollout, in order, each starting with ``(prompt_token_ids,
+    generation_token_ids, ...)`` as lists. A rollout is one token sequence when every call's prompt starts with
+    the previous call's prompt + generation (tool output and template scaffolding come after):
+
+        sequence = prompt_0 + gen_0 + prompt_1[offset_1:] + gen_1 + prompt_2[offset_2:] + gen_2 ...
+
+    Returns ``offset_k`` for each call: 0 for the first; ``len(prompt_{k-1}) + len(gen_{k-1})`` when call k
+    extends call k-1 (so ``prompt_k[offset_k:]`` is the context added since: tool results, scaffolding);
+    `DRIFT` (-1) when it does not (the chat template rewrote the history, e.g. dropped reasoning), where a new
+    sequence has to start. Two C-speed list-slice comparisons per call; nothing is concatenated.
+    """
+    offsets = [0] * len(calls)
+    if len(calls) < 2:
+        return offsets
+    prev_prompt, prev_gen = calls[0][0], calls[0][1]
+    for k in range(1, len(calls)):
+        prompt, gen = calls[k][0], calls[k][1]
+        n_p, n_g = len(prev_prompt), len(prev_gen)
+        if len(prompt) >= n_p + n_g and prompt[:n_p] == prev_prompt and prompt[n_p : n_p + n_g] == prev_gen:
+            offsets[k] = n_p + n_g
+        else:
+            offsets[k] = DRIFT
+        prev_prompt, prev_gen = prompt, gen
+    return offsets
+
+
+def first_difference(prompt: Sequence[int], prev_prompt: Sequence[int], prev_gen: Sequence[int]) -> int:
+    """Where ``prompt`` stops matching ``prev_prompt + prev_gen`` (for error messages about a `DRIFT`)."""
+    seen = list(prev_prompt) + list(prev_gen)
+    for i, (a, b) in enumerate(zip(prompt, seen)):
+        if a != b:
+            return i
+    return min(len(prompt), len(seen))
 
 
 def agent_name(row: Mapping[str, Any], where: str = "example row") -> str:
