@@ -1,9 +1,34 @@
-"""Policy model server: Responses API in, OpenAI Chat Completions out (vLLM token styles A and B).
+"""Policy model server: Responses API in; OpenAI Completions (token ids) or Chat Completions out.
 
-``POST /v1/responses`` takes Responses create params, sends ``POST {base_url}/chat/completions`` to one of the
-configured backends asking for token ids and log-probs, and answers a Responses object whose output items
-carry ``prompt_token_ids``, ``generation_token_ids`` and ``generation_log_probs`` on the last item of the call
+``POST /v1/responses`` takes Responses create params, sends one model call to one of the configured backends
+asking for token ids and log-probs, and answers a Responses object whose output items carry
+``prompt_token_ids``, ``generation_token_ids`` and ``generation_log_probs`` on the last item of the call
 (protocol.md). ``POST /v1/chat/completions`` passes a chat request through to a backend unchanged.
+
+Two ways to make the call (``token_mode``):
+
+- ``completions`` (token-in/token-out): ``POST {base_url}/completions`` with ``prompt`` = token ids. The first
+  call renders the conversation with the model's chat template (``chat_template.ChatRenderer``); call k+1
+  sends call k's ``prompt_token_ids + generation_token_ids`` plus only the tokens of what was appended since
+  (``tito.build_prompt``), so multi-turn rollouts never drift and the model's output is never re-tokenized.
+  Tool calls are parsed from the generated text (``toolcalls.parse_tool_calls``, Hermes ``<tool_call>``
+  blocks), as the embedded server does. Needs the model's tokenizer: ``tokenizer`` (an HF folder or hub id),
+  or, when unset, the ``root`` the backend reports in ``GET /models`` (vLLM reports its ``--model``).
+- ``chat``: ``POST {base_url}/chat/completions`` with token styles A/B (``token_style``). The backend
+  re-renders the history each turn; the ids of earlier turns ride on history messages, which vLLM ignores, so
+  multi-turn rollouts may drift (``process_rollouts`` detects and counts it).
+- ``auto`` (default): ``completions`` for a backend whose ``GET /models`` says ``owned_by: vllm``, ``chat``
+  otherwise (asked once per backend).
+
+A call sampled under a constraint (``tool_choice: "required"`` or a named function, a ``response_format`` /
+``text.format`` other than text, vLLM ``structured_outputs`` / ``guided_*``) reports log-probs of the
+constrained distribution, not of the policy: its token-carrying item gets ``constrained: true``
+(``process_rollouts`` leaves such tokens out of the loss by default). In completions mode such a call goes to
+``/chat/completions``, where the backend enforces the constraint.
+
+Policy version: a completion that carries ``policy_version`` (the embedded server) gives it; otherwise the
+server asks ``GET {root}/weight_info`` (vLLM dev mode) before and after the call and reports the version the
+call started with (``report_policy_version``; a backend without the route is asked once).
 
 Backend choice: ``round_robin`` or ``least_busy`` (fewest requests in flight), made once per rollout: a caller
 that sends the ``x-gym-plugin-route-key`` header (the agent sends one per rollout) gets the same backend for
@@ -20,6 +45,7 @@ backend and the fix.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -37,12 +63,16 @@ from gym_plugin.errors import (
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
 from gym_plugin.responses import choice_to_output_items, create_params_to_chat, next_id
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
+from gym_plugin.servers.policy_tokens import backend_identity, completion_message, completion_payload, is_constrained
+
+logger = logging.getLogger(__name__)
 
 ROUTE_KEY_HEADER = "x-gym-plugin-route-key"
 """Request header that pins all requests with the same value to one backend (one value per rollout)."""
 
 ROUTINGS = ("round_robin", "least_busy")
 TOKEN_STYLES = ("A", "B", "none")
+TOKEN_MODES = ("auto", "completions", "chat")
 
 _CONTEXT_LENGTH_MARKERS = ("maximum context length", "context_length_exceeded", "context length",
                            "maximum model length", "max_model_len")
@@ -77,6 +107,16 @@ class PolicyModelConfig:
     """Extra keys merged into every chat completion request (e.g. chat_template_kwargs, top_k)."""
     max_sticky_rollouts: int = 100_000
     """How many rollout -> backend assignments are remembered (oldest forgotten first)."""
+    token_mode: str = "auto"
+    """'completions' (token-in/token-out through /completions: multi-turn prompts extend the earlier turns'
+    token ids; needs the tokenizer), 'chat' (/chat/completions, the backend re-renders history: multi-turn
+    rollouts may drift), 'auto' (completions when the backend's GET /models says owned_by 'vllm', else chat)."""
+    tokenizer: str | None = None
+    """completions mode: the policy model's Hugging Face folder or hub id (tokenizer + chat template). None =
+    the 'root' the backend reports in GET /models (vLLM: its --model), when that can be loaded here."""
+    report_policy_version: bool = True
+    """Ask GET {root}/weight_info (vLLM dev mode) around each call for the policy version when the completion
+    carries none; a backend without the route is asked once."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +135,12 @@ class PolicyModelConfig:
             )
         if self.max_attempts < 1:
             problems.append(f"max_attempts={self.max_attempts}: must be >= 1")
+        if self.token_mode not in TOKEN_MODES:
+            problems.append(f"token_mode={self.token_mode!r}: expected one of {TOKEN_MODES}."
+                            f"{did_you_mean(str(self.token_mode), TOKEN_MODES)}")
+        if self.token_mode == "completions" and self.token_style == "none":
+            problems.append("token_mode='completions' always returns token ids; token_style='none' (no ids) "
+                            "needs token_mode='chat'")
         if problems:
             raise ConfigError(problems)
 
@@ -104,10 +150,13 @@ class PolicyModelConfig:
         return [u.rstrip("/") for u in urls]
 
 
+def _root(base_url: str) -> str:
+    """vLLM serves /tokenize, /weight_info, ... at the server root, not under /v1."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
 def _tokenize_url(base_url: str) -> str:
-    """vLLM serves /tokenize at the server root, not under /v1."""
-    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
-    return f"{root}/tokenize"
+    return f"{_root(base_url)}/tokenize"
 
 
 def _is_context_length_error(e: HTTPStatusError) -> bool:
@@ -142,6 +191,19 @@ class PolicyModelServer(Server):
             self._token_flags["return_tokens_as_token_ids"] = True
         elif style == "B":
             self._token_flags["return_token_ids"] = True
+        self._modes: list[str | None] = [None if config.token_mode == "auto" else config.token_mode] * len(self.base_urls)
+        """Resolved token mode of each backend ('completions' | 'chat'); None until asked (auto)."""
+        self._roots: list[str | None] = [None] * len(self.base_urls)
+        """The model 'root' each backend reported in GET /models (the tokenizer source when none is set)."""
+        self._mode_tasks: dict[int, asyncio.Future] = {}
+        self._renderer_task: asyncio.Future | None = None
+        self._has_version_route: list[bool | None] = [None if config.report_policy_version else False] * len(self.base_urls)
+        """Whether each backend serves GET /weight_info (None: not known yet; the first ask finds out)."""
+        self._version_probe: dict[int, asyncio.Future] = {}
+        self.stats: dict[str, int] = {"completions_calls": 0, "chat_calls": 0, "continued_prompts": 0,
+                                      "continuation_fallbacks": 0, "constrained_calls": 0}
+        """Counters: calls per mode, prompts built by extending earlier ids, fallbacks to a full render (the
+        rollout will show as drift), calls sampled under a constraint."""
 
     def routes(self):
         return [
@@ -197,21 +259,43 @@ class PolicyModelServer(Server):
         payload = dict(body)
         payload.setdefault("model", self.config.model)
         idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
-        reply, _ = await self._post_backend(idx, "/chat/completions", payload)
+        self._in_flight[idx] += 1
+        try:
+            reply, _ = await self._post_backend(idx, "/chat/completions", payload)
+        finally:
+            self._in_flight[idx] -= 1
         return reply
 
     async def responses(self, body: Any, ctx: RequestContext) -> dict:
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{self.name}: /v1/responses expects Responses create params, got {truncate(body, 200)}")
+        idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
+        # In flight from the pick on (not only while posting): least_busy must see calls that are still
+        # asking the backend's mode or version.
+        self._in_flight[idx] += 1
+        try:
+            return await self._responses(body, idx)
+        finally:
+            self._in_flight[idx] -= 1
+
+    async def _responses(self, body: Mapping[str, Any], idx: int) -> dict:
+        mode = self._modes[idx] or await self._resolve_mode(idx)
         # Token ids of earlier turns ride on history messages only for token-aware backends (vLLM ignores
         # unknown message keys; a strict OpenAI-compatible server may reject them).
-        chat = create_params_to_chat(body, self.config.model, carry_tokens=self.config.token_style != "none")
+        chat = create_params_to_chat(body, self.config.model,
+                                     carry_tokens=mode == "completions" or self.config.token_style != "none")
+        constrained = is_constrained(chat, self.config.extra_body)
+        if constrained:
+            self.stats["constrained_calls"] += 1
+        if mode == "completions" and not constrained:
+            return await self._responses_completions(body, chat, idx)
+        self.stats["chat_calls"] += 1
         if self._token_flags:
             chat.update(self._token_flags)
         if self.config.extra_body:
             chat.update(self.config.extra_body)
-        idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
         base_url = self.base_urls[idx]
+        version_before = await self._backend_version(idx)
 
         tokenize_task = None
         if self.config.token_style == "A":
@@ -250,17 +334,167 @@ class PolicyModelServer(Server):
                 tok, _ = await tokenize_task
                 prompt_ids = tok.get("tokens") if isinstance(tok, Mapping) else None
             token_fields = self._token_fields(completion, choice, base_url, prompt_ids)
-            if completion.get("policy_version") is not None:
-                token_fields["policy_version"] = completion["policy_version"]
+            version = completion.get("policy_version")
+            if version is None:
+                version = await self._call_version(idx, version_before)
+            if version is not None:
+                token_fields["policy_version"] = version
+            if constrained:
+                token_fields["constrained"] = True
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
+
+    async def _responses_completions(self, body: Mapping[str, Any], chat: dict, idx: int) -> dict:
+        """Token-in/token-out: the prompt as ids to /completions (see the module docstring)."""
+        from gym_plugin.tito import ContinuationError, build_prompt
+
+        self.stats["completions_calls"] += 1
+        renderer = await self._renderer(idx)
+        tools = chat.get("tools")
+        kwargs = chat.get("chat_template_kwargs") or self.config.extra_body.get("chat_template_kwargs")
+        try:
+            prompt = build_prompt(renderer, chat["messages"], tools, kwargs)
+        except ContinuationError as e:
+            # Not silent: counted, logged, and the rollout shows as drift in process_rollouts.
+            self.stats["continuation_fallbacks"] += 1
+            logger.warning("policy model server %r: %s; rendering the whole conversation instead", self.name, e)
+            plain = [{k: v for k, v in m.items() if k not in ("prompt_token_ids", "generation_token_ids")}
+                     for m in chat["messages"]]
+            prompt = build_prompt(renderer, plain, tools, kwargs)
+        if prompt.continued_from is not None:
+            self.stats["continued_prompts"] += 1
+        payload = completion_payload(chat, prompt.ids, self.config.extra_body)
+        base_url = self.base_urls[idx]
+        version_before = await self._backend_version(idx)
+        try:
+            completion, _ = await self._post_backend(idx, "/completions", payload)
+        except HTTPStatusError as e:
+            if _is_context_length_error(e):
+                return self._response(body, [], None, {"reason": "max_output_tokens"})
+            raise
+        parse_tools = bool(tools) and chat.get("tool_choice") != "none"
+        choice, token_fields, _ = completion_message(completion, base_url, parse_tools)
+        version = completion.get("policy_version") if isinstance(completion, Mapping) else None
+        if version is None:
+            version = await self._call_version(idx, version_before)
+        if version is not None:
+            token_fields["policy_version"] = version
+        output = choice_to_output_items(choice, token_fields)
+        incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
+        return self._response(body, output, completion.get("usage"), incomplete)
+
+    # ---- token mode, tokenizer, policy version -------------------------------------------------------------
+    async def _resolve_mode(self, idx: int) -> str:
+        """auto: ask the backend once (GET /models) whether it is vLLM; concurrent first calls share the ask."""
+        task = self._mode_tasks.get(idx)
+        if task is None:
+            task = self._mode_tasks[idx] = asyncio.ensure_future(self._ask_mode(idx))
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            if task.done():
+                self._mode_tasks.pop(idx, None)  # a failed ask is retried by the next call
+            raise
+
+    async def _ask_mode(self, idx: int) -> str:
+        url = f"{self.base_urls[idx]}/models"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                reply = await self._transport().get(url, timeout_s=min(self.config.timeout_s, 30.0))
+                owned_by, root = backend_identity(reply.data)
+                break
+            except HTTPStatusError as e:
+                if e.status < 500 and e.status != 429:  # no /models route: not vLLM
+                    owned_by, root = None, None
+                    break
+                error: EndpointError = e
+            except EndpointError as e:
+                error = e
+            if attempt >= self._retry.max_attempts:
+                raise HandlerError(
+                    502, f"policy model server {self.name!r}: backend {url} failed after {attempt} attempt(s): "
+                         f"{error} (token_mode=auto asks GET /models which backend this is; set token_mode: "
+                         "completions or chat to skip the question)", "upstream_error") from error
+            await asyncio.sleep(self._retry.delay(attempt))
+        if self._roots[idx] is None:
+            self._roots[idx] = root
+        mode = "completions" if owned_by == "vllm" and self.config.token_style != "none" else "chat"
+        self._modes[idx] = mode
+        logger.info("policy model server %r: backend %s is %s -> token_mode %s", self.name, self.base_urls[idx],
+                    owned_by, mode)
+        return mode
+
+    async def _renderer(self, idx: int):
+        """The ChatRenderer of ``tokenizer`` (or the backend's model root), loaded once off the event loop."""
+        if self._renderer_task is None:
+            source, key = self.config.tokenizer, "tokenizer"
+            if not source:
+                if self._roots[idx] is None:
+                    try:
+                        reply = await self._transport().get(f"{self.base_urls[idx]}/models", timeout_s=30.0)
+                        self._roots[idx] = backend_identity(reply.data)[1]
+                    except EndpointError:
+                        pass
+                source, key = self._roots[idx], f"tokenizer (unset; tried the model root {self._roots[idx]!r} " \
+                                                 f"reported by {self.base_urls[idx]}/models)"
+            self._renderer_task = asyncio.ensure_future(asyncio.to_thread(_load_renderer, source, key))
+        try:
+            return await asyncio.shield(self._renderer_task)
+        except ConfigError as e:
+            raise HandlerError(500, f"policy model server {self.name!r}: token_mode=completions needs the policy "
+                                    f"model's tokenizer and chat template: {e} Or set token_mode: chat.",
+                               "config_error") from e
+
+    async def _backend_version(self, idx: int) -> Any:
+        """The backend's weight version (``GET {root}/weight_info``), or None (no route / asked not to).
+
+        Until the first answer says whether the route exists, concurrent calls wait for that one ask instead of
+        each sending their own (a backend without it costs one request in all)."""
+        known = self._has_version_route[idx]
+        if known is False:
+            return None
+        if known is None:
+            probe = self._version_probe.get(idx)
+            if probe is None:
+                probe = self._version_probe[idx] = asyncio.ensure_future(self._ask_version(idx))
+                return await asyncio.shield(probe)
+            await asyncio.shield(probe)
+            if not self._has_version_route[idx]:
+                return None
+        return await self._ask_version(idx)
+
+    async def _ask_version(self, idx: int) -> Any:
+        try:
+            reply = await self._transport().get(f"{_root(self.base_urls[idx])}/weight_info", timeout_s=10.0)
+        except HTTPStatusError as e:
+            if e.status in (404, 405):
+                self._has_version_route[idx] = False  # not vLLM dev mode: stop asking
+            return None
+        except EndpointError:
+            return None
+        finally:
+            self._version_probe.pop(idx, None)
+        self._has_version_route[idx] = True
+        value = reply.data.get("weight_version") if isinstance(reply.data, Mapping) else None
+        return _version_value(value)
+
+    async def _call_version(self, idx: int, before: Any) -> Any:
+        """The version a call started with; a call that straddled a weight update reports the older one."""
+        if before is None:
+            return None
+        after = await self._backend_version(idx)
+        if after is not None and after != before:
+            logger.warning("policy model server %r: backend %s changed weights during a call (%s -> %s)",
+                           self.name, self.base_urls[idx], before, after)
+        return before
 
     # ---- helpers --------------------------------------------------------------------------------------------
     async def _post_backend(self, idx: int, path: str | None, payload: Any, url: str | None = None):
         base_url = self.base_urls[idx]
         url = url or f"{base_url}{path}"
-        self._in_flight[idx] += 1
         self.requests_per_backend[idx] += 1
         try:
             reply, attempts = await post_with_retries(self._transport(), url, payload, self._retry)
@@ -282,8 +516,6 @@ class PolicyModelServer(Server):
                 f"attempt(s): {e}",
                 "upstream_error",
             ) from e
-        finally:
-            self._in_flight[idx] -= 1
         return reply.data, attempts
 
     def _token_fields(self, completion: Mapping, choice: Mapping, base_url: str,
@@ -346,3 +578,20 @@ class PolicyModelServer(Server):
             "tools": params.get("tools") or [],
             "parallel_tool_calls": params.get("parallel_tool_calls", True),
         }
+
+
+def _version_value(value: Any) -> Any:
+    """vLLM reports versions as strings ('default' before any update, then what the trainer set): numeric ones
+    become ints (the recipe compares them), 'default' becomes 0, anything else stays a string."""
+    if value is None or value == "default":
+        return 0 if value == "default" else None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _load_renderer(source: str | None, key: str):
+    from gym_plugin.chat_template import ChatRenderer, load_tokenizer
+
+    return ChatRenderer(load_tokenizer(source or "", key=key))

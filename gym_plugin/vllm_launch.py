@@ -1,0 +1,110 @@
+"""The vLLM server command gym_plugin needs (what ``gym-plugin vllm-args`` prints and the tests start).
+
+A vLLM server that serves a policy for training needs, beyond the model:
+
+- ``--enable-auto-tool-choice --tool-call-parser hermes`` (otherwise vLLM answers 400 to ``tool_choice: auto``),
+- ``--chat-template FILE`` when the model's own template ignores ``tools`` (SmolLM2's does: the model would
+  never see the tools); the file is ``chat_template.served_chat_template`` of the model's tokenizer,
+- dev mode (``VLLM_SERVER_DEV_MODE=1``) for the weight-update routes (``/collective_rpc``,
+  ``/update_weight_version``, ``/init_weight_transfer_engine``, ...),
+- ``--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension`` for ``weight_sync=vllm_reload``
+  (gym_plugin must be importable by the server's Python), or ``--weight-transfer-config '{"backend": "nccl"}'``
+  for ``weight_sync=vllm_nccl`` (GPU only).
+
+The console script ``vllm`` of the CPU wheel is broken (``PackageNotFoundError: vllm``), so the command is
+``python -m vllm.entrypoints.openai.api_server``, which works with every build.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gym_plugin.errors import ConfigError, did_you_mean
+from gym_plugin.vllm_worker import EXTENSION_QUALNAME
+
+WEIGHT_SYNCS = ("vllm_reload", "vllm_nccl", "none")
+
+
+@dataclass
+class VLLMServerSpec:
+    """What goes into the command line (field = flag)."""
+
+    model: str
+    """Hugging Face folder (or hub id) the server loads (``--model``)."""
+    served_model_names: list[str] = field(default_factory=list)
+    """Names requests may use (``--served-model-name``); empty = vLLM's default (the model path)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    chat_template: str | None = None
+    """Path of the chat template file (``--chat-template``); None = the model's own."""
+    max_model_len: int | None = 2048
+    dtype: str = "auto"
+    """``float32`` on CPUs without AVX512 (bfloat16 is 4x slower there), ``auto`` on GPUs."""
+    enforce_eager: bool = False
+    weight_sync: str = "vllm_reload"
+    """Which gym_plugin weight sync the server must support: 'vllm_reload' | 'vllm_nccl' | 'none'."""
+    cpu: bool = False
+    """vLLM's CPU build: sets ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) and eager mode."""
+    kv_cache_gib: int = 1
+    """CPU build only: KV cache size in GiB."""
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.weight_sync not in WEIGHT_SYNCS:
+            raise ConfigError(f"weight_sync={self.weight_sync!r} is not one of {list(WEIGHT_SYNCS)}."
+                              f"{did_you_mean(self.weight_sync, WEIGHT_SYNCS)}")
+
+    def argv(self, python: str | None = None) -> list[str]:
+        """The command (a list for subprocess)."""
+        args = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
+        if self.served_model_names:
+            args += ["--served-model-name", *self.served_model_names]
+        args += ["--host", self.host, "--port", str(self.port)]
+        if self.max_model_len:
+            args += ["--max-model-len", str(self.max_model_len)]
+        if self.dtype != "auto":
+            args += ["--dtype", self.dtype]
+        if self.enforce_eager or self.cpu:
+            args.append("--enforce-eager")
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+        if self.chat_template:
+            args += ["--chat-template", self.chat_template]
+        if self.weight_sync == "vllm_reload":
+            args += ["--worker-extension-cls", EXTENSION_QUALNAME]
+        elif self.weight_sync == "vllm_nccl":
+            args += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+        return args + list(self.extra_args)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables the server needs (added to the caller's environment)."""
+        env = {}
+        if self.weight_sync != "none":
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        if self.cpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+        return env
+
+    def shell(self, python: str = "python") -> str:
+        """The command as one shell line (``VAR=1 python -m ...``)."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env().items())
+        cmd = " ".join(shlex.quote(a) for a in self.argv(python))
+        return f"{env} {cmd}" if env else cmd
+
+
+def write_served_chat_template(model: str, out: str | Path) -> Path | None:
+    """Write the chat template vLLM must use for ``model`` to ``out``; None (nothing written) when the model's
+    own template already renders tools and no file is needed."""
+    from gym_plugin.chat_template import load_tokenizer, tools_fallback_template
+
+    tokenizer = load_tokenizer(model, key="--model")
+    template = tools_fallback_template(tokenizer)
+    if template is None:
+        return None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(template)
+    return out
