@@ -197,6 +197,7 @@ class PolicyModelServer(Server):
         """The model 'root' each backend reported in GET /models (the tokenizer source when none is set)."""
         self._mode_tasks: dict[int, asyncio.Future] = {}
         self._renderer_task: asyncio.Future | None = None
+        self._tokenizer_note = f"tokenizer={config.tokenizer!r}"
         self._has_version_route: list[bool | None] = [None if config.report_policy_version else False] * len(self.base_urls)
         """Whether each backend serves GET /weight_info (None: not known yet; the first ask finds out)."""
         self._version_probe: dict[int, asyncio.Future] = {}
@@ -438,15 +439,18 @@ class PolicyModelServer(Server):
                         self._roots[idx] = backend_identity(reply.data)[1]
                     except EndpointError:
                         pass
-                source, key = self._roots[idx], f"tokenizer (unset; tried the model root {self._roots[idx]!r} " \
-                                                 f"reported by {self.base_urls[idx]}/models)"
-            self._renderer_task = asyncio.ensure_future(asyncio.to_thread(_load_renderer, source, key))
+                source = self._roots[idx]
+                self._tokenizer_note = (
+                    f"tokenizer is unset, so the model root {source!r} that {self.base_urls[idx]}/models reported "
+                    "was used" if source else f"tokenizer is unset and {self.base_urls[idx]}/models reported no "
+                    "model root")
+            self._renderer_task = asyncio.ensure_future(asyncio.to_thread(_load_renderer, source, "tokenizer"))
         try:
             return await asyncio.shield(self._renderer_task)
         except ConfigError as e:
             raise HandlerError(500, f"policy model server {self.name!r}: token_mode=completions needs the policy "
-                                    f"model's tokenizer and chat template: {e} Or set token_mode: chat.",
-                               "config_error") from e
+                                    f"model's tokenizer and chat template ({self._tokenizer_note}): {e} Or set "
+                                    "token_mode: chat.", "config_error") from e
 
     async def _backend_version(self, idx: int) -> Any:
         """The backend's weight version (``GET {root}/weight_info``), or None (no route / asked not to).

@@ -276,9 +276,13 @@ class EmbeddedPolicyServer:
             own = Path(getattr(model, "name_or_path", "") or "embedded-policy").name
             self.served_model_name = cfg.served_model_name or own
             self.model_aliases = {self.served_model_name}
+            self.model_root = getattr(model, "name_or_path", "") or None
         else:
             self.served_model_name = cfg.served_model_name or _default_served_name(cfg.model)
             self.model_aliases = {self.served_model_name, str(cfg.model)}
+            self.model_root = str(cfg.model)
+        """What GET /v1/models reports as ``root`` (like vLLM's --model): where the tokenizer can be loaded from
+        (a model spec or folder), None for a module built in code."""
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self._host = cfg.host
@@ -366,7 +370,7 @@ class EmbeddedPolicyServer:
         return web.json_response({
             "object": "list",
             "data": [{"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "gym_plugin",
-                      "root": str(self.config.model), "max_model_len": self.max_model_len}],
+                      "root": self.model_root, "max_model_len": self.max_model_len}],
         })
 
     async def _get_version(self, request: web.Request) -> web.Response:
