@@ -117,8 +117,55 @@ class _Replicas:
                 raise WeightSyncError(f"vLLM replica {url} reports weight_version={got!r} after the update, expected "
                                       f"{str(version)!r}: it did not take the new weights.", url=url)
 
+    async def _verify_logprobs(self, model: torch.nn.Module, version: int) -> float:
+        """Max |replica log-prob - trainer log-prob| over 32 fixed ids and every replica; raises over the tolerance."""
+        tol = self.config.verify_logprobs_tol
+        inner = unwrap_model(model)
+        vocab = int(getattr(inner.config, "vocab_size", 0) or 0) if hasattr(inner, "config") else 0
+        if vocab < 2:
+            raise WeightSyncError("weight_sync.verify_logprobs_tol needs a model with config.vocab_size (a Hugging "
+                                  f"Face causal LM); got {type(inner).__name__}.")
+        ids = fixed_token_ids(vocab)
+        ours = await asyncio.to_thread(teacher_forced_logprobs, inner, ids)
+        worst = 0.0
+        for url in self.base_urls:
+            data = await self._call("POST", url, "/v1/completions", {
+                "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0})
+            try:
+                entries = data["choices"][0]["prompt_logprobs"][1:]
+                theirs = [entry[str(t)]["logprob"] for entry, t in zip(entries, ids[1:])]
+            except (KeyError, IndexError, TypeError) as e:
+                raise WeightSyncError(f"vLLM replica {url}: /v1/completions answered no prompt_logprobs for the "
+                                      f"verification ids ({type(e).__name__}: {e}): {truncate(data, 200)}",
+                                      url=url) from e
+            diff = max(abs(a - b) for a, b in zip(ours, theirs))
+            logger.info("vLLM replica %s serves version %s: max |log-prob - trainer's| = %.2e over %d fixed ids",
+                        url, version, diff, len(ids) - 1)
+            if diff > tol:
+                raise WeightSyncError(
+                    f"vLLM replica {url} took version {version} but its teacher-forced log-probs differ from the "
+                    f"trainer's by up to {diff:.3g} (> weight_sync.verify_logprobs_tol={tol:g}) on fixed ids: it "
+                    "serves other weights than the trainer's (partly applied update? a CPU build without the "
+                    "worker extension's tied-LM-head re-pack? a lower-precision dtype than the trainer's?).", url=url)
+            worst = max(worst, diff)
+        return worst
+
     async def close(self) -> None:
         await self.transport.close()
+
+
+def fixed_token_ids(vocab_size: int, n: int = 32) -> list[int]:
+    """``n`` token ids spread over the vocabulary, the same every time (a prime stride)."""
+    return [1 + (7919 * i) % (vocab_size - 1) for i in range(n)]
+
+
+def teacher_forced_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1 under ``model`` (a HF causal LM), in float32."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).logits[0].float()  # [T, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    return [float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
 
 
 # ---- vllm_reload ---------------------------------------------------------------------------------------------
@@ -187,10 +234,13 @@ class VLLMReloadWeightSync(_Replicas):
                 await self._all("POST", "/resume")
         if self.config.verify_version:
             await self._verify_version(version)
+        diff = await self._verify_logprobs(model, version) if self.config.verify_logprobs_tol is not None else None
         self._written.append(folder)
         while len(self._written) > max(1, self.config.keep_last):
             shutil.rmtree(self._written.pop(0), ignore_errors=True)
         self.last_timings = {"perf/weight_sync_s": time.perf_counter() - t0, "perf/weight_sync_write_s": t_write}
+        if diff is not None:
+            self.last_timings["policy/weight_sync_max_logprob_diff"] = diff
         return version
 
     async def _reload(self, url: str, folder: Path) -> None:
@@ -334,6 +384,8 @@ class VLLMNCCLWeightSync(_Replicas):
         if self.config.verify_version:
             await self._verify_version(version)
         self.last_timings = {"perf/weight_sync_s": time.perf_counter() - t0}
+        if self.config.verify_logprobs_tol is not None:
+            self.last_timings["policy/weight_sync_max_logprob_diff"] = await self._verify_logprobs(model, version)
         return version
 
     async def close(self) -> None:
