@@ -23,8 +23,9 @@ Two ways to make the call (``token_mode``):
 A call sampled under a constraint (``tool_choice: "required"`` or a named function, a ``response_format`` /
 ``text.format`` other than text, vLLM ``structured_outputs`` / ``guided_*``) reports log-probs of the
 constrained distribution, not of the policy: its token-carrying item gets ``constrained: true``
-(``process_rollouts`` leaves such tokens out of the loss by default). In completions mode such a call goes to
-``/chat/completions``, where the backend enforces the constraint.
+(``process_rollouts`` leaves such tokens out of the loss by default). In completions mode ``tool_choice``
+"required" / a named function is enforced as vLLM's chat route does it, with ``structured_outputs`` (a JSON
+schema of the tool calls; ``policy_tokens.forced_tool_constraint``), so such turns keep extending the tokens too.
 
 Policy version: a completion that carries ``policy_version`` (the embedded server) gives it; otherwise the
 server asks ``GET {root}/weight_info`` (vLLM dev mode) before and after the call and reports the version the
@@ -63,7 +64,13 @@ from gym_plugin.errors import (
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
 from gym_plugin.responses import choice_to_output_items, create_params_to_chat, next_id
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
-from gym_plugin.servers.policy_tokens import backend_identity, completion_message, completion_payload, is_constrained
+from gym_plugin.servers.policy_tokens import (
+    backend_identity,
+    completion_message,
+    completion_payload,
+    forced_tool_constraint,
+    is_constrained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +295,8 @@ class PolicyModelServer(Server):
         constrained = is_constrained(chat, self.config.extra_body)
         if constrained:
             self.stats["constrained_calls"] += 1
-        if mode == "completions" and not constrained:
-            return await self._responses_completions(body, chat, idx)
+        if mode == "completions":
+            return await self._responses_completions(body, chat, idx, constrained)
         self.stats["chat_calls"] += 1
         if self._token_flags:
             chat.update(self._token_flags)
@@ -346,7 +353,7 @@ class PolicyModelServer(Server):
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
 
-    async def _responses_completions(self, body: Mapping[str, Any], chat: dict, idx: int) -> dict:
+    async def _responses_completions(self, body: Mapping[str, Any], chat: dict, idx: int, constrained: bool) -> dict:
         """Token-in/token-out: the prompt as ids to /completions (see the module docstring)."""
         from gym_plugin.tito import ContinuationError, build_prompt
 
@@ -366,6 +373,9 @@ class PolicyModelServer(Server):
         if prompt.continued_from is not None:
             self.stats["continued_prompts"] += 1
         payload = completion_payload(chat, prompt.ids, self.config.extra_body)
+        forced, forced_name = forced_tool_constraint(chat)
+        if forced is not None and "structured_outputs" not in payload:
+            payload["structured_outputs"] = forced
         base_url = self.base_urls[idx]
         version_before = await self._backend_version(idx)
         try:
@@ -375,12 +385,15 @@ class PolicyModelServer(Server):
                 return self._response(body, [], None, {"reason": "max_output_tokens"})
             raise
         parse_tools = bool(tools) and chat.get("tool_choice") != "none"
-        choice, token_fields, _ = completion_message(completion, base_url, parse_tools)
+        choice, token_fields, _ = completion_message(completion, base_url, parse_tools, forced is not None,
+                                                     forced_name)
         version = completion.get("policy_version") if isinstance(completion, Mapping) else None
         if version is None:
             version = await self._call_version(idx, version_before)
         if version is not None:
             token_fields["policy_version"] = version
+        if constrained:
+            token_fields["constrained"] = True
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)

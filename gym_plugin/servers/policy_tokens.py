@@ -3,6 +3,7 @@
 - ``is_constrained``: was this call sampled under a grammar (tool_choice required / named, response format,
   vLLM structured outputs)? Its log-probs are then those of the constrained distribution.
 - ``completion_payload``: the chat request the server built -> a ``/completions`` request with token ids.
+- ``forced_tool_constraint``: ``tool_choice`` required / named -> vLLM ``structured_outputs`` for /completions.
 - ``completion_message``: a ``/completions`` reply -> (assistant message with parsed tool calls, token fields,
   finish_reason), checking that the ids and log-probs are there.
 - ``backend_identity``: ``GET /models`` reply -> (owned_by, root) of the first model.
@@ -10,9 +11,11 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any, Mapping
 
-from gym_plugin.errors import MalformedResponseError, MissingTokenIdsError, truncate
+from gym_plugin.errors import MalformedResponseError, MissingTokenIdsError, ProtocolError, truncate
 from gym_plugin.toolcalls import parse_tool_calls
 
 # Request keys that make the backend constrain sampling (vLLM's names; guided_* are older vLLM spellings).
@@ -65,8 +68,74 @@ def completion_payload(chat: Mapping[str, Any], prompt_ids: list[int],
     return payload
 
 
-def completion_message(completion: Any, base_url: str, parse_tools: bool) -> tuple[dict, dict, str | None]:
+def forced_tool_constraint(chat: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+    """How a ``/completions`` call honours ``tool_choice`` ``"required"`` or a named function, the way vLLM's chat
+    route does it: ``(structured_outputs, forced_name)``.
+
+    - ``"required"``: the generation is a JSON array of ``{"name", "parameters"}`` objects, one schema per tool
+      (vLLM's own schema for it: ``tool_parsers.utils._get_json_schema_from_tools``), at most one item when
+      ``parallel_tool_calls`` is false;
+    - a named function: the generation is that function's arguments object (its parameters schema);
+    - anything else: ``(None, None)`` (the model decides; tool calls are parsed from ``<tool_call>`` blocks).
+    """
+    choice = chat.get("tool_choice")
+    functions = {}
+    for tool in chat.get("tools") or ():
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if isinstance(fn, Mapping) and fn.get("name"):
+            functions[fn["name"]] = json.loads(json.dumps(fn.get("parameters") or {"type": "object", "properties": {}}))
+    if not functions:
+        return None, None
+    defs: dict[str, Any] = {}
+    for params in functions.values():
+        defs.update(params.pop("$defs", None) or {})
+    if choice == "required":
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
+             "required": ["name", "parameters"]} for name, params in functions.items()]}}
+        if chat.get("parallel_tool_calls") is False:
+            schema["maxItems"] = 1
+    elif isinstance(choice, Mapping):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), Mapping) \
+            else choice.get("name")
+        if name not in functions:
+            raise ProtocolError(f"tool_choice names function {name!r}, which is not among the request's tools "
+                                f"{sorted(functions)}")
+        schema = functions[name]
+        if defs:
+            schema = {**schema, "$defs": defs}
+        return {"json": schema}, name
+    else:
+        return None, None
+    if defs:
+        schema["$defs"] = defs
+    return {"json": schema}, None
+
+
+def _forced_calls(text: str, forced_name: str | None) -> list[dict] | None:
+    """Tool calls of a generation constrained by ``forced_tool_constraint`` (None when it is not valid JSON, e.g.
+    cut by max_tokens: the text is then kept as the message content)."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    if forced_name is not None:
+        pairs = [(forced_name, value)] if isinstance(value, dict) else []
+    else:
+        pairs = [(v.get("name"), v.get("parameters", {})) for v in value if isinstance(v, dict)] \
+            if isinstance(value, list) else []
+    if not pairs or not all(isinstance(n, str) and isinstance(a, dict) for n, a in pairs):
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in pairs]
+
+
+def completion_message(completion: Any, base_url: str, parse_tools: bool, forced: bool = False,
+                       forced_name: str | None = None) -> tuple[dict, dict, str | None]:
     """A ``/completions`` reply -> (chat-style choice ``{"message", "finish_reason"}``, token fields, text).
+
+    ``parse_tools``: read ``<tool_call>`` blocks from the text; ``forced``: the text is the JSON that
+    ``forced_tool_constraint`` asked for (``forced_name`` for a named function).
 
     Raises MissingTokenIdsError when ids or log-probs are missing (the backend is not vLLM >= 0.10.2) and
     MalformedResponseError when their lengths disagree.
@@ -97,7 +166,11 @@ def completion_message(completion: Any, base_url: str, parse_tools: bool) -> tup
                                      f"log-probs {truncate(lps, 200)}")
     text = choice.get("text") or ""
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if parse_tools:
+    if forced:
+        calls = _forced_calls(text, forced_name)
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+    elif parse_tools:
         parsed = parse_tool_calls(text)
         if parsed.tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}

@@ -127,14 +127,24 @@ def test_auto_picks_chat_for_a_backend_that_is_not_vllm():
     run(test)  # token_mode defaults to auto; the embedded server says owned_by 'gym_plugin'
 
 
-def test_constrained_call_goes_through_chat_and_is_marked():
+def test_constrained_call_is_marked():
     async def test(policy, transport, tok, model):
         r = await respond(policy, transport, input=[USER], tools=TOOLS, tool_choice="required")
         assert token_item(r)["constrained"] is True
         free = await respond(policy, transport, input=[USER], tools=TOOLS, tool_choice="auto")
         assert "constrained" not in token_item(free)
-        assert policy.stats["constrained_calls"] == 1
-        assert policy.stats["chat_calls"] == 1 and policy.stats["completions_calls"] == 1
+        assert policy.stats["constrained_calls"] == 1 and policy.stats["chat_calls"] == 2
+
+    run(test, token_mode="chat")
+
+
+def test_completions_mode_forces_tool_calls_with_structured_outputs():
+    """tool_choice=required in completions mode becomes vLLM's structured_outputs (the JSON schema vLLM's chat route
+    uses); the embedded server cannot constrain decoding and says so instead of ignoring it."""
+    async def test(policy, transport, tok, model):
+        with pytest.raises(HTTPStatusError) as ei:
+            await respond(policy, transport, input=[USER], tools=TOOLS, tool_choice="required")
+        assert ei.value.status == 400 and "'structured_outputs' (constrained decoding) is not supported" in ei.value.body
 
     run(test, token_mode="completions", tokenizer="tiny")
 

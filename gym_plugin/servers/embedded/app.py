@@ -481,6 +481,11 @@ class EmbeddedPolicyServer:
         if body.get("stream"):
             raise InvalidRequestError("'stream' is not supported by the embedded policy; set stream to false.",
                                       "stream")
+        for key in ("structured_outputs", "response_format", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar"):
+            if body.get(key) is not None:
+                raise InvalidRequestError(f"'{key}' (constrained decoding) is not supported by the embedded policy; "
+                                          "leave it out, or serve the model with vLLM.", key)
         prompt = body.get("prompt")
         if isinstance(prompt, str) and prompt:
             prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=_bool(body, "add_special_tokens", True))
