@@ -78,9 +78,10 @@ class WeightSyncConfig:
     """Timeout of one control-plane request (update_weights waits for the broadcast), seconds."""
     verify_logprobs_tol: float | None = None
     """vllm_reload, vllm_nccl: after each sync, ask every replica for teacher-forced log-probs of 32 fixed token
-    ids (/v1/completions with prompt_logprobs) and raise when one differs from the trainer's own by more than
-    this (e.g. 1e-3 for float32 on both sides; None: no check). Catches a replica that serves other weights than
-    the trainer's (a half-applied update, a stale tied LM head)."""
+    ids (the first synced model's greedy continuation of bos; /v1/completions with prompt_logprobs) and raise
+    when one differs from the trainer's own by more than this (e.g. 1e-3 for float32 on both sides; None: no
+    check). Catches a replica that serves other weights than the trainer's (a half-applied update, a stale tied
+    LM head)."""
 
 
 def server_root(base_url: str) -> str:

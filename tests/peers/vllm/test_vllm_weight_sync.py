@@ -17,7 +17,7 @@ import torch
 
 from gym_plugin.http import Transport
 from gym_plugin.weight_sync import WeightSyncConfig, WeightSyncError, open_weight_sync
-from gym_plugin.weight_sync_vllm import check_nccl_replicas, fixed_token_ids, teacher_forced_logprobs
+from gym_plugin.weight_sync_vllm import check_nccl_replicas, greedy_token_ids, teacher_forced_logprobs
 
 pytestmark = pytest.mark.vllm
 
@@ -41,13 +41,13 @@ def served_logprobs(server, ids: list[int]) -> list[float]:
     return [entry[str(t)]["logprob"] for entry, t in zip(reply["choices"][0]["prompt_logprobs"][1:], ids[1:])]
 
 
-def max_diff(server, model) -> float:
-    ids = fixed_token_ids(model.config.vocab_size)
+def max_diff(server, model, ids) -> float:
     return max(abs(a - b) for a, b in zip(served_logprobs(server, ids), teacher_forced_logprobs(model, ids)))
 
 
 def test_vllm_reload_serves_the_trainers_weights_after_each_sync(vllm_server, model, restore_weights, tmp_path):
     cfg = WeightSyncConfig(kind="vllm_reload", directory=str(tmp_path), verify_logprobs_tol=1e-3)
+    ids = greedy_token_ids(model)  # fixed ids: the original model's greedy path from bos
 
     async def two_syncs():
         sync = await open_weight_sync(cfg, base_urls=[vllm_server.base_url])
@@ -55,9 +55,9 @@ def test_vllm_reload_serves_the_trainers_weights_after_each_sync(vllm_server, mo
         try:
             for version in (1, 2):
                 perturb(model, seed=version)
-                before = await asyncio.to_thread(max_diff, vllm_server, model)
+                before = await asyncio.to_thread(max_diff, vllm_server, model, ids)
                 assert await sync.sync(model, version) == version
-                after = await asyncio.to_thread(max_diff, vllm_server, model)
+                after = await asyncio.to_thread(max_diff, vllm_server, model, ids)
                 assert vllm_server.get("/weight_info") == {"weight_version": str(version)}
                 diffs.append((before, after, sync.last_timings))
         finally:
