@@ -173,3 +173,58 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {note}; gym_plugin must be importable by that python (the worker extension runs inside vLLM). "
           f"Policy base URL: http://{args.host}:{args.port}/v1", file=sys.stderr)
     return 0
+
+
+def start_server(spec: VLLMServerSpec, log_path: str | Path, *, timeout_s: float = 600.0,
+                 env: dict[str, str] | None = None, python: str | None = None):
+    """Spawn the server of ``spec`` in a process group of its own, its output in ``log_path``, and wait for
+    ``GET /health`` (bounded). Returns ``(process, seconds to healthy)``; the caller stops it with
+    ``stop_server``. Raises ``EndpointUnreachableError`` with the log's tail when it exits or times out first."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    from gym_plugin.errors import EndpointUnreachableError
+
+    root = f"http://{spec.host}:{spec.port}"
+    full_env = {**os.environ, **(env or {}), **spec.env()}
+    log = open(log_path, "wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(spec.argv(python), env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()  # the child has its own handle
+    while True:
+        try:
+            with urllib.request.urlopen(root + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return proc, time.monotonic() - t0
+        except OSError:
+            pass
+        failed = proc.poll() is not None
+        if failed or time.monotonic() - t0 > timeout_s:
+            if not failed:
+                stop_server(proc)
+            tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-60:])
+            what = f"exited with code {proc.returncode}" if failed else f"was not healthy after {timeout_s:g} s"
+            raise EndpointUnreachableError(f"the vLLM server ({spec.shell()}) {what}; the end of its log "
+                                           f"({log_path}):\n{tail}", url=root)
+        time.sleep(1.0)
+
+
+def stop_server(proc, grace_s: float = 30.0) -> None:
+    """SIGTERM to the server's process group (API server, engine core, workers), SIGKILL after ``grace_s``."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        pass

@@ -20,9 +20,7 @@ import fcntl
 import importlib.util
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -76,14 +74,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _healthy(root: str) -> bool:
-    try:
-        with urllib.request.urlopen(root + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def _take_lock(timeout_s: float):
     handle = open(LOCK_PATH, "a+")
     deadline = time.monotonic() + timeout_s
@@ -105,7 +95,8 @@ def vllm_server(tmp_path_factory, request):
         pytest.skip("vLLM is not installed (pip install -e '.[vllm]' after torch==2.13.0; see .ci/run): the vllm-marked "
                     "tests need a real vLLM 0.32 server")
     from gym_plugin.models import ensure_smollm2
-    from gym_plugin.vllm_launch import VLLMServerSpec, write_served_chat_template
+    from gym_plugin.errors import EndpointUnreachableError
+    from gym_plugin.vllm_launch import VLLMServerSpec, start_server, stop_server, write_served_chat_template
 
     model_dir = ensure_smollm2()
     reuse = os.environ.get("GYM_PLUGIN_VLLM_ROOT")
@@ -130,47 +121,27 @@ def vllm_server(tmp_path_factory, request):
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     log_path = work / "vllm_server.log"
     lock = _take_lock(float(os.environ.get("GYM_PLUGIN_HEAVY_LOCK_WAIT_S", "1800")))
-    log = open(log_path, "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(spec.argv(sys.executable), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
     server = VLLMServer(base_url=root + "/v1", root=root, model_dir=Path(model_dir), log_path=log_path,
-                        startup_s=0.0, pid=proc.pid)
+                        startup_s=0.0, pid=-1)
     request.config._gym_plugin_vllm_server = server  # for the failure hook below
+    proc = None
     try:
-        limit = float(os.environ.get("GYM_PLUGIN_VLLM_STARTUP_S", "600"))
-        while not _healthy(root):
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with code {proc.returncode} before it was healthy; its log:\n"
-                            f"{server.log_tail()}")
-            if time.monotonic() - t0 > limit:
-                pytest.fail(f"the vLLM server was not healthy after {limit:g} s (GYM_PLUGIN_VLLM_STARTUP_S); its "
-                            f"log:\n{server.log_tail()}")
-            time.sleep(1.0)
-        server.startup_s = time.monotonic() - t0
+        try:
+            proc, server.startup_s = start_server(
+                spec, log_path, timeout_s=float(os.environ.get("GYM_PLUGIN_VLLM_STARTUP_S", "600")), env=env,
+                python=sys.executable)
+        except EndpointUnreachableError as e:
+            pytest.fail(str(e))
+        server.pid = proc.pid
         print(f"\n[vllm] server pid {proc.pid} healthy after {server.startup_s:.1f} s on {root} (log {log_path})",
               file=sys.stderr)
         yield server
     finally:
-        _stop(proc)
-        log.close()
+        if proc is not None:
+            stop_server(proc)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (API server, engine core, workers), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture
