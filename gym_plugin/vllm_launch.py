@@ -194,22 +194,24 @@ def start_server(spec: VLLMServerSpec, log_path: str | Path, *, timeout_s: float
     proc = subprocess.Popen(spec.argv(python), env=full_env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()  # the child has its own handle
-    while True:
-        try:
-            with urllib.request.urlopen(root + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return proc, time.monotonic() - t0
-        except OSError:
-            pass
-        failed = proc.poll() is not None
-        if failed or time.monotonic() - t0 > timeout_s:
-            if not failed:
-                stop_server(proc)
-            tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-60:])
-            what = f"exited with code {proc.returncode}" if failed else f"was not healthy after {timeout_s:g} s"
-            raise EndpointUnreachableError(f"the vLLM server ({spec.shell()}) {what}; the end of its log "
-                                           f"({log_path}):\n{tail}", url=root)
-        time.sleep(1.0)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(root + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return proc, time.monotonic() - t0
+            except OSError:
+                pass
+            failed = proc.poll() is not None
+            if failed or time.monotonic() - t0 > timeout_s:
+                tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-60:])
+                what = f"exited with code {proc.returncode}" if failed else f"was not healthy after {timeout_s:g} s"
+                raise EndpointUnreachableError(f"the vLLM server ({spec.shell()}) {what}; the end of its log "
+                                               f"({log_path}):\n{tail}", url=root)
+            time.sleep(1.0)
+    except BaseException:
+        stop_server(proc)  # never leave it running: a timeout, Ctrl-C or a test timeout interrupts the wait
+        raise
 
 
 def stop_server(proc, grace_s: float = 30.0) -> None:

@@ -71,3 +71,36 @@ def test_vllm_args_needs_no_template_for_a_tools_aware_model(tmp_path, capsys):
 def test_vllm_args_bad_model_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["vllm-args", "--model", str(tmp_path / "missing")]) == 2
     assert "--model=" in capsys.readouterr().err
+
+
+def test_start_server_stops_what_it_started_when_the_wait_fails(tmp_path):
+    """A 'server' that never answers /health: start_server gives up after timeout_s, stops the whole process
+    group (the child it spawned included) and says why, with the end of the log."""
+    import os
+    import time
+
+    from gym_plugin.errors import EndpointUnreachableError
+    from gym_plugin.vllm_launch import start_server
+
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho starting up\nsleep 60 &\necho $! > \"$CHILD_PID\"\nwait\n")
+    fake.chmod(0o755)
+    child_file = tmp_path / "child.pid"
+    spec = VLLMServerSpec(model="/m", port=9, weight_sync="none")
+    with pytest.raises(EndpointUnreachableError, match=r"(?s)was not healthy after 2 s.*starting up"):
+        start_server(spec, tmp_path / "log.txt", timeout_s=2, env={"CHILD_PID": str(child_file)}, python=str(fake))
+    child = int(child_file.read_text())
+    for _ in range(50):  # SIGTERM to the group reaches the grandchild too
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the server's child {child} still runs")
+
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'ImportError: no vllm' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(EndpointUnreachableError, match=r"(?s)exited with code 3.*ImportError: no vllm"):
+        start_server(spec, tmp_path / "log2.txt", timeout_s=30, python=str(broken))

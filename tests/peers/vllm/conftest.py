@@ -157,6 +157,15 @@ def restore_weights(vllm_server):
     vllm_server.post("/update_weight_version", {"new_version": "0"})
 
 
+def pytest_collection_modifyitems(config, items):
+    """The first test that uses the server waits for the heavy lock (up to GYM_PLUGIN_HEAVY_LOCK_WAIT_S) and the
+    server's start: far past the suite's 300 s per-test timeout, which would interrupt the fixture."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(3600))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
