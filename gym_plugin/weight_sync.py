@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 

@@ -64,8 +64,8 @@ from gym_plugin.errors import (
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
 from gym_plugin.responses import choice_to_output_items, create_params_to_chat, next_id
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
+from gym_plugin.servers.policy_backends import BackendFacts
 from gym_plugin.servers.policy_tokens import (
-    backend_identity,
     completion_message,
     completion_payload,
     forced_tool_constraint,
@@ -198,16 +198,8 @@ class PolicyModelServer(Server):
             self._token_flags["return_tokens_as_token_ids"] = True
         elif style == "B":
             self._token_flags["return_token_ids"] = True
-        self._modes: list[str | None] = [None if config.token_mode == "auto" else config.token_mode] * len(self.base_urls)
-        """Resolved token mode of each backend ('completions' | 'chat'); None until asked (auto)."""
-        self._roots: list[str | None] = [None] * len(self.base_urls)
-        """The model 'root' each backend reported in GET /models (the tokenizer source when none is set)."""
-        self._mode_tasks: dict[int, asyncio.Future] = {}
-        self._renderer_task: asyncio.Future | None = None
-        self._tokenizer_note = f"tokenizer={config.tokenizer!r}"
-        self._has_version_route: list[bool | None] = [None if config.report_policy_version else False] * len(self.base_urls)
-        """Whether each backend serves GET /weight_info (None: not known yet; the first ask finds out)."""
-        self._version_probe: dict[int, asyncio.Future] = {}
+        self.backends = BackendFacts(self)
+        """Token mode, model root (tokenizer), weight-version route of each backend: learned once, on first use."""
         self.stats: dict[str, int] = {"completions_calls": 0, "chat_calls": 0, "continued_prompts": 0,
                                       "continuation_fallbacks": 0, "constrained_calls": 0}
         """Counters: calls per mode, prompts built by extending earlier ids, fallbacks to a full render (the
@@ -287,7 +279,7 @@ class PolicyModelServer(Server):
             self._in_flight[idx] -= 1
 
     async def _responses(self, body: Mapping[str, Any], idx: int) -> dict:
-        mode = self._modes[idx] or await self._resolve_mode(idx)
+        mode = await self.backends.mode(idx)
         # Token ids of earlier turns ride on history messages only for token-aware backends (vLLM ignores
         # unknown message keys; a strict OpenAI-compatible server may reject them).
         chat = create_params_to_chat(body, self.config.model,
@@ -303,7 +295,7 @@ class PolicyModelServer(Server):
         if self.config.extra_body:
             chat.update(self.config.extra_body)
         base_url = self.base_urls[idx]
-        version_before = await self._backend_version(idx)
+        version_before = await self.backends.version(idx)
 
         tokenize_task = None
         if self.config.token_style == "A":
@@ -344,7 +336,7 @@ class PolicyModelServer(Server):
             token_fields = self._token_fields(completion, choice, base_url, prompt_ids)
             version = completion.get("policy_version")
             if version is None:
-                version = await self._call_version(idx, version_before)
+                version = await self.backends.call_version(idx, version_before)
             if version is not None:
                 token_fields["policy_version"] = version
             if constrained:
@@ -358,7 +350,7 @@ class PolicyModelServer(Server):
         from gym_plugin.tito import ContinuationError, build_prompt
 
         self.stats["completions_calls"] += 1
-        renderer = await self._renderer(idx)
+        renderer = await self.backends.renderer(idx)
         tools = chat.get("tools")
         kwargs = chat.get("chat_template_kwargs") or self.config.extra_body.get("chat_template_kwargs")
         try:
@@ -377,7 +369,7 @@ class PolicyModelServer(Server):
         if forced is not None and "structured_outputs" not in payload:
             payload["structured_outputs"] = forced
         base_url = self.base_urls[idx]
-        version_before = await self._backend_version(idx)
+        version_before = await self.backends.version(idx)
         try:
             completion, _ = await self._post_backend(idx, "/completions", payload)
         except HTTPStatusError as e:
@@ -389,7 +381,7 @@ class PolicyModelServer(Server):
                                                      forced_name)
         version = completion.get("policy_version") if isinstance(completion, Mapping) else None
         if version is None:
-            version = await self._call_version(idx, version_before)
+            version = await self.backends.call_version(idx, version_before)
         if version is not None:
             token_fields["policy_version"] = version
         if constrained:
@@ -397,116 +389,6 @@ class PolicyModelServer(Server):
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
-
-    # ---- token mode, tokenizer, policy version -------------------------------------------------------------
-    async def _resolve_mode(self, idx: int) -> str:
-        """auto: ask the backend once (GET /models) whether it is vLLM; concurrent first calls share the ask."""
-        task = self._mode_tasks.get(idx)
-        if task is None:
-            task = self._mode_tasks[idx] = asyncio.ensure_future(self._ask_mode(idx))
-        try:
-            return await asyncio.shield(task)
-        except BaseException:
-            if task.done():
-                self._mode_tasks.pop(idx, None)  # a failed ask is retried by the next call
-            raise
-
-    async def _ask_mode(self, idx: int) -> str:
-        url = f"{self.base_urls[idx]}/models"
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                reply = await self._transport().get(url, timeout_s=min(self.config.timeout_s, 30.0))
-                owned_by, root = backend_identity(reply.data)
-                break
-            except HTTPStatusError as e:
-                if e.status < 500 and e.status != 429:  # no /models route: not vLLM
-                    owned_by, root = None, None
-                    break
-                error: EndpointError = e
-            except EndpointError as e:
-                error = e
-            if attempt >= self._retry.max_attempts:
-                raise HandlerError(
-                    502, f"policy model server {self.name!r}: backend {url} failed after {attempt} attempt(s): "
-                         f"{error} (token_mode=auto asks GET /models which backend this is; set token_mode: "
-                         "completions or chat to skip the question)", "upstream_error") from error
-            await asyncio.sleep(self._retry.delay(attempt))
-        if self._roots[idx] is None:
-            self._roots[idx] = root
-        mode = "completions" if owned_by == "vllm" and self.config.token_style != "none" else "chat"
-        self._modes[idx] = mode
-        logger.info("policy model server %r: backend %s is %s -> token_mode %s", self.name, self.base_urls[idx],
-                    owned_by, mode)
-        return mode
-
-    async def _renderer(self, idx: int):
-        """The ChatRenderer of ``tokenizer`` (or the backend's model root), loaded once off the event loop."""
-        if self._renderer_task is None:
-            source, key = self.config.tokenizer, "tokenizer"
-            if not source:
-                if self._roots[idx] is None:
-                    try:
-                        reply = await self._transport().get(f"{self.base_urls[idx]}/models", timeout_s=30.0)
-                        self._roots[idx] = backend_identity(reply.data)[1]
-                    except EndpointError:
-                        pass
-                source = self._roots[idx]
-                self._tokenizer_note = (
-                    f"tokenizer is unset, so the model root {source!r} that {self.base_urls[idx]}/models reported "
-                    "was used" if source else f"tokenizer is unset and {self.base_urls[idx]}/models reported no "
-                    "model root")
-            self._renderer_task = asyncio.ensure_future(asyncio.to_thread(_load_renderer, source, "tokenizer"))
-        try:
-            return await asyncio.shield(self._renderer_task)
-        except ConfigError as e:
-            raise HandlerError(500, f"policy model server {self.name!r}: token_mode=completions needs the policy "
-                                    f"model's tokenizer and chat template ({self._tokenizer_note}): {e} Or set "
-                                    "token_mode: chat.", "config_error") from e
-
-    async def _backend_version(self, idx: int) -> Any:
-        """The backend's weight version (``GET {root}/weight_info``), or None (no route / asked not to).
-
-        Until the first answer says whether the route exists, concurrent calls wait for that one ask instead of
-        each sending their own (a backend without it costs one request in all)."""
-        known = self._has_version_route[idx]
-        if known is False:
-            return None
-        if known is None:
-            probe = self._version_probe.get(idx)
-            if probe is None:
-                probe = self._version_probe[idx] = asyncio.ensure_future(self._ask_version(idx))
-                return await asyncio.shield(probe)
-            await asyncio.shield(probe)
-            if not self._has_version_route[idx]:
-                return None
-        return await self._ask_version(idx)
-
-    async def _ask_version(self, idx: int) -> Any:
-        try:
-            reply = await self._transport().get(f"{_root(self.base_urls[idx])}/weight_info", timeout_s=10.0)
-        except HTTPStatusError as e:
-            if e.status in (404, 405):
-                self._has_version_route[idx] = False  # not vLLM dev mode: stop asking
-            return None
-        except EndpointError:
-            return None
-        finally:
-            self._version_probe.pop(idx, None)
-        self._has_version_route[idx] = True
-        value = reply.data.get("weight_version") if isinstance(reply.data, Mapping) else None
-        return _version_value(value)
-
-    async def _call_version(self, idx: int, before: Any) -> Any:
-        """The version a call started with; a call that straddled a weight update reports the older one."""
-        if before is None:
-            return None
-        after = await self._backend_version(idx)
-        if after is not None and after != before:
-            logger.warning("policy model server %r: backend %s changed weights during a call (%s -> %s)",
-                           self.name, self.base_urls[idx], before, after)
-        return before
 
     # ---- helpers --------------------------------------------------------------------------------------------
     async def _post_backend(self, idx: int, path: str | None, payload: Any, url: str | None = None):
@@ -596,19 +478,3 @@ class PolicyModelServer(Server):
             "parallel_tool_calls": params.get("parallel_tool_calls", True),
         }
 
-
-def _version_value(value: Any) -> Any:
-    """vLLM reports versions as strings ('default' before any update, then what the trainer set): numeric ones
-    become ints (the recipe compares them), 'default' becomes 0, anything else stays a string."""
-    if value is None or value == "default":
-        return 0 if value == "default" else None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def _load_renderer(source: str | None, key: str):
-    from gym_plugin.chat_template import ChatRenderer, load_tokenizer
-
-    return ChatRenderer(load_tokenizer(source or "", key=key))

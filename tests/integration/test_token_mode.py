@@ -122,7 +122,7 @@ def test_chat_mode_same_conversation_drifts_and_is_counted():
 def test_auto_picks_chat_for_a_backend_that_is_not_vllm():
     async def test(policy, transport, tok, model):
         await asyncio.gather(*(respond(policy, transport, input=[USER]) for _ in range(3)))
-        assert policy._modes == ["chat"] and policy.stats["chat_calls"] == 3
+        assert policy.backends.modes == ["chat"] and policy.stats["chat_calls"] == 3
 
     run(test)  # token_mode defaults to auto; the embedded server says owned_by 'gym_plugin'
 

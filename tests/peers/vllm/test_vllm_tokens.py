@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from gym_plugin.servers.resources.calculator import calculator_row
 
 pytestmark = pytest.mark.vllm
 
-ROOT_CONF = "conf/gym"
+ROOT_CONF = Path(__file__).resolve().parents[3] / "conf" / "gym"
 SINGLE = ["What is the capital of France? Reply with only the city name.",
           "What is 12 + 30? Reply with only the number.",
           "Name a primary color.",
