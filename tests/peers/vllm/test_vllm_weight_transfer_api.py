@@ -22,7 +22,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm]'; see .ci/run)")
+vllm = pytest.importorskip("vllm", exc_type=ImportError, reason="vLLM is not importable (pip install -e '.[vllm]'; see .ci/run)")
 
 from gym_plugin.errors import ConfigError  # noqa: E402
 from gym_plugin.weight_sync import WeightSyncConfig, build_weight_sync  # noqa: E402
