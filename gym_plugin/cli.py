@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embedded", help="serve a local HF model, OpenAI-compatible (see gym_plugin.servers.embedded)",
                        add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
+    v = sub.add_parser("vllm-args", help="print the vLLM server command gym_plugin needs (see gym_plugin.vllm_launch)",
+                       add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
     f = sub.add_parser("fake-openai", help="serve the scripted fake OpenAI-compatible endpoint")
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, default=8000)
@@ -362,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         from gym_plugin.servers.embedded import main as embedded_main
 
         return embedded_main(argv[1:]) or 0
+    if argv and argv[0] == "vllm-args":
+        from gym_plugin.vllm_launch import main as vllm_args_main
+
+        return vllm_args_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["GYM_PLUGIN_DEBUG"] = "1"

@@ -87,6 +87,11 @@ class PolicyConfig:
     """embedded: how long the engine gathers requests before starting a batch."""
     num_threads: int | None = None
     """embedded: torch threads of the generation engine (None: torch's default)."""
+    token_mode: str = "auto"
+    """How the policy model server calls the policy: 'auto' (token-in/token-out /completions for vLLM, chat
+    otherwise) | 'completions' | 'chat' (see gym_plugin.servers.policy)."""
+    tokenizer: str | None = None
+    """completions mode: the tokenizer/chat template source (HF folder, hub id, 'smollm2'); None = model.spec."""
 
 
 @dataclass
@@ -111,6 +116,9 @@ class ProcessConfig:
     """Do not train on groups whose rewards are all equal (their advantages are 0 anyway)."""
     drift_policy: str = "split"
     """Multi-turn rollouts whose turns do not extend each other: 'split' | 'last_turn' | 'drop'."""
+    constrained_policy: str = "mask"
+    """Model calls sampled under a grammar (tool_choice required, response formats): 'mask' (context, not
+    trained on) | 'drop' (leave the rollout out) | 'train'."""
 
 
 @dataclass
@@ -242,8 +250,11 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
         problems.append(f"weight_sync={ws} syncs to servers at policy.base_urls, but policy.kind=embedded runs in "
                         "this process; use weight_sync=inprocess.")
     elif p.kind == "endpoints" and ws == "inprocess":
-        problems.append("weight_sync=inprocess needs policy=embedded; for vLLM endpoints use weight_sync=vllm_nccl, "
-                        "for embedded servers in other processes weight_sync=checkpoint.")
+        problems.append("weight_sync=inprocess needs policy=embedded; for vLLM endpoints use weight_sync=vllm_reload "
+                        "(or vllm_nccl on GPUs), for embedded servers in other processes weight_sync=checkpoint.")
+    if p.token_mode not in ("auto", "completions", "chat"):
+        problems.append(f"policy.token_mode={p.token_mode!r} is not one of ['auto', 'completions', 'chat']."
+                        f"{did_you_mean(str(p.token_mode), ('auto', 'completions', 'chat'))}")
     if not (0 < p.temperature):
         problems.append(f"policy.temperature={p.temperature} must be > 0 (GRPO needs sampled rollouts).")
     if not isinstance(p.max_output_tokens, int) or p.max_output_tokens < 1:

@@ -20,6 +20,11 @@ Choices worth knowing:
 - Rows longer than ``max_seq_len`` are cut at the end (the prompt stays, the tail of the generation goes) and
   kept with ``sample_mask`` 0 (the issue's rule: a truncated sequence is not trained on), unless
   ``train_on_truncated=True``. Their reward still counts in their group's statistics: it is a real outcome.
+- A model call marked ``constrained: true`` (sampled under ``tool_choice: "required"``, a named tool, a response
+  format or a grammar) reports log-probs of the constrained distribution, not of the policy: by default
+  (``constrained_policy="mask"``) its tokens stay in the row as context with ``loss_mask`` 0; ``"drop"`` leaves
+  the whole rollout out, ``"train"`` trains on them anyway. ``rollout/num_constrained_calls`` and
+  ``rollout/num_constrained_rollouts`` count them.
 - ``loss_mask`` is 1 only on sampled tokens, whatever ``sample_mask`` says; the trainer multiplies the two
   (``RolloutBatch.train_mask()``). ``attention_mask`` comes from the row lengths, never from ``!= pad_id``
   (the pad id is often also a real token, e.g. eos).
@@ -44,6 +49,7 @@ from gym_plugin.errors import ConfigError, ProtocolError, did_you_mean
 from gym_plugin.protocol import DRIFT, splice_offsets
 
 DRIFT_POLICIES = ("split", "last_turn", "drop")
+CONSTRAINED_POLICIES = ("mask", "drop", "train")
 MISSING_TOKENS_POLICIES = ("exclude", "retokenize")
 PADDING_SIDES = ("right", "left")
 _TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
@@ -128,9 +134,10 @@ def _as_dict(rollout: Any, index: int) -> Mapping[str, Any]:
     )
 
 
-def _model_calls(record: Mapping[str, Any]) -> list[tuple[list, list, list]] | str:
+def _model_calls(record: Mapping[str, Any], constrained: list[int] | None = None) -> list[tuple[list, list, list]] | str:
     """The (prompt_token_ids, generation_token_ids, generation_log_probs) of each model call, in order, or a
-    reason string when the rollout cannot be used as is ("missing" / "malformed")."""
+    reason string when the rollout cannot be used as is ("missing" / "malformed"). The indices of calls marked
+    ``constrained`` are appended to ``constrained``."""
     response = record.get("response")
     output = response.get("output") if type(response) is dict or isinstance(response, Mapping) else None
     if not output:
@@ -148,6 +155,8 @@ def _model_calls(record: Mapping[str, Any]) -> list[tuple[list, list, list]] | s
         lps = item.get("generation_log_probs")
         if prompt is None or lps is None or len(gen) != len(lps):
             return "malformed"  # the protocol says all three or none, with one log-prob per token
+        if constrained is not None and item.get("constrained"):
+            constrained.append(len(calls))
         calls.append((prompt, gen, lps))
     return calls if calls else "missing"
 
@@ -235,13 +244,14 @@ def _group_key(record: Mapping[str, Any], group_key: str, index: int) -> Any:
 
 def _check_options(
     padding_side: str, drift_policy: str, missing_tokens_policy: str, advantage_mode: str | None,
-    pad_to_multiple_of: int | None, max_seq_len: int | None,
+    pad_to_multiple_of: int | None, max_seq_len: int | None, constrained_policy: str = "mask",
 ) -> None:
     problems = []
     for name, value, choices in (
         ("padding_side", padding_side, PADDING_SIDES),
         ("drift_policy", drift_policy, DRIFT_POLICIES),
         ("missing_tokens_policy", missing_tokens_policy, MISSING_TOKENS_POLICIES),
+        ("constrained_policy", constrained_policy, CONSTRAINED_POLICIES),
     ):
         if value not in choices:
             problems.append(f"{name}={value!r} is not one of {list(choices)}.{did_you_mean(str(value), choices)}")
@@ -273,6 +283,7 @@ def process_rollouts(
     group_ids: Sequence[Any] | None = None,
     filter_zero_variance: bool = False,
     advantage_eps: float = 1e-6,
+    constrained_policy: str = "mask",
 ) -> RolloutBatch:
     """Turn collected rollouts into a padded ``RolloutBatch``.
 
@@ -296,8 +307,12 @@ def process_rollouts(
         group_ids: explicit group of each rollout (same length as ``rollouts``), overrides ``group_key``.
         filter_zero_variance: ``sample_mask`` 0 on rows of groups whose rewards are all equal.
         advantage_eps: added to the group std in ``"grpo"`` mode.
+        constrained_policy: model calls marked ``constrained`` (log-probs of a grammar-constrained
+            distribution): ``"mask"`` (kept as context, not trained on), ``"drop"`` (the rollout is left out),
+            ``"train"`` (trained on like any call).
     """
-    _check_options(padding_side, drift_policy, missing_tokens_policy, advantage_mode, pad_to_multiple_of, max_seq_len)
+    _check_options(padding_side, drift_policy, missing_tokens_policy, advantage_mode, pad_to_multiple_of, max_seq_len,
+                   constrained_policy)
     if group_ids is not None and len(group_ids) != len(rollouts):
         raise ConfigError(
             f"group_ids has {len(group_ids)} entries but there are {len(rollouts)} rollouts; pass one group id "
@@ -314,8 +329,10 @@ def process_rollouts(
             )
 
     counts = dict.fromkeys(
-        ("failed", "masked", "missing", "malformed", "retokenized", "drift", "drift_dropped", "incomplete"), 0
+        ("failed", "masked", "missing", "malformed", "retokenized", "drift", "drift_dropped", "incomplete",
+         "constrained_calls", "constrained_rollouts", "constrained_dropped"), 0
     )
+    mask_constrained = constrained_policy == "mask"
     # Per kept rollout (vote once in its group):
     kept_rewards: list[float] = []
     kept_groups: list[Any] = []
@@ -337,7 +354,8 @@ def process_rollouts(
         if record.get("mask_sample"):
             counts["masked"] += 1
             continue
-        calls = _model_calls(record)
+        constrained: list[int] = []
+        calls = _model_calls(record, constrained)
         retokenized = False
         if isinstance(calls, str):
             counts[calls] += 1
@@ -354,6 +372,13 @@ def process_rollouts(
                 continue  # counted as missing/malformed; the template cannot be masked safely
             counts["retokenized"] += 1
             retokenized = True
+            constrained.clear()  # indices of a record that could not be read; rebuilt calls carry no marks
+        if constrained:
+            counts["constrained_calls"] += len(constrained)
+            counts["constrained_rollouts"] += 1
+            if constrained_policy == "drop":
+                counts["constrained_dropped"] += 1
+                continue
 
         offsets = splice_offsets(calls)
         segments = _segments(offsets)
@@ -392,8 +417,11 @@ def process_rollouts(
                     piece_lengths.append(context)
                     piece_values.append(0)
                 piece_lengths.append(len(gen))
-                piece_values.append(1)
-                logprob_sources.append(lps)
+                if mask_constrained and constrained and k in constrained:
+                    piece_values.append(0)  # sampled under a grammar: context, not a policy sample
+                else:
+                    piece_values.append(1)
+                    logprob_sources.append(lps)
 
     num_rows = len(row_lengths)
     num_kept = len(kept_rewards)
@@ -401,7 +429,8 @@ def process_rollouts(
         raise ProtocolError(
             f"no usable rollout among {len(rollouts)}: {counts['failed']} failed, {counts['masked']} masked by the "
             f"verifier, {counts['missing']} without token ids, {counts['malformed']} malformed, "
-            f"{counts['drift_dropped']} dropped for chat-template drift. Check the collector's failure records; "
+            f"{counts['drift_dropped']} dropped for chat-template drift, {counts['constrained_dropped']} dropped as "
+            "constrained (constrained_policy='drop'). Check the collector's failure records; "
             "for rollouts without token ids use a policy server that returns them, or "
             "missing_tokens_policy='retokenize'."
         )
@@ -489,6 +518,9 @@ def process_rollouts(
         "rollout/num_retokenized": float(counts["retokenized"]),
         "rollout/drift_count": float(counts["drift"]),
         "rollout/num_drift_dropped": float(counts["drift_dropped"]),
+        "rollout/num_constrained_calls": float(counts["constrained_calls"]),
+        "rollout/num_constrained_rollouts": float(counts["constrained_rollouts"]),
+        "rollout/num_constrained_dropped": float(counts["constrained_dropped"]),
         "rollout/num_truncated": float(truncated.sum()),
         "rollout/num_incomplete": float(counts["incomplete"]),
         "rollout/truncated_frac": float(truncated.mean()),

@@ -50,7 +50,7 @@ from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY  # noqa: E402
 from gym_plugin.run_logging import RunLogger, read_metrics, reward_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
-from gym_plugin.weight_sync import build_weight_sync, unwrap_model  # noqa: E402
+from gym_plugin.weight_sync import open_weight_sync, unwrap_model  # noqa: E402
 
 
 def load_rows(cfg: GRPOConfig) -> list[dict]:
@@ -77,7 +77,13 @@ def start_environment(cfg: GRPOConfig, policy_server, base_urls: list[str], run_
     return GymIntegration(
         cfg.policy.model_name or cfg.model.name, base_urls, paths, head_server_port=0,
         policy_api_key=cfg.policy.api_key, extra_servers=[policy_server] if policy_server is not None else [],
+        overrides=[f"policy_model.responses_api_models.vllm_model.{k}={v}" for k, v in policy_server_options(cfg)],
     )
+
+
+def policy_server_options(cfg: GRPOConfig) -> list[tuple[str, str]]:
+    """policy.token_mode / policy.tokenizer for the policy model server (the tokenizer defaults to the model's)."""
+    return [("token_mode", cfg.policy.token_mode), ("tokenizer", cfg.policy.tokenizer or cfg.model.spec)]
 
 
 async def collect(gym: GymIntegration, rows: list[dict], repeats: int, log: RunLogger, desc: str,
@@ -174,8 +180,9 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=info.device))
     elif cfg.resume:
         resume_note = " (no optimizer state in it: AdamW's moments start fresh; train.save_optimizer=true keeps them)"
-    weight_sync = build_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls, run_dir=run_dir) \
-        if info.is_main else None
+    # checks its routes on every replica now, not after the first step
+    weight_sync = await open_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls,
+                                         run_dir=run_dir) if info.is_main else None
     rows = load_rows(cfg)
     batches = prompt_batches(len(rows), cfg.train.prompts_per_step, cfg.train.seed)
     for _ in range(start_step):  # resume: the same prompt order as an uninterrupted run
@@ -226,6 +233,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             batch = process_rollouts(
                 fresh, tokenizer, advantage_mode=cfg.advantage_mode, max_seq_len=cfg.process.max_seq_len,
                 filter_zero_variance=cfg.process.filter_zero_variance, drift_policy=cfg.process.drift_policy,
+                constrained_policy=cfg.process.constrained_policy,
             )
             # ---- update: one GRPO step (DDP averages gradients; tokens normalized over all ranks) --------------
             metrics = await asyncio.to_thread(

@@ -167,6 +167,10 @@ class Server:
         handler = self._routes.get((method.upper(), path.split("?", 1)[0]))
         url = f"{self.url}{path}"
         if handler is None:
+            bare = path.split("?", 1)[0]
+            if any(p == bare for _, p in self._routes):  # like aiohttp: the path exists with another method
+                raise HTTPStatusError(f"{method} {url} answered HTTP 405: method not allowed on {self.name!r}",
+                                      url, 405, "")
             raise HTTPStatusError(f"{method} {url} answered HTTP 404: no such route on {self.name!r}", url, 404, "")
         ctx = RequestContext(session_id=session_id, headers=headers or {})
         try:

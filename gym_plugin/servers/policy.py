@@ -1,9 +1,35 @@
-"""Policy model server: Responses API in, OpenAI Chat Completions out (vLLM token styles A and B).
+"""Policy model server: Responses API in; OpenAI Completions (token ids) or Chat Completions out.
 
-``POST /v1/responses`` takes Responses create params, sends ``POST {base_url}/chat/completions`` to one of the
-configured backends asking for token ids and log-probs, and answers a Responses object whose output items
-carry ``prompt_token_ids``, ``generation_token_ids`` and ``generation_log_probs`` on the last item of the call
+``POST /v1/responses`` takes Responses create params, sends one model call to one of the configured backends
+asking for token ids and log-probs, and answers a Responses object whose output items carry
+``prompt_token_ids``, ``generation_token_ids`` and ``generation_log_probs`` on the last item of the call
 (protocol.md). ``POST /v1/chat/completions`` passes a chat request through to a backend unchanged.
+
+Two ways to make the call (``token_mode``):
+
+- ``completions`` (token-in/token-out): ``POST {base_url}/completions`` with ``prompt`` = token ids. The first
+  call renders the conversation with the model's chat template (``chat_template.ChatRenderer``); call k+1
+  sends call k's ``prompt_token_ids + generation_token_ids`` plus only the tokens of what was appended since
+  (``tito.build_prompt``), so multi-turn rollouts never drift and the model's output is never re-tokenized.
+  Tool calls are parsed from the generated text (``toolcalls.parse_tool_calls``, Hermes ``<tool_call>``
+  blocks), as the embedded server does. Needs the model's tokenizer: ``tokenizer`` (an HF folder or hub id),
+  or, when unset, the ``root`` the backend reports in ``GET /models`` (vLLM reports its ``--model``).
+- ``chat``: ``POST {base_url}/chat/completions`` with token styles A/B (``token_style``). The backend
+  re-renders the history each turn; the ids of earlier turns ride on history messages, which vLLM ignores, so
+  multi-turn rollouts may drift (``process_rollouts`` detects and counts it).
+- ``auto`` (default): ``completions`` for a backend whose ``GET /models`` says ``owned_by: vllm``, ``chat``
+  otherwise (asked once per backend).
+
+A call sampled under a constraint (``tool_choice: "required"`` or a named function, a ``response_format`` /
+``text.format`` other than text, vLLM ``structured_outputs`` / ``guided_*``) reports log-probs of the
+constrained distribution, not of the policy: its token-carrying item gets ``constrained: true``
+(``process_rollouts`` leaves such tokens out of the loss by default). In completions mode ``tool_choice``
+"required" / a named function is enforced as vLLM's chat route does it, with ``structured_outputs`` (a JSON
+schema of the tool calls; ``policy_tokens.forced_tool_constraint``), so such turns keep extending the tokens too.
+
+Policy version: a completion that carries ``policy_version`` (the embedded server) gives it; otherwise the
+server asks ``GET {root}/weight_info`` (vLLM dev mode) before and after the call and reports the version the
+call started with (``report_policy_version``; a backend without the route is asked once).
 
 Backend choice: ``round_robin`` or ``least_busy`` (fewest requests in flight), made once per rollout: a caller
 that sends the ``x-gym-plugin-route-key`` header (the agent sends one per rollout) gets the same backend for
@@ -20,6 +46,7 @@ backend and the fix.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -37,12 +64,22 @@ from gym_plugin.errors import (
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
 from gym_plugin.responses import choice_to_output_items, create_params_to_chat, next_id
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
+from gym_plugin.servers.policy_backends import BackendFacts
+from gym_plugin.servers.policy_tokens import (
+    completion_message,
+    completion_payload,
+    forced_tool_constraint,
+    is_constrained,
+)
+
+logger = logging.getLogger(__name__)
 
 ROUTE_KEY_HEADER = "x-gym-plugin-route-key"
 """Request header that pins all requests with the same value to one backend (one value per rollout)."""
 
 ROUTINGS = ("round_robin", "least_busy")
 TOKEN_STYLES = ("A", "B", "none")
+TOKEN_MODES = ("auto", "completions", "chat")
 
 _CONTEXT_LENGTH_MARKERS = ("maximum context length", "context_length_exceeded", "context length",
                            "maximum model length", "max_model_len")
@@ -77,6 +114,16 @@ class PolicyModelConfig:
     """Extra keys merged into every chat completion request (e.g. chat_template_kwargs, top_k)."""
     max_sticky_rollouts: int = 100_000
     """How many rollout -> backend assignments are remembered (oldest forgotten first)."""
+    token_mode: str = "auto"
+    """'completions' (token-in/token-out through /completions: multi-turn prompts extend the earlier turns'
+    token ids; needs the tokenizer), 'chat' (/chat/completions, the backend re-renders history: multi-turn
+    rollouts may drift), 'auto' (completions when the backend's GET /models says owned_by 'vllm', else chat)."""
+    tokenizer: str | None = None
+    """completions mode: the policy model's Hugging Face folder or hub id (tokenizer + chat template). None =
+    the 'root' the backend reports in GET /models (vLLM: its --model), when that can be loaded here."""
+    report_policy_version: bool = True
+    """Ask GET {root}/weight_info (vLLM dev mode) around each call for the policy version when the completion
+    carries none; a backend without the route is asked once."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +142,12 @@ class PolicyModelConfig:
             )
         if self.max_attempts < 1:
             problems.append(f"max_attempts={self.max_attempts}: must be >= 1")
+        if self.token_mode not in TOKEN_MODES:
+            problems.append(f"token_mode={self.token_mode!r}: expected one of {TOKEN_MODES}."
+                            f"{did_you_mean(str(self.token_mode), TOKEN_MODES)}")
+        if self.token_mode == "completions" and self.token_style == "none":
+            problems.append("token_mode='completions' always returns token ids; token_style='none' (no ids) "
+                            "needs token_mode='chat'")
         if problems:
             raise ConfigError(problems)
 
@@ -104,10 +157,13 @@ class PolicyModelConfig:
         return [u.rstrip("/") for u in urls]
 
 
+def _root(base_url: str) -> str:
+    """vLLM serves /tokenize, /weight_info, ... at the server root, not under /v1."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
 def _tokenize_url(base_url: str) -> str:
-    """vLLM serves /tokenize at the server root, not under /v1."""
-    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
-    return f"{root}/tokenize"
+    return f"{_root(base_url)}/tokenize"
 
 
 def _is_context_length_error(e: HTTPStatusError) -> bool:
@@ -142,6 +198,12 @@ class PolicyModelServer(Server):
             self._token_flags["return_tokens_as_token_ids"] = True
         elif style == "B":
             self._token_flags["return_token_ids"] = True
+        self.backends = BackendFacts(self)
+        """Token mode, model root (tokenizer), weight-version route of each backend: learned once, on first use."""
+        self.stats: dict[str, int] = {"completions_calls": 0, "chat_calls": 0, "continued_prompts": 0,
+                                      "continuation_fallbacks": 0, "constrained_calls": 0}
+        """Counters: calls per mode, prompts built by extending earlier ids, fallbacks to a full render (the
+        rollout will show as drift), calls sampled under a constraint."""
 
     def routes(self):
         return [
@@ -197,21 +259,43 @@ class PolicyModelServer(Server):
         payload = dict(body)
         payload.setdefault("model", self.config.model)
         idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
-        reply, _ = await self._post_backend(idx, "/chat/completions", payload)
+        self._in_flight[idx] += 1
+        try:
+            reply, _ = await self._post_backend(idx, "/chat/completions", payload)
+        finally:
+            self._in_flight[idx] -= 1
         return reply
 
     async def responses(self, body: Any, ctx: RequestContext) -> dict:
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{self.name}: /v1/responses expects Responses create params, got {truncate(body, 200)}")
+        idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
+        # In flight from the pick on (not only while posting): least_busy must see calls that are still
+        # asking the backend's mode or version.
+        self._in_flight[idx] += 1
+        try:
+            return await self._responses(body, idx)
+        finally:
+            self._in_flight[idx] -= 1
+
+    async def _responses(self, body: Mapping[str, Any], idx: int) -> dict:
+        mode = await self.backends.mode(idx)
         # Token ids of earlier turns ride on history messages only for token-aware backends (vLLM ignores
         # unknown message keys; a strict OpenAI-compatible server may reject them).
-        chat = create_params_to_chat(body, self.config.model, carry_tokens=self.config.token_style != "none")
+        chat = create_params_to_chat(body, self.config.model,
+                                     carry_tokens=mode == "completions" or self.config.token_style != "none")
+        constrained = is_constrained(chat, self.config.extra_body)
+        if constrained:
+            self.stats["constrained_calls"] += 1
+        if mode == "completions":
+            return await self._responses_completions(body, chat, idx, constrained)
+        self.stats["chat_calls"] += 1
         if self._token_flags:
             chat.update(self._token_flags)
         if self.config.extra_body:
             chat.update(self.config.extra_body)
-        idx = self._pick(ctx.headers.get(ROUTE_KEY_HEADER))
         base_url = self.base_urls[idx]
+        version_before = await self.backends.version(idx)
 
         tokenize_task = None
         if self.config.token_style == "A":
@@ -250,8 +334,58 @@ class PolicyModelServer(Server):
                 tok, _ = await tokenize_task
                 prompt_ids = tok.get("tokens") if isinstance(tok, Mapping) else None
             token_fields = self._token_fields(completion, choice, base_url, prompt_ids)
-            if completion.get("policy_version") is not None:
-                token_fields["policy_version"] = completion["policy_version"]
+            version = completion.get("policy_version")
+            if version is None:
+                version = await self.backends.call_version(idx, version_before)
+            if version is not None:
+                token_fields["policy_version"] = version
+            if constrained:
+                token_fields["constrained"] = True
+        output = choice_to_output_items(choice, token_fields)
+        incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
+        return self._response(body, output, completion.get("usage"), incomplete)
+
+    async def _responses_completions(self, body: Mapping[str, Any], chat: dict, idx: int, constrained: bool) -> dict:
+        """Token-in/token-out: the prompt as ids to /completions (see the module docstring)."""
+        from gym_plugin.tito import ContinuationError, build_prompt
+
+        self.stats["completions_calls"] += 1
+        renderer = await self.backends.renderer(idx)
+        tools = chat.get("tools")
+        kwargs = chat.get("chat_template_kwargs") or self.config.extra_body.get("chat_template_kwargs")
+        try:
+            prompt = build_prompt(renderer, chat["messages"], tools, kwargs)
+        except ContinuationError as e:
+            # Not silent: counted, logged, and the rollout shows as drift in process_rollouts.
+            self.stats["continuation_fallbacks"] += 1
+            logger.warning("policy model server %r: %s; rendering the whole conversation instead", self.name, e)
+            plain = [{k: v for k, v in m.items() if k not in ("prompt_token_ids", "generation_token_ids")}
+                     for m in chat["messages"]]
+            prompt = build_prompt(renderer, plain, tools, kwargs)
+        if prompt.continued_from is not None:
+            self.stats["continued_prompts"] += 1
+        payload = completion_payload(chat, prompt.ids, self.config.extra_body)
+        forced, forced_name = forced_tool_constraint(chat)
+        if forced is not None and "structured_outputs" not in payload:
+            payload["structured_outputs"] = forced
+        base_url = self.base_urls[idx]
+        version_before = await self.backends.version(idx)
+        try:
+            completion, _ = await self._post_backend(idx, "/completions", payload)
+        except HTTPStatusError as e:
+            if _is_context_length_error(e):
+                return self._response(body, [], None, {"reason": "max_output_tokens"})
+            raise
+        parse_tools = bool(tools) and chat.get("tool_choice") != "none"
+        choice, token_fields, _ = completion_message(completion, base_url, parse_tools, forced is not None,
+                                                     forced_name)
+        version = completion.get("policy_version") if isinstance(completion, Mapping) else None
+        if version is None:
+            version = await self.backends.call_version(idx, version_before)
+        if version is not None:
+            token_fields["policy_version"] = version
+        if constrained:
+            token_fields["constrained"] = True
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
@@ -260,7 +394,6 @@ class PolicyModelServer(Server):
     async def _post_backend(self, idx: int, path: str | None, payload: Any, url: str | None = None):
         base_url = self.base_urls[idx]
         url = url or f"{base_url}{path}"
-        self._in_flight[idx] += 1
         self.requests_per_backend[idx] += 1
         try:
             reply, attempts = await post_with_retries(self._transport(), url, payload, self._retry)
@@ -282,8 +415,6 @@ class PolicyModelServer(Server):
                 f"attempt(s): {e}",
                 "upstream_error",
             ) from e
-        finally:
-            self._in_flight[idx] -= 1
         return reply.data, attempts
 
     def _token_fields(self, completion: Mapping, choice: Mapping, base_url: str,
@@ -346,3 +477,4 @@ class PolicyModelServer(Server):
             "tools": params.get("tools") or [],
             "parallel_tool_calls": params.get("parallel_tool_calls", True),
         }
+

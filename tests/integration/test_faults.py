@@ -231,7 +231,9 @@ async def start_stack(
         policy = PolicyModelServer("policy", PolicyModelConfig(
             base_url=backend_proxy.url + "/v1" if backend_proxy is not None else backend_url,
             model="fake-model", timeout_s=policy_timeout_s,
-            max_attempts=policy_attempts, backoff_s=policy_backoff_s), d)
+            max_attempts=policy_attempts, backoff_s=policy_backoff_s,
+            # the proxy counts every backend request: only the model calls (no mode / version questions)
+            token_mode="chat", report_policy_version=False), d)
         verifier = FaultyExactMatch("verifier", FaultyExactMatch.Config(), d)
         agent = AgentServer("agent", AgentConfig(resources_server="verifier", model_server="policy", max_turns=1), d)
         for s in (policy, verifier, agent):

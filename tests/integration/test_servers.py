@@ -333,13 +333,17 @@ def free_port() -> int:
 
 
 @BOTH_PATHS
-def test_unreachable_backend_error_names_the_url(allow_local):
+@pytest.mark.parametrize("token_mode,route", [("chat", "/chat/completions"), ("completions", "/completions"),
+                                              ("auto", "/models")])
+def test_unreachable_backend_error_names_the_url(allow_local, token_mode, route):
     async def body():
         dead = f"http://127.0.0.1:{free_port()}/v1"
-        async with stack("x", base_urls=[dead], policy_kw={"max_attempts": 2}) as ns:
+        kw = {"max_attempts": 2, "token_mode": token_mode, "tokenizer": "tiny"}
+        async with stack("x", base_urls=[dead], policy_kw=kw) as ns:
             with pytest.raises(HTTPStatusError) as ei:
                 await run_row(ns, row("What is 2+2?"), allow_local)
-        assert ei.value.status == 502 and f"{dead}/chat/completions" in str(ei.value)
+        # auto mode first asks GET /models which backend it is: that is the request that fails
+        assert ei.value.status == 502 and f"{dead}{route}" in str(ei.value) and "2 attempt(s)" in str(ei.value)
 
     asyncio.run(body())
 

@@ -240,3 +240,30 @@ def test_retokenize_missing_tokens():
     assert batch.rollout_logprobs[0].abs().sum() == 0  # no sampler log-probs for re-tokenized rows
     assert batch.retokenized.tolist() == [True, False]
     assert batch.metrics["rollout/num_retokenized"] == 1 and batch.metrics["rollout/num_missing_tokens"] == 2
+
+
+def test_constrained_calls_are_context_not_policy_samples_by_default():
+    record = rollout(THREE_TURN, reward=1.0)
+    # the middle call was sampled under tool_choice="required": its 3 tokens (22 23 24) stay in the row
+    calls = [it for it in record["response"]["output"] if "generation_token_ids" in it]
+    calls[1]["constrained"] = True
+    other = rollout([([5, 6], [7], [-1.0])], reward=0.0, task=0)
+    batch = process_rollouts([record, other], pad_token_id=0, advantage_mode=None)
+    assert batch.input_ids[0].tolist() == ROW
+    assert batch.loss_mask[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1]
+    assert batch.rollout_logprobs[0].tolist() == pytest.approx([0, 0, 0, -0.1, -0.2, 0, 0, 0, 0, 0, 0, -0.6])
+    assert batch.num_trained_tokens == 3 + 1  # 2 + 1 from the first row, 1 from the other
+    assert batch.metrics["rollout/num_constrained_calls"] == 1
+    assert batch.metrics["rollout/num_constrained_rollouts"] == 1
+    assert batch.metrics["rollout/gen_len_mean"] == (3 + 1) / 2
+
+    trained = process_rollouts([record, other], pad_token_id=0, advantage_mode=None, constrained_policy="train")
+    assert trained.loss_mask[0].tolist() == MASK and trained.num_trained_tokens == 6 + 1
+    assert trained.metrics["rollout/num_constrained_calls"] == 1
+
+    dropped = process_rollouts([record, other], pad_token_id=0, advantage_mode=None, constrained_policy="drop")
+    assert dropped.input_ids.tolist() == [[5, 6, 7]]
+    assert dropped.metrics["rollout/num_constrained_dropped"] == 1 and dropped.metrics["rollout/num_kept"] == 1
+
+    with pytest.raises(ConfigError, match="constrained_policy='skip' is not one of"):
+        process_rollouts([record], pad_token_id=0, constrained_policy="skip")

@@ -154,3 +154,35 @@ def test_carry_tokens_off_leaves_history_messages_plain():
     assert input_to_messages(inp, carry_tokens=False) == [
         {"role": "assistant", "content": None,
          "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+
+
+def test_forced_tool_constraint_is_vllms_schema_and_parses_back():
+    from gym_plugin.servers.policy_tokens import completion_message, forced_tool_constraint, is_constrained
+
+    params = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    chat = {"tools": [{"type": "function", "function": {"name": "add", "parameters": params}},
+                      {"type": "function", "function": {"name": "neg", "parameters": params}}],
+            "tool_choice": "required", "parallel_tool_calls": False}
+    assert is_constrained(chat) and not is_constrained({**chat, "tool_choice": "auto"})
+    outputs, name = forced_tool_constraint(chat)
+    assert name is None and outputs == {"json": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+        "type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": ["add"]}, "parameters": params},
+             "required": ["name", "parameters"]},
+            {"properties": {"name": {"type": "string", "enum": ["neg"]}, "parameters": params},
+             "required": ["name", "parameters"]}]}}}
+    named, name = forced_tool_constraint({**chat, "tool_choice": {"type": "function", "function": {"name": "neg"}}})
+    assert name == "neg" and named == {"json": params}
+    assert forced_tool_constraint({**chat, "tool_choice": "auto"}) == (None, None)
+
+    reply = {"choices": [{"text": '[\n{"name": "add", "parameters": {"a": 2}}]', "token_ids": [5, 6, 2],
+                          "prompt_token_ids": [1, 2], "logprobs": {"token_logprobs": [-0.5, -0.25, -0.125]},
+                          "finish_reason": "stop"}]}
+    choice, fields, _ = completion_message(reply, "http://b/v1", parse_tools=True, forced=True)
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "add", "arguments": '{"a": 2}'} and choice["message"]["content"] is None
+    assert fields == {"prompt_token_ids": [1, 2], "generation_token_ids": [5, 6, 2],
+                      "generation_log_probs": [-0.5, -0.25, -0.125]}
+    cut = {"choices": [{**reply["choices"][0], "text": '[{"name": "add", "param', "finish_reason": "length"}]}
+    choice, _, _ = completion_message(cut, "http://b/v1", parse_tools=True, forced=True)
+    assert choice["message"] == {"role": "assistant", "content": '[{"name": "add", "param'}  # kept, not lost

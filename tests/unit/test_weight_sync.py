@@ -1,4 +1,6 @@
-"""Weight sync: vLLM control plane driven against fake replicas on 127.0.0.1, checkpoint route, in process."""
+"""Weight sync: vLLM 0.32's control plane driven against fake replicas on 127.0.0.1 (vllm_reload, the vllm_nccl
+fan-out client, construction-time route checks), the checkpoint route, in process. Against the real vLLM:
+tests/peers/test_vllm_*.py."""
 
 from __future__ import annotations
 
@@ -9,19 +11,19 @@ import torch
 from safetensors.torch import load_file
 
 from gym_plugin.errors import ConfigError
-from gym_plugin.testing.fake_vllm_control import FakeVLLMControlServer, RecordingSender
+from gym_plugin.http import Transport
+from gym_plugin.testing.fake_vllm_control import FakeVLLMControlServer
 from gym_plugin.weight_sync import (
     CheckpointWeightSync,
     InProcessWeightSync,
-    NCCLSender,
-    VLLMWeightSync,
     WeightSyncConfig,
     WeightSyncError,
     build_weight_sync,
-    chunk_parameters,
     detached_state_dict,
+    open_weight_sync,
     server_root,
 )
+from gym_plugin.weight_sync_vllm import ReplicaFanOutClient, VLLMReloadWeightSync, check_nccl_replicas
 
 
 class TiedLM(torch.nn.Module):
@@ -46,14 +48,6 @@ def test_server_root_strips_v1():
     assert server_root("http://h:8000") == "http://h:8000"
 
 
-def test_chunk_parameters_respects_byte_limit_and_order():
-    a, b, c, big = torch.zeros(4), torch.zeros(8), torch.zeros(2), torch.zeros(20)  # 16, 32, 8, 80 bytes
-    named = [("a", a), ("b", b), ("c", c), ("big", big)]
-    chunks = chunk_parameters(named, chunk_bytes=40)
-    # a=16; a+b=48 > 40 -> new chunk; b+c=32+8=40 <= 40 -> same chunk; big=80 > 40 -> a chunk of its own
-    assert [[n for n, _ in ch] for ch in chunks] == [["a"], ["b", "c"], ["big"]]
-
-
 def test_detached_state_dict_unties_shared_storage():
     model = TiedLM()
     sd = detached_state_dict(model)
@@ -62,117 +56,229 @@ def test_detached_state_dict_unties_shared_storage():
     assert sd["head.weight"].untyped_storage().data_ptr() != sd["embed.weight"].untyped_storage().data_ptr()
 
 
-def test_vllm_sync_updates_every_replica_in_order():
+async def started(*servers):
+    for s in servers:
+        await s.start()
+    return servers
+
+
+async def stopped(*servers):
+    for s in servers:
+        await s.stop()
+
+
+def test_vllm_reload_updates_every_replica_in_order(tmp_path):
+    model = TiedLM()
+
     async def scenario():
-        r1, r2 = FakeVLLMControlServer("r1", world_size=1), FakeVLLMControlServer("r2", world_size=2)
-        await r1.start(), await r2.start()
-        sender = RecordingSender()
-        # embed.weight 40 floats = 160 B, layer.weight 64 B, layer.bias 16 B; limit 100 B ->
-        # chunks [embed.weight], [layer.weight, layer.bias] (64 + 16 = 80 <= 100)
-        cfg = WeightSyncConfig(kind="vllm_nccl", chunk_bytes=100, master_port=29555)
-        sync = VLLMWeightSync([r1.url + "/v1", r2.url + "/v1"], cfg, sender=sender)
+        r1, r2 = await started(FakeVLLMControlServer("r1", world_size=1), FakeVLLMControlServer("r2", world_size=2))
+        sync = await open_weight_sync(WeightSyncConfig(kind="vllm_reload", directory=str(tmp_path)),
+                                      base_urls=[r1.url + "/v1", r2.url])
         try:
-            v = await sync.sync(TiedLM(), 3)
-            v2 = await sync.sync(TiedLM(), 4)
+            v1 = await sync.sync(model, 3)
+            with torch.no_grad():
+                model.layer.bias.fill_(0.25)
+            v2 = await sync.sync(model, 4)
         finally:
             await sync.close()
-            await r1.stop(), await r2.stop()
-        return r1, r2, sender, sync, v, v2
+            await stopped(r1, r2)
+        return r1, r2, sync, (v1, v2)
 
-    r1, r2, sender, sync, v, v2 = run(scenario())
-    assert (v, v2) == (3, 4)
-    # world sizes 1 and 2 -> one group of 1 (trainer) + 1 + 2 = 4 ranks; replica offsets 1 and 1 + 1 = 2
-    assert sync.world_sizes == [1, 2] and sync.rank_offsets == [1, 2]
-    assert sender.init_args == ("127.0.0.1", 29555, 4)
-    init1 = [c.body for c in r1.calls if c.route == "/init_weight_transfer_engine"]
-    init2 = [c.body for c in r2.calls if c.route == "/init_weight_transfer_engine"]
-    assert init1 == [{"init_info": {"master_address": "127.0.0.1", "master_port": 29555, "rank_offset": 1,
-                                    "world_size": 4}}]
-    assert init2[0]["init_info"]["rank_offset"] == 2
-    one_sync = ["/start_weight_update", "/update_weights", "/update_weights", "/finish_weight_update",
-                "/weight_info"]
+    r1, r2, sync, versions = run(scenario())
+    assert versions == (3, 4)
+    one_sync = ["/collective_rpc", "/reset_prefix_cache", "/update_weight_version", "/weight_info"]
     for r in (r1, r2):
-        # init once, then the same five-call sequence per sync
-        assert r.routes_called == ["/get_world_size", "/init_weight_transfer_engine"] + one_sync + one_sync
+        # the probes of POST routes are GETs that answer 405 and are not recorded: only /weight_info is
+        assert r.routes_called == ["/weight_info", "/collective_rpc"] + one_sync + one_sync, r.routes_called
         assert r.weight_version == "4"
-        assert r.received_names == ["embed.weight", "layer.weight", "layer.bias"]  # tied head not sent
-    # the data plane sent the same chunks in the same order, twice
-    assert sender.sent == [["embed.weight"], ["layer.weight", "layer.bias"]] * 2
-    update = next(c.body for c in r1.calls if c.route == "/update_weights")
-    assert update == {"update_info": {"names": ["embed.weight"], "dtype_names": ["float32"], "shapes": [[10, 4]],
-                                      "packed": True}}
-    finish = [c.body for c in r2.calls if c.route == "/finish_weight_update"]
-    assert finish == [{"weight_version": "3"}, {"weight_version": "4"}]
+        assert sorted(r.received_names) == ["embed.weight", "head.weight", "layer.bias", "layer.weight"]
+    reload = [c.body for c in r1.calls if c.route == "/collective_rpc"][1]
+    assert reload == {"method": "gym_plugin_reload_weights", "kwargs": {"weights_path": str(tmp_path / "v000003")},
+                      "timeout": 600.0}
+    assert [c.body for c in r2.calls if c.route == "/update_weight_version"] == [{"new_version": "3"},
+                                                                                {"new_version": "4"}]
+    # keep_last=1: v3's folder was removed once both replicas serve v4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000004"]
+    loaded = load_file(str(tmp_path / "v000004" / "model.safetensors"))
+    assert torch.equal(loaded["layer.bias"], torch.full((4,), 0.25))
+    assert torch.equal(loaded["head.weight"], model.embed.weight.detach())  # tied head written as its own copy
 
 
-def test_vllm_sync_pause_resume_wraps_update():
+def test_vllm_reload_pause_and_busy_prefix_cache(tmp_path):
     async def scenario():
-        r = FakeVLLMControlServer("r")
-        await r.start()
-        sync = VLLMWeightSync([r.url], WeightSyncConfig(kind="vllm_nccl", pause_generation=True,
-                                                        verify_version=False), sender=RecordingSender())
+        (r,) = await started(FakeVLLMControlServer("r", busy_resets=2))
+        sync = VLLMReloadWeightSync([r.url], tmp_path, WeightSyncConfig(kind="vllm_reload", pause_generation=True,
+                                                                        verify_version=False))
         try:
             await sync.sync(TiedLM(), 1)
         finally:
             await sync.close()
-            await r.stop()
+            await stopped(r)
         return r
 
     r = run(scenario())
-    assert r.routes_called[2:] == ["/pause", "/start_weight_update", "/update_weights", "/finish_weight_update",
-                                   "/resume"]
+    # /reset_prefix_cache answered success=false twice (running requests) and was asked again
+    assert r.routes_called == ["/pause", "/collective_rpc", "/reset_prefix_cache", "/reset_prefix_cache",
+                               "/reset_prefix_cache", "/update_weight_version", "/resume"]
+    assert r.calls[0].body is None and not r.paused
 
 
-def test_vllm_sync_error_names_the_failing_replica():
+def test_vllm_reload_error_names_the_failing_replica(tmp_path):
     async def scenario():
-        ok, bad = FakeVLLMControlServer("ok"), FakeVLLMControlServer("bad", fail_routes={"/update_weights": 500})
-        await ok.start(), await bad.start()
-        sync = VLLMWeightSync([ok.url, bad.url], WeightSyncConfig(kind="vllm_nccl"), sender=RecordingSender())
+        ok, bad = await started(FakeVLLMControlServer("ok"),
+                                FakeVLLMControlServer("bad", fail_routes={"/update_weight_version": 500}))
+        sync = VLLMReloadWeightSync([ok.url, bad.url], tmp_path)
         try:
             with pytest.raises(WeightSyncError) as info:
                 await sync.sync(TiedLM(), 1)
         finally:
             await sync.close()
-            await ok.stop(), await bad.stop()
+            await stopped(ok, bad)
         return bad, info.value
 
     bad, err = run(scenario())
     assert err.url == bad.url
-    assert bad.url in str(err) and "/update_weights" in str(err) and "500" in str(err)
+    assert bad.url in str(err) and "/update_weight_version" in str(err) and "500" in str(err)
 
 
-def test_vllm_sync_detects_replica_that_kept_old_version():
+def test_vllm_reload_detects_replica_that_kept_old_version(tmp_path):
     class Stale(FakeVLLMControlServer):
-        async def weight_info(self, body, ctx):
-            return {"weight_version": "0"}
+        async def update_weight_version(self, body, ctx):
+            return {"success": True}
 
     async def scenario():
-        r = Stale("stale")
-        await r.start()
-        sync = VLLMWeightSync([r.url], WeightSyncConfig(kind="vllm_nccl"), sender=RecordingSender())
+        (r,) = await started(Stale("stale"))
+        sync = VLLMReloadWeightSync([r.url], tmp_path)
         try:
-            with pytest.raises(WeightSyncError, match=r"weight_version='0'.*expected '2'") as info:
+            with pytest.raises(WeightSyncError, match=r"weight_version='default'.*expected '2'") as info:
                 await sync.sync(TiedLM(), 2)
         finally:
             await sync.close()
-            await r.stop()
+            await stopped(r)
         return r, info.value
 
     r, err = run(scenario())
     assert err.url == r.url
 
 
-def test_vllm_sync_unreachable_replica_is_named():
+@pytest.mark.parametrize("flags,names", [
+    ({"dev_mode": False}, ["POST /collective_rpc, POST /reset_prefix_cache, POST /update_weight_version, "
+                           "GET /weight_info", "VLLM_SERVER_DEV_MODE=1"]),
+    ({"extension": False}, ["gym_plugin_extension_info answered HTTP 500",
+                            "--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension"]),
+])
+def test_vllm_reload_check_names_the_missing_server_flag(tmp_path, flags, names):
     async def scenario():
-        sync = VLLMWeightSync(["http://127.0.0.1:9/v1"], WeightSyncConfig(kind="vllm_nccl", timeout_s=5),
-                              sender=RecordingSender())
+        ok, bad = await started(FakeVLLMControlServer("ok"), FakeVLLMControlServer("bad", **flags))
         try:
-            with pytest.raises(WeightSyncError, match=r"http://127.0.0.1:9/v1.*get_world_size"):
-                await sync.sync(TiedLM(), 1)
+            with pytest.raises(WeightSyncError) as info:
+                await open_weight_sync(WeightSyncConfig(kind="vllm_reload", directory=str(tmp_path)),
+                                       base_urls=[ok.url + "/v1", bad.url + "/v1"])
         finally:
-            await sync.close()
+            await stopped(ok, bad)
+        return bad, info.value
+
+    bad, err = run(scenario())
+    assert err.url == bad.url + "/v1" and f"replica {bad.url}/v1" in str(err)
+    for name in names:
+        assert name in str(err), str(err)
+    assert not [c for c in bad.calls if c.route == "/collective_rpc" and c.body.get("method") != "gym_plugin_extension_info"]
+
+
+def test_checkpoint_check_refuses_a_vllm_server(tmp_path):
+    async def scenario():
+        (vllm,) = await started(FakeVLLMControlServer("vllm", embedded=False))
+        try:
+            with pytest.raises(WeightSyncError) as info:
+                await open_weight_sync(WeightSyncConfig(kind="checkpoint", directory=str(tmp_path)),
+                                       base_urls=[vllm.url + "/v1"])
+        finally:
+            await stopped(vllm)
+        return info.value
+
+    err = run(scenario())
+    assert "has no POST /update_weights_from_path" in str(err) and "use weight_sync=vllm_reload" in str(err)
+
+
+def test_unreachable_replica_is_named_at_check(tmp_path):
+    async def scenario():
+        with pytest.raises(WeightSyncError, match=r"http://127.0.0.1:9/v1 did not answer the weight_sync=vllm_reload"):
+            await open_weight_sync(WeightSyncConfig(kind="vllm_reload", directory=str(tmp_path), timeout_s=5),
+                                   base_urls=["http://127.0.0.1:9/v1"])
 
     run(scenario())
+
+
+def test_nccl_fan_out_client_gives_each_replica_its_rank_offset():
+    """vLLM's trainer engine calls these four blocking methods from its threads; the client posts each call to
+    every replica. Replicas of world size 1 and 2: one group of 1 (trainer) + 1 + 2 = 4 ranks."""
+    async def scenario():
+        r1, r2 = await started(FakeVLLMControlServer("r1", world_size=1), FakeVLLMControlServer("r2", world_size=2))
+        from gym_plugin.weight_sync_vllm import _Replicas
+
+        replicas = _Replicas([r1.url + "/v1", r2.url], WeightSyncConfig(kind="vllm_nccl"), None)
+        client = ReplicaFanOutClient(replicas, asyncio.get_running_loop(), [1, 2])
+        # what vLLM's NCCLTrainerWeightTransferEngine.trainer_init sends (worker_init_payload of its init info)
+        init = {"master_address": "127.0.0.1", "master_port": 29555, "rank_offset": 1, "world_size": 4,
+                "packed": True, "packed_buffer_size_bytes": 1 << 20, "packed_num_buffers": 2}
+        update = {"names": ["embed.weight", "layer.weight"], "dtype_names": ["float32", "float32"],
+                  "shapes": [[10, 4], [4, 4]]}
+
+        def trainer_thread():
+            client.init_weight_transfer_engine(init)
+            client.version = "7"
+            client.start_weight_update()
+            client.update_weights(update)
+            client.finish_weight_update()
+
+        try:
+            await asyncio.to_thread(trainer_thread)
+            await asyncio.to_thread(client.start_weight_update)
+            with pytest.raises(WeightSyncError, match="unexpected keyword argument 'packed'"):
+                # the body gym_plugin sent before vLLM 0.32: refused as vLLM refuses it
+                await asyncio.to_thread(client.update_weights, {**update, "packed": True})
+        finally:
+            await replicas.close()
+            await stopped(r1, r2)
+        return r1, r2, update
+
+    r1, r2, update = run(scenario())
+    assert [c.body["init_info"]["rank_offset"] for c in r1.calls + r2.calls
+            if c.route == "/init_weight_transfer_engine"] == [1, 2]
+    for r in (r1, r2):
+        assert r.routes_called[:4] == ["/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                                       "/finish_weight_update"]
+        assert r.weight_version == "7"
+        assert r.calls[2].body == {"update_info": update}  # passed through as vLLM's engine built it
+        assert r.calls[1].body is None  # /start_weight_update has no body (vLLM's HTTP client sends none)
+
+
+def test_nccl_check_names_the_weight_transfer_flag():
+    async def scenario():
+        (r,) = await started(FakeVLLMControlServer("r", weight_transfer=False))
+        transport = Transport()
+        try:
+            with pytest.raises(WeightSyncError, match=r"--weight-transfer-config '\{\"backend\": \"nccl\"\}'"):
+                await check_nccl_replicas(transport, [r.url])
+        finally:
+            await transport.close()
+            await stopped(r)
+
+    run(scenario())
+
+
+def test_vllm_nccl_construction_says_what_is_missing():
+    """Without vLLM: how to install it; with vLLM but no GPU: that NCCL needs one and vllm_reload does not."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"needs vLLM >= 0.32.*vllm_reload"):
+            build_weight_sync(WeightSyncConfig(kind="vllm_nccl"), base_urls=["http://127.0.0.1:9/v1"])
+        return
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: construction succeeds (tests/peers/test_vllm_weight_transfer.py)")
+    with pytest.raises(ConfigError, match=r"NCCL from a CUDA GPU.*has none.*Use weight_sync=vllm_reload"):
+        build_weight_sync(WeightSyncConfig(kind="vllm_nccl"), base_urls=["http://127.0.0.1:9/v1"])
 
 
 def test_checkpoint_sync_writes_file_and_every_replica_reports_version(tmp_path):
@@ -267,13 +373,3 @@ def test_build_weight_sync_errors():
         build_weight_sync(WeightSyncConfig(kind="inprocess"))
     with pytest.raises(ConfigError, match="at least one"):
         build_weight_sync(WeightSyncConfig(kind="checkpoint", directory="/tmp/x"), base_urls=[])
-
-
-def test_nccl_sender_without_vllm_says_how_to_install():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install vllm"):
-            NCCLSender()
-    else:
-        pytest.skip("vllm is installed here")

@@ -8,6 +8,10 @@ Routes (what vLLM serves, so the policy model server talks to it unchanged):
   ``return_token_ids`` (style B: top-level ``prompt_token_ids`` and ``choices[i].token_ids``); ``tools``
   rendered by the chat template and Hermes ``<tool_call>`` blocks parsed into ``message.tool_calls``.
   Every completion (and every choice) carries ``policy_version``.
+- ``POST /v1/completions``: ``prompt`` as token ids (or a string), the same sampling params, ``logprobs`` (an
+  int: alternatives per position, 0 = the sampled token's only; ``choices[i].logprobs.token_logprobs``),
+  ``return_token_ids`` (``choices[i].token_ids`` and ``choices[i].prompt_token_ids``, as vLLM): the
+  token-in/token-out route of the policy model server's ``token_mode: completions``.
 - ``POST /tokenize`` (server root, like vLLM): ``{"model", "messages", "tools"?, "add_generation_prompt"?}``
   or ``{"prompt"}`` -> ``{"tokens", "count", "max_model_len"}``.
 - ``GET /v1/models``, ``GET /health``, ``GET /policy_version``, ``POST /update_weights_from_path``
@@ -44,7 +48,8 @@ from gym_plugin.errors import (
     format_user_error,
 )
 from gym_plugin.servers.embedded.engine import GenerationEngine, GenerationResult, SamplingParams
-from gym_plugin.toolcalls import chatml_tools_template, parse_tool_calls, template_renders_tools
+from gym_plugin.chat_template import ChatRenderer
+from gym_plugin.toolcalls import parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -94,69 +99,23 @@ def _error_response(message: str, param: str | None = None, status: int = 400, k
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-class PromptRenderer:
-    """Messages (+ tools) -> prompt token ids through the tokenizer's chat template.
-
-    When the tokenizer's own template ignores ``tools`` (SmolLM2's plain ChatML one does), conversations
-    with tools, tool calls or tool messages are rendered by gym_plugin's ChatML+Hermes template instead,
-    keeping the original template's default system text, so both render plain chats identically.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelLoadError(
-                "The tokenizer has no chat_template, so chat messages cannot be rendered. Use a chat/instruct "
-                "model or set tokenizer.chat_template before serving it."
-            )
-        self.native_tools = template_renders_tools(tokenizer)
-        self.fallback_template = None
-        if not self.native_tools:
-            default_system = _default_system_text(tokenizer)
-            self.fallback_template = chatml_tools_template(
-                default_system=default_system or "You are a helpful assistant.",
-                always_system=default_system is not None,
-            )
+class PromptRenderer(ChatRenderer):
+    """Messages (+ tools) -> prompt token ids through the tokenizer's chat template (``chat_template``'s rule:
+    gym_plugin's ChatML+Hermes template for tool conversations when the tokenizer's own ignores ``tools``, with
+    the original template's default system text, so both render plain chats identically). A template error is
+    a bad request (HTTP 400 naming ``messages``)."""
 
     def render_text(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True,
                     chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
-        needs_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
-        template = self.fallback_template if (needs_tools and not self.native_tools) else None
         try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                tools=tools or None,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                chat_template=template,
-                **dict(chat_template_kwargs or {}),
-            )
-        except Exception as exc:  # a template error is caused by the request's messages
-            raise InvalidRequestError(
-                f"The chat template could not render the messages: {type(exc).__name__}: {exc}. "
-                "Check the roles and contents of 'messages'.",
-                param="messages",
-            ) from exc
+            return super().render_text(messages, tools, add_generation_prompt, chat_template_kwargs)
+        except ProtocolError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from exc
 
     def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True,
                chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Prompt token ids, like vLLM: render with the template, then encode without extra special tokens."""
-        text = self.render_text(messages, tools, add_generation_prompt, chat_template_kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-
-def _default_system_text(tokenizer) -> str | None:
-    """The system text a ChatML template adds by itself when a chat has no system turn (None if it adds none)."""
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "zz_probe"}], tokenize=False, add_generation_prompt=False
-        )
-    except Exception:  # noqa: BLE001 - no usable template: no default
-        return None
-    head = "<|im_start|>system\n"
-    if text.startswith(head) and "<|im_end|>" in text:
-        return text[len(head) : text.index("<|im_end|>")]
-    return None
+        return self.encode(self.render_text(messages, tools, add_generation_prompt, chat_template_kwargs))
 
 
 def _message_text(content: Any, where: str) -> str | None:
@@ -326,9 +285,13 @@ class EmbeddedPolicyServer:
             own = Path(getattr(model, "name_or_path", "") or "embedded-policy").name
             self.served_model_name = cfg.served_model_name or own
             self.model_aliases = {self.served_model_name}
+            self.model_root = getattr(model, "name_or_path", "") or None
         else:
             self.served_model_name = cfg.served_model_name or _default_served_name(cfg.model)
             self.model_aliases = {self.served_model_name, str(cfg.model)}
+            self.model_root = str(cfg.model)
+        """What GET /v1/models reports as ``root`` (like vLLM's --model): where the tokenizer can be loaded from
+        (a model spec or folder), None for a module built in code."""
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self._host = cfg.host
@@ -402,6 +365,7 @@ class EmbeddedPolicyServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/policy_version", self._get_version)
         app.router.add_post("/update_weights_from_path", self._update_from_path)
@@ -415,7 +379,7 @@ class EmbeddedPolicyServer:
         return web.json_response({
             "object": "list",
             "data": [{"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "gym_plugin",
-                      "root": str(self.config.model), "max_model_len": self.max_model_len}],
+                      "root": self.model_root, "max_model_len": self.max_model_len}],
         })
 
     async def _get_version(self, request: web.Request) -> web.Response:
@@ -505,6 +469,54 @@ class EmbeddedPolicyServer:
                                       "stream")
         messages = normalize_messages(body.get("messages"))
         tools = self._tools(body)
+        logprobs = _bool(body, "logprobs", False)
+        top_logprobs = int(_number(body, "top_logprobs", 0, lo=0, hi=20, integer=True))
+        if top_logprobs and not logprobs:
+            raise InvalidRequestError("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        tool_choice = body.get("tool_choice", "auto")
+        if tool_choice not in (None, "auto", "none", "required") and not isinstance(tool_choice, dict):
+            raise InvalidRequestError(f"'tool_choice' {tool_choice!r} is not supported; use 'auto' or 'none'.",
+                                      "tool_choice")
+        prompt_ids = self.renderer.render(
+            messages, tools, _bool(body, "add_generation_prompt", True), body.get("chat_template_kwargs")
+        )
+        return self._request(body, prompt_ids, messages=messages, tools=tools, logprobs=logprobs,
+                             top_logprobs=top_logprobs, parse_tools=bool(tools) and tool_choice != "none")
+
+    def parse_completion_request(self, body: dict) -> ChatRequest:
+        """Validate a ``/v1/completions`` body (``prompt``: token ids or a string; ``logprobs``: an int, the
+        number of alternatives, 0 = the sampled token's only) into a ``ChatRequest`` without messages."""
+        self._check_model(body)
+        if body.get("stream"):
+            raise InvalidRequestError("'stream' is not supported by the embedded policy; set stream to false.",
+                                      "stream")
+        for key in ("structured_outputs", "response_format", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar"):
+            if body.get(key) is not None:
+                raise InvalidRequestError(f"'{key}' (constrained decoding) is not supported by the embedded policy; "
+                                          "leave it out, or serve the model with vLLM.", key)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=_bool(body, "add_special_tokens", True))
+        elif (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in prompt)):
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"'prompt' has token ids outside the vocabulary [0, {vocab}): "
+                                          f"{bad[:5]}.", "prompt")
+            prompt_ids = list(prompt)
+        else:
+            raise InvalidRequestError("'prompt' must be a non-empty string or a non-empty list of token ids "
+                                      "(one prompt per request).", "prompt")
+        logprobs = body.get("logprobs")
+        top = 0 if logprobs is None else int(_number(body, "logprobs", 0, lo=0, hi=20, integer=True))
+        return self._request(body, prompt_ids, messages=[], tools=None, logprobs=logprobs is not None,
+                             top_logprobs=top, parse_tools=False)
+
+    def _request(self, body: dict, prompt_ids: list[int], *, messages: list[dict], tools: list[dict] | None,
+                 logprobs: bool, top_logprobs: int, parse_tools: bool) -> ChatRequest:
+        """Sampling params and the token budget of a chat or completions body, for ``prompt_ids``."""
         for key in ("frequency_penalty", "presence_penalty"):
             if _number(body, key, 0.0) != 0:
                 raise InvalidRequestError(f"'{key}' is not supported by the embedded policy; leave it at 0.", key)
@@ -513,10 +525,6 @@ class EmbeddedPolicyServer:
         top_k = int(_number(body, "top_k", 0, lo=-1, integer=True))
         n = int(_number(body, "n", 1, lo=1, hi=128, integer=True))
         seed = _number(body, "seed", None, integer=True)
-        logprobs = _bool(body, "logprobs", False)
-        top_logprobs = int(_number(body, "top_logprobs", 0, lo=0, hi=20, integer=True))
-        if top_logprobs and not logprobs:
-            raise InvalidRequestError("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
         stop = body.get("stop")
         if stop is None:
             stop = []
@@ -527,20 +535,12 @@ class EmbeddedPolicyServer:
         stop_token_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_token_ids, list) or not all(isinstance(t, int) for t in stop_token_ids):
             raise InvalidRequestError("'stop_token_ids' must be a list of integers.", "stop_token_ids")
-        tool_choice = body.get("tool_choice", "auto")
-        if tool_choice not in (None, "auto", "none", "required") and not isinstance(tool_choice, dict):
-            raise InvalidRequestError(f"'tool_choice' {tool_choice!r} is not supported; use 'auto' or 'none'.",
-                                      "tool_choice")
-
-        prompt_ids = self.renderer.render(
-            messages, tools, _bool(body, "add_generation_prompt", True), body.get("chat_template_kwargs")
-        )
         room = self.max_model_len - len(prompt_ids)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         if max_tokens is None:
             if room < 1:
-                raise InvalidRequestError(self._too_long(len(prompt_ids), 1), "messages")
+                raise InvalidRequestError(self._too_long(len(prompt_ids), 1), "messages" if messages else "prompt")
             max_tokens = min(self.config.default_max_tokens, room)
         else:
             max_tokens = int(_number({key: max_tokens}, key, None, lo=1, integer=True))
@@ -555,7 +555,7 @@ class EmbeddedPolicyServer:
             messages=messages, tools=tools, params=params, prompt_ids=prompt_ids, logprobs=logprobs,
             top_logprobs=top_logprobs, tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False),
             return_token_ids=_bool(body, "return_token_ids", False),
-            parse_tools=bool(tools) and tool_choice != "none",
+            parse_tools=parse_tools,
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
         )
@@ -569,9 +569,15 @@ class EmbeddedPolicyServer:
         )
 
     async def _chat(self, request: web.Request) -> web.Response:
+        return await self._generate(request, self.parse_chat_request, self.completion_payload)
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        return await self._generate(request, self.parse_completion_request, self.text_completion_payload)
+
+    async def _generate(self, request: web.Request, parse, payload) -> web.Response:
         try:
             body = await self._json_body(request)
-            chat = self.parse_chat_request(body)
+            chat = parse(body)
         except InvalidRequestError as exc:
             return _error_response(str(exc), exc.param)
         fut = self.engine.submit(chat.prompt_ids, chat.params)
@@ -582,17 +588,50 @@ class EmbeddedPolicyServer:
         except Exception as exc:  # noqa: BLE001 - reported to the client, logged by the engine
             return _error_response(f"generation failed: {type(exc).__name__}: {exc}", None, 500,
                                    "InternalServerError")
-        return web.json_response(self.completion_payload(chat, results))
+        return web.json_response(payload(chat, results))
+
+    def _text(self, chat: ChatRequest, res: GenerationResult) -> str:
+        text = self.tokenizer.decode(res.token_ids, skip_special_tokens=chat.skip_special_tokens)
+        if isinstance(res.stop_reason, str):
+            cut = text.find(res.stop_reason)
+            if cut >= 0:
+                text = text[: cut + (len(res.stop_reason) if chat.include_stop_str_in_output else 0)]
+        return text
+
+    def text_completion_payload(self, chat: ChatRequest, results: list[GenerationResult]) -> dict:
+        """The OpenAI text_completion object, with vLLM's token fields (``choices[i].token_ids`` and
+        ``prompt_token_ids`` when asked) and ``policy_version``."""
+        text_of = self.engine.token_text
+        choices = []
+        for i, res in enumerate(results):
+            choice: dict[str, Any] = {"index": i, "text": self._text(chat, res), "logprobs": None,
+                                      "finish_reason": res.finish_reason, "stop_reason": res.stop_reason,
+                                      "policy_version": res.policy_version}
+            if chat.logprobs:
+                tokens = [self._token_str(chat, t) for t in res.token_ids]
+                choice["logprobs"] = {
+                    "tokens": tokens, "token_logprobs": list(res.logprobs),
+                    "top_logprobs": [{text_of(t): v for t, v in res.top_logprobs[k]} if chat.top_logprobs
+                                     else {tokens[k]: res.logprobs[k]} for k in range(len(tokens))],
+                }
+            if chat.return_token_ids:
+                choice["token_ids"] = res.token_ids
+                choice["prompt_token_ids"] = chat.prompt_ids
+            choices.append(choice)
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": self.served_model_name, "choices": choices,
+            "usage": {"prompt_tokens": len(chat.prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(chat.prompt_ids) + completion_tokens},
+            "policy_version": results[0].policy_version,
+        }
 
     def completion_payload(self, chat: ChatRequest, results: list[GenerationResult]) -> dict:
         """The OpenAI chat.completion object (with vLLM's token fields and ``policy_version``)."""
         choices = []
         for i, res in enumerate(results):
-            text = self.tokenizer.decode(res.token_ids, skip_special_tokens=chat.skip_special_tokens)
-            if isinstance(res.stop_reason, str):
-                cut = text.find(res.stop_reason)
-                if cut >= 0:
-                    text = text[: cut + (len(res.stop_reason) if chat.include_stop_str_in_output else 0)]
+            text = self._text(chat, res)
             message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
             finish = res.finish_reason
             if chat.parse_tools:
