@@ -204,14 +204,17 @@ def _schema_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def test_every_schema_key_is_in_the_composed_yaml():
+@pytest.mark.parametrize("override", [[]] + [[f"{g}={o}"] for g in GROUPS for o in _options(g)],
+                         ids=lambda o: o[0] if o else "defaults")
+def test_every_schema_key_is_in_the_composed_yaml(override):
     # check_overrides accepts exactly the schema's keys; Hydra accepts only keys present in the YAML. Were a
-    # field missing from conf/, `train.<field>=x` would pass our check and then fail in Hydra.
-    data = compose_grpo([])
+    # field missing from conf/ (or from one option of a group), `train.<field>=x` would pass our check and then
+    # fail in Hydra.
+    data = compose_grpo(override)
     for key in _schema_keys(GRPOConfig):
         node = data
         for part in key.split("."):
-            assert isinstance(node, dict) and part in node, f"{key} is in the schema but not in conf/grpo.yaml"
+            assert isinstance(node, dict) and part in node, f"{key} is in the schema but not in {override or 'conf'}"
             node = node[part]
 
 
