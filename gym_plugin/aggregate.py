@@ -33,9 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gym_plugin.errors import ProtocolError, truncate
-from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
-
-MASK_KEY = "mask_sample"
+from gym_plugin.protocol import MASK_SAMPLE_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
 _STATS = ("mean", "max", "min", "median", "std")
 
 
@@ -47,7 +45,7 @@ def _numeric_fields(record: Mapping[str, Any]) -> dict[str, float]:
         merged.update(usage)
     out = {}
     for key, value in merged.items():
-        if key.startswith("_") or key in ("response", MASK_KEY):
+        if key.startswith("_") or key in ("response", MASK_SAMPLE_KEY):
             continue
         if isinstance(value, bool):
             out[key] = float(value)
@@ -161,8 +159,8 @@ def aggregate_metrics(body: Any) -> dict:
     empty: dict = {"group_level_metrics": [], "agent_metrics": {}, "key_metrics": {}, "repeat_level_metrics": []}
     if not records:
         return empty
-    scored = [r for r in records if not r.get(MASK_KEY)]
-    masked = [r for r in records if r.get(MASK_KEY)]
+    scored = [r for r in records if not r.get(MASK_SAMPLE_KEY)]
+    masked = [r for r in records if r.get(MASK_SAMPLE_KEY)]
     coverage = _coverage(records, scored, masked)
     if not scored:
         return {**empty, "agent_metrics": dict(coverage), "key_metrics": dict(coverage)}
@@ -205,7 +203,7 @@ def _rollout_info(record: Mapping[str, Any]) -> dict:
         info["reward"] = record.get("reward")
     usage = record.get("response", {}).get("usage") if isinstance(record.get("response"), Mapping) else None
     pairs = [*(usage.items() if isinstance(usage, Mapping) else ()),
-             *((k, v) for k, v in record.items() if not k.startswith("_") and k not in ("reward", "response", MASK_KEY))]
+             *((k, v) for k, v in record.items() if not k.startswith("_") and k not in ("reward", "response", MASK_SAMPLE_KEY))]
     for k, v in pairs:
         if isinstance(v, bool):
             info[k] = int(v)

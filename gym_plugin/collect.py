@@ -43,6 +43,8 @@ from gym_plugin.protocol import (
     TASK_INDEX_KEY,
     agent_name,
     failure_record,
+    is_failure,
+    is_reward,
     validate_example,
 )
 
@@ -242,9 +244,7 @@ class RolloutCollector:
                 rollout_index=rollout_index,
             ), name, route)
         data = reply.data
-        if not isinstance(data, dict) or not isinstance(data.get("response"), dict) or not _is_reward(
-            data.get("reward")
-        ):
+        if not isinstance(data, dict) or not isinstance(data.get("response"), dict) or not is_reward(data.get("reward")):
             return _stamped(failure_record(
                 row,
                 kind="malformed_response",
@@ -329,7 +329,7 @@ class RolloutCollector:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if item.get("failure") is not None:
+                if is_failure(item):
                     stats.failed += 1
                     kind = item["failure"]["kind"]
                     stats.failures_by_kind[kind] = stats.failures_by_kind.get(kind, 0) + 1
@@ -354,10 +354,6 @@ def _stamped(record: dict, agent: str, route: AgentRoute) -> dict:
         record[ENVIRONMENT_SERVER_KEY] = route.environment_server
         record[RESULT_TYPE_KEY] = route.environment_server_type
     return record
-
-
-def _is_reward(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 async def _units(rows, repeats: int, start_index: int, skip, stats: CollectionStats):

@@ -48,7 +48,7 @@ from gym_plugin.errors import (
     truncate,
 )
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
-from gym_plugin.protocol import agent_name
+from gym_plugin.protocol import MASK_SAMPLE_KEY, agent_name, is_reward
 from gym_plugin.responses import content_text, next_id
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ MOVED_TO_GYM_PATH = ("base_urls", "model_name", "api_key", "check_endpoints")
 ENVIRONMENT_ROLE = "environment"
 """Role of the observation messages (as NeMo-RL's math environment)."""
 
-_STEP_OUTPUT_KEYS = ("reward", "failure", "mask_sample")
+_STEP_OUTPUT_KEYS = ("reward", "failure", MASK_SAMPLE_KEY)
 """Keys `step` writes into metadata; dropped from metadata handed back to a later step, so a verdict is never
 stale (a row that failed once and verifies now is no longer masked)."""
 
@@ -239,7 +239,7 @@ class GymEnvironment:
                 answers.append(None)
             else:
                 reward = float(reply["reward"])
-                if reply.get("mask_sample"):
+                if reply.get(MASK_SAMPLE_KEY):
                     unusable.append(f"row {i}: the verifier at {url} judged it (reward {reward:g}) but flagged it "
                                     "mask_sample: true (not to be trained on)")
                 # What the verifier added or changed (metadata from an earlier step may already hold old
@@ -356,8 +356,7 @@ class GymEnvironment:
                 "failure, not reward 0; fix the row's metadata or the verifier."
             ) from e
         data = reply.data
-        if not isinstance(data, Mapping) or isinstance(data.get("reward"), bool) \
-                or not isinstance(data.get("reward"), (int, float)):
+        if not isinstance(data, Mapping) or not is_reward(data.get("reward")):
             raise VerifierError(f"{url}/verify answered without a numeric 'reward': {truncate(data, 300)}")
         return dict(data)
 

@@ -58,12 +58,15 @@ from gym_plugin.errors import (
 )
 from gym_plugin.protocol import (
     DRIFT,
+    MASK_SAMPLE_KEY,
     ROLLOUT_INDEX_KEY,
     TASK_INDEX_KEY,
     agent_name,
     first_difference,
     is_failure,
+    parse_rollout,
     splice_offsets,
+    strip_token_fields,
 )
 
 __all__ = [
@@ -178,54 +181,46 @@ def nemo_rl_result(record: dict, tokenizer: Any, *, invalid_tool_call_patterns: 
     max_model_len; or a call with ids lacks its prompt / log-probs) and ProtocolError (a later prompt does not
     extend the tokens before it: chat-template drift; NaN log-probs; no response.output). ``where`` names the
     rollout in those messages."""
-    response = record.get("response")
-    output = response.get("output") if isinstance(response, Mapping) else None
-    if not isinstance(output, list):
-        raise ProtocolError(f"{where} has no response.output list: {truncate(response, 200)}")
-    # Model calls: the items with a non-empty generation (an empty one has nothing to train, as in NeMo-RL).
-    items = [it for it in output if isinstance(it, dict) and it.get("generation_token_ids")]
-    calls = []
-    for item in items:
-        prompt, gen, lps = item.get("prompt_token_ids"), item["generation_token_ids"], item.get("generation_log_probs")
-        if not isinstance(prompt, list) or not isinstance(gen, list) or not isinstance(lps, list) \
-                or len(lps) != len(gen):
-            raise MissingTokenIdsError(
-                f"{where}: output item {item.get('id')!r} has generation_token_ids but prompt_token_ids "
-                f"{truncate(prompt, 60)} / generation_log_probs of length "
-                f"{len(lps) if isinstance(lps, list) else lps!r} (want {len(gen) if isinstance(gen, list) else gen})")
-        calls.append((prompt, gen, lps))
+    rollout = parse_rollout(record)
+    if not rollout.output_is_list:
+        raise ProtocolError(f"{where} has no response.output list: {truncate(record.get('response'), 200)}")
+    # Model calls: the calls with a non-empty generation (an empty one has nothing to train, as in NeMo-RL).
+    bad = [p for p in rollout.problems if p.has_generation]
+    if bad:
+        raise MissingTokenIdsError(f"{where}: {bad[0].message}")
+    calls = [call for call in rollout.calls if call.generation]
     if not calls:
+        types = rollout.output_types()
         raise MissingTokenIdsError(
-            f"{where}: no model call carries token ids ({len(output)} output items of types "
-            f"{[it.get('type') for it in output if isinstance(it, Mapping)]}). The first prompt may exceed the "
-            "policy's max_model_len (vLLM then generates nothing), or the endpoint does not return token ids.")
+            f"{where}: no model call carries token ids ({len(types)} output items of types {types}). The first "
+            "prompt may exceed the policy's max_model_len (vLLM then generates nothing), or the endpoint does not "
+            "return token ids.")
     offsets = splice_offsets(calls)
     log: list[dict] = []
-    for k, (item, (prompt, gen, lps), offset) in enumerate(zip(items, calls, offsets)):
+    for k, (call, offset) in enumerate(zip(calls, offsets)):
         if offset == DRIFT:
-            prev_prompt, prev_gen, _ = calls[k - 1]
+            prev = calls[k - 1]
             raise ProtocolError(
                 f"{where}: model call {k + 1}'s prompt does not start with call {k}'s prompt + generation (first "
-                f"difference at token {first_difference(prompt, prev_prompt, prev_gen)} of "
-                f"{len(prev_prompt) + len(prev_gen)}): the chat template rewrote the history (e.g. dropped "
+                f"difference at token {first_difference(call.prompt, prev.prompt, prev.generation)} of "
+                f"{len(prev.prompt) + len(prev.generation)}): the chat template rewrote the history (e.g. dropped "
                 "reasoning). A NeMo-RL message log cannot hold this rollout; use a template that keeps the history.")
-        logprobs = _tensor(lps, np.float32)  # [G_k]
+        logprobs = _tensor(call.logprobs, np.float32)  # [G_k]
         if bool(torch.isnan(logprobs).any()):  # a NaN poisons the whole batch's loss; NeMo-RL refuses it too
             raise ProtocolError(f"{where}: model call {k + 1} has NaN generation log-probs; check the policy "
                                 "endpoint (dtype overflow, a broken logits processor)")
-        invalid, malformed = turn_flags(item, invalid_tool_call_patterns, thinking_tags)
-        log.append({"role": "user", "content": "", "token_ids": _tensor(prompt[offset:], np.int64)})  # [P_k]
-        log.append({"role": "assistant", "content": "", "token_ids": _tensor(gen, np.int64),  # [G_k]
+        invalid, malformed = turn_flags(call.item, invalid_tool_call_patterns, thinking_tags)
+        log.append({"role": "user", "content": "", "token_ids": _tensor(call.prompt[offset:], np.int64)})  # [P_k]
+        log.append({"role": "assistant", "content": "", "token_ids": _tensor(call.generation, np.int64),  # [G_k]
                     "generation_logprobs": logprobs, "is_invalid_tool_call": invalid,
                     "has_malformed_thinking": malformed})
-    prompt_strs = tokenizer.batch_decode([c[0] for c in calls])
-    generation_strs = tokenizer.batch_decode([c[1] for c in calls])
-    for item, prompt_str, generation_str in zip(items, prompt_strs, generation_strs):
-        for key in ("prompt_token_ids", "generation_token_ids", "generation_log_probs"):
-            item.pop(key, None)  # the tensors above hold them; keep logged results small
-        item["prompt_str"], item["generation_str"] = prompt_str, generation_str
-    if record.get("mask_sample"):  # our verifiers' flag, where NeMo-RL reads it
-        record["instance_config"] = {**(record.get("instance_config") or {}), "mask_sample": True}
+    prompt_strs = tokenizer.batch_decode([c.prompt for c in calls])
+    generation_strs = tokenizer.batch_decode([c.generation for c in calls])
+    for call, prompt_str, generation_str in zip(calls, prompt_strs, generation_strs):
+        strip_token_fields(call)  # the tensors above hold them; keep logged results small
+        call.item["prompt_str"], call.item["generation_str"] = prompt_str, generation_str
+    if rollout.masked:  # our verifiers' flag, where NeMo-RL reads it
+        record["instance_config"] = {**(record.get("instance_config") or {}), MASK_SAMPLE_KEY: True}
     return {"message_log": log, "input_message_log": log[:1], "full_result": record}
 
 

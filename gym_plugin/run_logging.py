@@ -19,9 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
-
-from gym_plugin.protocol import is_failure
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 STEP_LINE_KEYS = (
     ("rollout/reward_mean", "reward {:.3f}"),
@@ -36,33 +34,6 @@ STEP_LINE_KEYS = (
     ("policy/staleness", "stale {:.0f}"),
 )
 """(metric key, format) of the per-step line, in order; missing keys are skipped."""
-
-
-def reward_metrics(records: Sequence[Mapping[str, Any]], accuracy_threshold: float = 1.0) -> dict[str, float]:
-    """``rollout/reward_mean``, ``rollout/reward_std``, ``rollout/accuracy`` (share of rollouts with reward >=
-    ``accuracy_threshold``), ``rollout/num_rollouts``, ``rollout/num_failed`` and the mean generated tokens per
-    rollout, over the successful records (failure records are counted, never scored 0)."""
-    rewards, gen_tokens = [], []
-    failed = 0
-    for r in records:
-        if is_failure(r) or r.get("reward") is None:
-            failed += 1
-            continue
-        rewards.append(float(r["reward"]))
-        n = 0
-        for item in (r.get("response") or {}).get("output") or []:
-            if isinstance(item, Mapping):
-                n += len(item.get("generation_token_ids") or [])
-        gen_tokens.append(n)
-    out = {"rollout/num_rollouts": float(len(records)), "rollout/num_failed": float(failed)}
-    if rewards:
-        mean = sum(rewards) / len(rewards)
-        out["rollout/reward_mean"] = mean
-        out["rollout/reward_std"] = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
-        out["rollout/reward_min"], out["rollout/reward_max"] = min(rewards), max(rewards)
-        out["rollout/accuracy"] = sum(x >= accuracy_threshold for x in rewards) / len(rewards)
-        out["rollout/gen_tokens_mean"] = sum(gen_tokens) / len(gen_tokens)
-    return out
 
 
 def format_step_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:

@@ -45,9 +45,9 @@ from gym_plugin.grpo_config import GRPOConfig, check_overrides, parse_grpo_confi
 from gym_plugin.integration import GymIntegration  # noqa: E402
 from gym_plugin.models import load_policy_model, quiet_hf_progress  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
-from gym_plugin.process import process_rollouts  # noqa: E402
-from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY  # noqa: E402
-from gym_plugin.run_logging import RunLogger, read_metrics, reward_metrics, run_summary  # noqa: E402
+from gym_plugin.process import process_rollouts, reward_metrics  # noqa: E402
+from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollouts  # noqa: E402
+from gym_plugin.run_logging import RunLogger, read_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
 from gym_plugin.weight_sync import open_weight_sync, unwrap_model  # noqa: E402
@@ -97,13 +97,6 @@ async def collect(gym: GymIntegration, rows: list[dict], repeats: int, log: RunL
             bar.update(1)
     records.sort(key=lambda r: (r[TASK_INDEX_KEY], r[ROLLOUT_INDEX_KEY]))
     return records
-
-
-def rollout_version(record: dict) -> int | None:
-    """The policy version that generated a rollout (the oldest one over its model calls)."""
-    versions = [item.get("policy_version") for item in (record.get("response") or {}).get("output") or []
-                if isinstance(item, dict) and item.get("policy_version") is not None]
-    return min(versions) if versions else None
 
 
 def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int, run_dir: Path,
@@ -225,10 +218,11 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             collect_s = time.perf_counter() - t0
             # overlap: the next step's rollouts are generated (by the current policy) while this step trains
             pending = next_rollouts(step + 1) if cfg.train.overlap and step < cfg.train.steps else None
-            versions = [v for v in map(rollout_version, records) if v is not None]
+            rollouts = parse_rollouts(records)  # the one parse; process_rollouts reads the same objects
+            versions = [r.policy_version for r in rollouts if r.policy_version is not None]
             staleness = policy_version - min(versions) if versions else 0
-            fresh = [r for r in records if (rollout_version(r) is None
-                                            or policy_version - rollout_version(r) <= cfg.train.max_staleness)]
+            fresh = [r for r in rollouts if (r.policy_version is None
+                                             or policy_version - r.policy_version <= cfg.train.max_staleness)]
             # ---- process: rollouts -> padded tensors + group advantages ---------------------------------------
             batch = process_rollouts(
                 fresh, tokenizer, advantage_mode=cfg.advantage_mode, max_seq_len=cfg.process.max_seq_len,
@@ -259,8 +253,9 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
                 pending = next_rollouts(step + 1)
             # ---- log: rank 0 sees every rank's rollouts --------------------------------------------------------
             all_records = [r for part in dist_utils.all_gather_objects(records) for r in part]
-            metrics.update(reward_metrics(all_records))
-            metrics.update({k: v for k, v in batch.metrics.items() if k not in metrics and "reward" not in k})
+            # this rank's batch metrics, the step's, then the outcome metrics over every rank's rollouts (the
+            # same function process_rollouts reports them with, so one rank logs the same values either way)
+            metrics = {**batch.metrics, **metrics, **reward_metrics(all_records)}
             metrics.update({"perf/collect_time_s": collect_s, "perf/weight_sync_s": sync_s, "perf/eval_time_s": eval_s,
                             "perf/iteration_time_s": time.perf_counter() - t_iter, "policy/version": policy_version,
                             "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh)})

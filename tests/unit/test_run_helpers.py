@@ -9,7 +9,8 @@ import pytest
 from gym_plugin.distributed import shard_groups
 from gym_plugin.errors import ConfigError
 from gym_plugin.plotting import plot_reward_curve
-from gym_plugin.run_logging import format_step_line, reward_metrics
+from gym_plugin.process import reward_metrics
+from gym_plugin.run_logging import format_step_line
 from gym_plugin.tasks import prompt_batches
 
 
