@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from gym_plugin.collect import CollectorConfig, RolloutCollector  # noqa: E402
 from gym_plugin.config import load_config  # noqa: E402
 from gym_plugin.http import Transport  # noqa: E402
 from gym_plugin.launch import directory_from_config, fetch_head_config, start_servers  # noqa: E402
+from gym_plugin.net import free_port  # noqa: E402
 
 CONFIG = str(ROOT / "conf/gym/exact_match.yaml")
 OVERRIDES = ["+policy_endpoint.impl=fake_openai", "policy_base_url=local"]
@@ -74,14 +74,8 @@ async def bench_direct(n: int, concurrency: int) -> dict:
     return {"mode": "direct", "rows": n, "reward_1": ok, "wall_s": wall, "cpu_s": cpu}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def bench_http(n: int, concurrency: int, per_server: bool) -> dict:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", "--config", CONFIG, *OVERRIDES, f"head_server.port={port}"]
     if per_server:
         cmd.append("--process-per-server")

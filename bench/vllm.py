@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gym_plugin.models import ensure_smollm2  # noqa: E402
-from gym_plugin.vllm_launch import VLLMServerSpec, start_server, stop_server, write_served_chat_template  # noqa: E402
+from gym_plugin.vllm.launch import VLLMServerSpec, start_server, stop_server, write_served_chat_template  # noqa: E402
 
 COUNTRIES = ["France", "Japan", "Italy", "Brazil", "Canada", "Kenya", "Egypt", "Norway", "Peru", "India",
              "Germany", "Spain", "Chile", "Ghana", "Vietnam", "Poland"]
@@ -79,7 +79,7 @@ async def throughput(base_url: str, model: str, concurrency: int, rounds: int, m
 
 
 def drift_counts(base_url: str) -> dict[str, dict]:
-    from gym_plugin.chat_template import load_tokenizer
+    from gym_plugin.models.chat_template import load_tokenizer
     from gym_plugin.integration import GymIntegration
     from gym_plugin.process import process_rollouts
     from gym_plugin.servers.resources.calculator import calculator_row

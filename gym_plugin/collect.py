@@ -34,7 +34,7 @@ from gym_plugin.errors import (
     did_you_mean,
     truncate,
 )
-from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
+from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, bearer_headers, post_with_retries
 from gym_plugin.protocol import (
     AGENT_REF_KEY,
     ENVIRONMENT_SERVER_KEY,
@@ -165,7 +165,7 @@ class RolloutCollector:
             v.url.rstrip("/"), v.environment_server, v.environment_server_type) for k, v in agent_urls.items()}
         self.agent_urls = {k: r.url for k, r in self.routes.items()}
         """Agent -> the base URL its rows are posted to (an environment server's where one fronts the agent)."""
-        headers = {"Authorization": f"Bearer {self.config.auth_token}"} if self.config.auth_token else {}
+        headers = bearer_headers(self.config.auth_token)
         if transport is not None and headers and "Authorization" not in transport.headers:
             if transport._session is not None:  # noqa: SLF001 (headers are fixed when the session is made)
                 from gym_plugin.errors import ConfigError

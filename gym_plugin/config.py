@@ -1,5 +1,5 @@
-"""Configuration: load (OmegaConf compose of YAML files + initial dict + dotlist overrides), validate (every
-problem reported at once), and the server directory.
+"""Configuration: load (OmegaConf compose of YAML files + initial dict + dotlist overrides) and validate (every
+problem reported at once).
 
 The merged config has NeMo Gym's shape (see docs/architecture.md): a few global keys (``policy_model_name``,
 ``policy_base_url``, ``policy_api_key``, the aiohttp connector limits, ``head_server``) and one section per
@@ -24,11 +24,13 @@ from omegaconf.errors import OmegaConfBaseException
 from gym_plugin import envservers
 from gym_plugin.envservers import ENVIRONMENT_SERVERS, EnvironmentServerSpec
 from gym_plugin.errors import ConfigError, did_you_mean, truncate
+from gym_plugin.net import free_port, url_list, url_problems
+from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class, known
 
 HEAD_SERVER_KEY_NAME = "head_server"
-SERVER_TYPES = ("responses_api_agents", "resources_servers", "responses_api_models")
-"""Server types gym_plugin starts; ``environment_servers`` entries are accepted too (see gym_plugin.envservers)."""
 ALL_SERVER_TYPES = (*SERVER_TYPES, ENVIRONMENT_SERVERS)
+"""Server types a config may name: the ones gym_plugin starts, and ``environment_servers`` entries (see
+gym_plugin.envservers)."""
 GLOBAL_KEYS = {
     "policy_model_name": "name the policy endpoint serves (e.g. 'Qwen/Qwen3-4B')",
     "policy_base_url": "OpenAI-compatible base URL, or a list of them (e.g. 'http://127.0.0.1:8000/v1')",
@@ -40,42 +42,10 @@ GLOBAL_KEYS = {
     "auth_token": "optional shared-secret bearer token between collector and servers",
     "policy_endpoint": "optional OpenAI-compatible endpoint served in this process: {impl: embedded|fake_openai, ...}",
 }
-LOCAL_ENDPOINT_IMPLS = ("embedded", "fake_openai")
 # Keys NeMo Gym puts in a server section that we accept and ignore (they describe NeMo Gym's launcher).
 LAUNCHER_KEYS = {"entrypoint", "host", "port", "datasets", "domain", "verified", "description", "value", "license"}
 
 _SEED_ENV_REF = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
-
-
-class Directory:
-    """Server instance name -> base URL ('http://host:port') of the running server.
-
-    Filled by whoever starts the servers (ports may be picked at start) or from the head server's config
-    for servers in other processes. Servers resolve each other through it at request time.
-    """
-
-    def __init__(self, urls: dict[str, str] | None = None):
-        self._urls: dict[str, str] = {}
-        for k, v in (urls or {}).items():
-            self.set(k, v)
-
-    def set(self, name: str, url: str) -> None:
-        self._urls[name] = url.rstrip("/")
-
-    def url(self, name: str) -> str:
-        try:
-            return self._urls[name]
-        except KeyError:
-            raise ConfigError(
-                f"server instance {name!r} is not configured (or not started). Known instances: "
-                f"{sorted(self._urls)}.{did_you_mean(name, self._urls)} Fix the reference or add the server."
-            ) from None
-
-    def names(self) -> list[str]:
-        return sorted(self._urls)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._urls
 
 
 @dataclass
@@ -87,7 +57,7 @@ class ServerSpec:
     server_type: str
     """'responses_api_agents' | 'resources_servers' | 'responses_api_models'."""
     impl: str
-    """Implementation name, a key of gym_plugin.servers.SERVER_REGISTRY, e.g. 'simple_agent'."""
+    """Implementation name (gym_plugin.servers.registry), e.g. 'simple_agent'."""
     host: str = "127.0.0.1"
     """Bind address; 127.0.0.1 unless configured."""
     port: int = 0
@@ -124,10 +94,7 @@ class GymConfig:
 
     @property
     def base_urls(self) -> list[str]:
-        value = self.data.get("policy_base_url")
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else list(value)
+        return url_list(self.data.get("policy_base_url"))
 
 
 DEFAULT_POLICY_INSTANCE = "policy_model"
@@ -245,8 +212,6 @@ def _resolve_all(cfg: DictConfig, problems: list[str]) -> dict:
 
 # ---- validation ------------------------------------------------------------------------------------------
 def _check_params(spec: ServerSpec, problems: list[str]) -> None:
-    from gym_plugin.servers import get_server_class
-
     where = f"{spec.name}.{spec.server_type}.{spec.impl}"
     try:
         cls = get_server_class(spec.server_type, spec.impl)
@@ -309,15 +274,7 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
     servers: dict[str, ServerSpec] = {}
     base = data.get("policy_base_url")
     if base is not None:
-        urls = [base] if isinstance(base, str) else base
-        if not isinstance(urls, list) or not urls:
-            problems.append(f"policy_base_url: {truncate(base, 80)} must be a URL or a non-empty list of URLs")
-        else:
-            for i, u in enumerate(urls):
-                if not isinstance(u, str) or not re.match(r"^https?://[^/\s]+", u):
-                    problems.append(
-                        f"policy_base_url[{i}]: {u!r} is not an http(s) URL; expected e.g. 'http://127.0.0.1:8000/v1'"
-                    )
+        problems.extend(url_problems(base, "policy_base_url"))
     for key in ("global_aiohttp_connector_limit_per_host", "global_aiohttp_connector_limit"):
         v = data.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -419,27 +376,10 @@ def load_config(
     return validate(data, problems)
 
 
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def _local_endpoint_options(impl: str) -> set[str]:
-    """Keys ``policy_endpoint`` accepts for ``impl``: the server's constructor options plus impl/host/port."""
-    import inspect
-
-    if impl == "embedded":
-        from gym_plugin.servers.embedded import EmbeddedPolicyConfig
-
-        names = {f.name for f in dataclasses.fields(EmbeddedPolicyConfig)}
-    else:
-        from gym_plugin.testing.fake_openai import FakeOpenAIServer
-
-        names = set(inspect.signature(FakeOpenAIServer.__init__).parameters) - {"self", "name"}
-    return names | {"impl", "host", "port"}
+    """Keys ``policy_endpoint`` accepts for ``impl``: the fields of its server's Config plus impl/host/port."""
+    cls = get_server_class(POLICY_ENDPOINT, impl)
+    return {f.name for f in dataclasses.fields(cls.Config)} | {"impl", "host", "port"}
 
 
 def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
@@ -448,21 +388,22 @@ def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
     ep = cfg.get("policy_endpoint")
     if ep is None:
         return
-    if not isinstance(ep, DictConfig) or ep.get("impl") not in LOCAL_ENDPOINT_IMPLS:
+    impls = known(POLICY_ENDPOINT)
+    if not isinstance(ep, DictConfig) or ep.get("impl") not in impls:
         problems.append(
             f"policy_endpoint.impl: {ep.get('impl') if isinstance(ep, DictConfig) else ep!r} must be one of "
-            f"{list(LOCAL_ENDPOINT_IMPLS)} (or remove policy_endpoint and set policy_base_url)"
+            f"{impls} (or remove policy_endpoint and set policy_base_url)"
         )
         return
-    known = _local_endpoint_options(str(ep.get("impl")))
+    options = _local_endpoint_options(str(ep.get("impl")))
     for key in ep.keys():
-        if key not in known:
+        if key not in options:
             problems.append(
                 f"policy_endpoint.{key}: unknown option for impl {ep.get('impl')!r} (value {truncate(ep.get(key), 60)})."
-                f"{did_you_mean(str(key), known)} Known: {sorted(known)}."
+                f"{did_you_mean(str(key), options)} Known: {sorted(options)}."
             )
     host = str(ep.get("host", "127.0.0.1"))
-    port = ep.get("port", 0) or _free_port(host)
+    port = ep.get("port", 0) or free_port(host)
     ep.port = port
     if cfg.get("policy_base_url") in (None, "local"):
         cfg.policy_base_url = f"http://{host}:{port}/v1"

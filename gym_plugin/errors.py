@@ -30,6 +30,17 @@ def truncate(payload: object, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
 
 
+def error_body(message: str, error_type: str, param: str | None = None, code: int | None = None) -> dict:
+    """The JSON body of every error reply of gym_plugin's servers, OpenAI's shape: ``{"error": {"message", "type"}}``
+    plus ``param`` (the request field at fault) and ``code`` (the HTTP status, as vLLM writes it) when given."""
+    error: dict = {"message": message, "type": error_type}
+    if param is not None:
+        error["param"] = param
+    if code is not None:
+        error["code"] = code
+    return {"error": error}
+
+
 class GymPluginError(Exception):
     """Base class of every error gym_plugin raises on purpose."""
 
@@ -59,7 +70,7 @@ class MalformedResponseError(ProtocolError):
 
 
 class MissingTokenIdsError(ProtocolError):
-    """A model output item lacks prompt_token_ids / generation_token_ids / generation_log_probs."""
+    """A model output item lacks its token fields (`gym_plugin.protocol.TOKEN_FIELDS`) or has them incomplete."""
 
 
 class EndpointError(GymPluginError):

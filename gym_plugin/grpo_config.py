@@ -89,7 +89,7 @@ class PolicyConfig:
     """embedded: torch threads of the generation engine (None: torch's default)."""
     token_mode: str = "auto"
     """How the policy model server calls the policy: 'auto' (token-in/token-out /completions for vLLM, chat
-    otherwise) | 'completions' | 'chat' (see gym_plugin.servers.policy)."""
+    otherwise) | 'completions' | 'chat' (see gym_plugin.servers.policy.server)."""
     tokenizer: str | None = None
     """completions mode: the tokenizer/chat template source (HF folder, hub id, 'smollm2'); None = model.spec."""
 

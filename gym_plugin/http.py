@@ -2,8 +2,8 @@
 
 `Transport` is the one place that talks HTTP as a client. It owns one `aiohttp.ClientSession` (created lazily on
 the running loop), bounded by the connector limits, and sends JSON POST/GET requests with explicit timeouts.
-When the target `host:port` belongs to a server started in this process (see `servers.base.LOCAL_SERVERS`),
-the call goes straight to the server's handler: same inputs, same outputs, same errors, no sockets. The HTTP
+When the target `host:port` belongs to a server started in this process (`LOCAL_SERVERS`, filled by
+`gym_plugin.servers.base.Server.start`), the call goes straight to the server's handler: same inputs, same outputs, same errors, no sockets. The HTTP
 path stays the one used for servers in other processes or on other hosts.
 
 `post_with_retries` adds bounded retries with exponential backoff on connection errors, timeouts and 5xx.
@@ -16,7 +16,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,18 +28,32 @@ from gym_plugin.errors import (
     MalformedResponseError,
     truncate,
 )
+from gym_plugin.net import local_host
 
 logger = logging.getLogger(__name__)
 
 SESSION_COOKIE = "gym_plugin_session"
 """Cookie that carries a resource-server session over HTTP (in-process calls pass the id directly)."""
 
-_LOOPBACK_ALIASES = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::1": "127.0.0.1", "[::1]": "127.0.0.1"}
 
 
-def normalize_host(host: str) -> str:
-    """Hosts that mean 'this machine' map to 127.0.0.1 so local lookups agree."""
-    return _LOOPBACK_ALIASES.get(host, host)
+class LocalServer(Protocol):
+    """What `Transport` needs of a server in this process to call it directly (`gym_plugin.servers.base.Server`)."""
+
+    name: str
+    loop: asyncio.AbstractEventLoop | None
+
+    async def dispatch_local(self, method: str, path: str, body: Any, *, session_id: str | None = None,
+                             headers: Mapping[str, str] | None = None) -> "Reply": ...
+
+
+LOCAL_SERVERS: dict[tuple[str, int], LocalServer] = {}
+"""Servers started in this process, by (`local_host`, port): a request to that address is a direct call."""
+
+
+def bearer_headers(token: str | None) -> dict[str, str]:
+    """The headers of a client of servers started with ``token`` (or of an endpoint with that API key); {} for none."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def split_url(url: str) -> tuple[str, int, str]:
@@ -51,7 +65,7 @@ def split_url(url: str) -> tuple[str, int, str]:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return normalize_host(parts.hostname), port, path
+    return local_host(parts.hostname), port, path
 
 
 @dataclass
@@ -123,11 +137,7 @@ class Transport:
         self._session = None
 
     def _local(self, url: str):
-        if not self.allow_local:
-            return None, ""
-        from gym_plugin.servers.base import LOCAL_SERVERS  # servers import http; keep the cycle lazy
-
-        if not LOCAL_SERVERS:
+        if not self.allow_local or not LOCAL_SERVERS:
             return None, ""
         host, port, path = split_url(url)
         server = LOCAL_SERVERS.get((host, port))

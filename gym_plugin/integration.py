@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator, Mapping, S
 from gym_plugin.collect import CollectorConfig, RolloutCollector
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
 from gym_plugin.errors import ConfigError, GymPluginError
-from gym_plugin.http import Transport
+from gym_plugin.http import Transport, bearer_headers
+from gym_plugin.net import local_host
 from gym_plugin.launch import (
     RunningServers,
     agent_routes,
@@ -50,8 +51,7 @@ class BaseServerConfig:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{local_host(self.host)}:{self.port}"
 
 
 def _collector_config(data: Mapping[str, Any], override: CollectorConfig | None) -> CollectorConfig:
@@ -305,7 +305,7 @@ class RolloutCollectionHelper:
 
         async def drive() -> None:
             token = self.collector_config.auth_token if self.collector_config is not None else None
-            transport = Transport(timeout_s=60.0, headers={"Authorization": f"Bearer {token}"} if token else {})
+            transport = Transport(timeout_s=60.0, headers=bearer_headers(token))
             try:
                 data = await fetch_head_config(head_url, transport)
                 config = _collector_config(data, self.collector_config)

@@ -15,13 +15,25 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from gym_plugin import envservers
-from gym_plugin.config import HEAD_SERVER_KEY_NAME, Directory, GymConfig, ServerSpec
-from gym_plugin.errors import ConfigError, EndpointError, EndpointTimeoutError, EndpointUnreachableError, did_you_mean
-from gym_plugin.servers.base import Server
+from omegaconf import OmegaConf
 
-if typing.TYPE_CHECKING:
-    from gym_plugin.collect import AgentRoute
+from gym_plugin import envservers
+from gym_plugin.collect import AgentRoute
+from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, ServerSpec
+from gym_plugin.errors import (
+    ConfigError,
+    EndpointError,
+    EndpointTimeoutError,
+    EndpointUnreachableError,
+    MalformedResponseError,
+    did_you_mean,
+    truncate,
+)
+from gym_plugin.http import Transport
+from gym_plugin.net import local_host, url_list
+from gym_plugin.servers.base import Directory, Server
+from gym_plugin.servers.head import HeadServer
+from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +55,16 @@ def build_dataclass(cls: type, params: dict[str, Any]) -> Any:
 def build_local_endpoint(spec: dict) -> Server:
     """The OpenAI-compatible endpoint named by the config's ``policy_endpoint`` (port fixed at load time)."""
     params = dict(spec)
-    impl = params.pop("impl")
+    cls = get_server_class(POLICY_ENDPOINT, params.pop("impl"))
     host, port = params.pop("host", "127.0.0.1"), int(params.pop("port"))
-    if impl == "fake_openai":
-        from gym_plugin.testing.fake_openai import FakeOpenAIServer
-
-        return FakeOpenAIServer("policy_endpoint", host=host, port=port, **params)
-    from gym_plugin.servers.embedded import EmbeddedPolicyConfig, EmbeddedPolicyServer
-
-    return EmbeddedPolicyServer(build_dataclass(EmbeddedPolicyConfig, params), host=host, port=port)
+    return cls.from_config(POLICY_ENDPOINT, build_dataclass(cls.Config, params), host=host, port=port)
 
 
 def build_server(spec: ServerSpec, directory: Directory) -> Server:
-    from gym_plugin.servers import get_server_class
-
+    """The server of one config instance, built from its section through its class's ``Config``."""
     cls = get_server_class(spec.server_type, spec.impl)
-    cfg_cls = getattr(cls, "Config", None)
-    config = build_dataclass(cfg_cls, spec.params) if cfg_cls is not None else spec.params
-    return cls(spec.name, config, directory, host=spec.host, port=spec.port)
+    config = build_dataclass(cls.Config, spec.params) if cls.Config is not None else spec.params
+    return cls.from_config(spec.name, config, directory, host=spec.host, port=spec.port)
 
 
 @dataclass
@@ -79,7 +83,7 @@ class RunningServers:
     def agent_urls(self) -> dict[str, str]:
         return {name: self.directory.url(name) for name in self.config.agents}
 
-    def agent_routes(self) -> dict[str, "AgentRoute"]:
+    def agent_routes(self) -> dict[str, AgentRoute]:
         """Agent -> route for the collector, as a NeMo Gym client sees this deployment (through each agent's
         environment server entry, which is served at the agent's own address)."""
         return agent_routes(self.config.data)
@@ -129,8 +133,6 @@ async def start_servers(
             params["host"], params["port"] = server.host, server.port
         envservers.place(data, cfg.environment_servers)  # each entry at its agent's bound address
         if start_head:
-            from gym_plugin.servers.head import HeadServer
-
             head_cfg = data.setdefault(HEAD_SERVER_KEY_NAME, {})
             host, port = head_cfg.get("host", "127.0.0.1"), int(head_cfg.get("port", 11000))
             head = HeadServer(data, host=host, port=port)
@@ -153,15 +155,11 @@ async def start_servers(
 
 async def fetch_head_config(head_url: str, transport) -> dict:
     """The merged config a head server serves (NeMo Gym's JSON-encoded YAML, or plain YAML/JSON)."""
-    from omegaconf import OmegaConf
-
     reply = await transport.get(head_url.rstrip("/") + "/global_config_dict_yaml")
     data = reply.data
     if isinstance(data, str):
         data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     if not isinstance(data, dict):
-        from gym_plugin.errors import MalformedResponseError, truncate
-
         raise MalformedResponseError(
             f"head server {head_url} returned no config mapping: {truncate(reply.data, 200)}. "
             f"Is that address a gym_plugin / NeMo Gym head server?"
@@ -176,28 +174,23 @@ def directory_from_config(data: dict) -> tuple[Directory, list[str]]:
         if not isinstance(section, dict):
             continue
         for stype, impls in section.items():
-            if stype not in ("responses_api_agents", "resources_servers", "responses_api_models"):
+            if stype not in SERVER_TYPES:
                 continue
             if not isinstance(impls, dict):
                 continue
             for _impl, params in impls.items():
                 if isinstance(params, dict) and params.get("port"):
-                    host = params.get("host", "127.0.0.1")
-                    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-                    directory.set(name, f"http://{host}:{params['port']}")
+                    directory.set(name, f"http://{local_host(params.get('host', '127.0.0.1'))}:{params['port']}")
                     if stype == "responses_api_agents":
                         agents.append(name)
     return directory, agents
 
 
-def agent_routes(data: dict) -> dict[str, "AgentRoute"]:
+def agent_routes(data: dict) -> dict[str, AgentRoute]:
     """Agent instance -> where a collector posts its rows, read from a served config (ours or NeMo Gym's): through
     the environment server that fronts the agent when the config has one (NeMo Gym 0.7.0 relays every row that
     way), else to the agent directly. ConfigError when several environment servers front one agent (a row cannot
     pick one) or an environment server has no address."""
-    from gym_plugin.collect import AgentRoute
-    from gym_plugin.errors import ConfigError
-
     directory, agents = directory_from_config(data)
     fronting: dict[str, list[tuple[str, str, dict]]] = {}
     for name, (impl, params) in envservers.entries(data).items():
@@ -219,9 +212,8 @@ def agent_routes(data: dict) -> dict[str, "AgentRoute"]:
             problems.append(f"{name}.{envservers.ENVIRONMENT_SERVERS}.{impl}: no port in the served config, so agent "
                             f"{agent!r} cannot be reached through it. Is that head server's deployment started?")
             continue
-        host = params.get("host", "127.0.0.1")
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        routes[agent] = AgentRoute(f"http://{host}:{params['port']}", environment_server=name,
+        routes[agent] = AgentRoute(f"http://{local_host(params.get('host', '127.0.0.1'))}:{params['port']}",
+                                   environment_server=name,
                                    environment_server_type=impl)
     if problems:
         raise ConfigError(problems)
@@ -234,8 +226,6 @@ async def start_only(cfg: GymConfig, name: str) -> RunningServers:
     directory, _ = directory_from_config(cfg.data)
     running = RunningServers(config=cfg, directory=directory)
     if name == "__head__":
-        from gym_plugin.servers.head import HeadServer
-
         data = copy.deepcopy(cfg.data)
         envservers.place(data, cfg.environment_servers)  # every port is fixed in a process-per-server launch
         head = HeadServer(data, host=cfg.head_host, port=cfg.head_port)
@@ -262,9 +252,8 @@ def policy_base_urls(cfg: GymConfig) -> list[tuple[str, str]]:
     for name, spec in cfg.servers.items():
         if spec.server_type != "responses_api_models":
             continue
-        urls = spec.params.get("base_url") or []
-        for url in [urls] if isinstance(urls, str) else list(urls):
-            out.append((name, str(url).rstrip("/")))
+        for url in url_list(spec.params.get("base_url")):
+            out.append((name, str(url)))
     return out
 
 
@@ -289,8 +278,6 @@ async def check_policy_endpoints(cfg: GymConfig, timeout_s: float = 10.0) -> Non
     """Fail fast when a policy endpoint cannot be reached: ``GET {base_url}/models`` on each one (any HTTP
     answer, even 404, proves something listens). Raises EndpointUnreachableError / EndpointTimeoutError naming
     the URL and the config key, instead of every rollout failing later with the same connection error."""
-    from gym_plugin.http import Transport
-
     transport = Transport(timeout_s=timeout_s)
     try:
         for name, url in policy_base_urls(cfg):

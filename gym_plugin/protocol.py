@@ -25,9 +25,13 @@ ENVIRONMENT_SERVER_KEY = "_ng_environment_server"
 """Stamped on a record by the collector: the environment server instance the row was posted through."""
 RESULT_TYPE_KEY = "_ng_result_type"
 """Stamped with it: that environment server's implementation (e.g. 'legacy_agent'), as NeMo Gym 0.7.0 does."""
-TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+PROMPT_TOKEN_IDS = "prompt_token_ids"
+GENERATION_TOKEN_IDS = "generation_token_ids"
+GENERATION_LOG_PROBS = "generation_log_probs"
+TOKEN_FIELDS = (PROMPT_TOKEN_IDS, GENERATION_TOKEN_IDS, GENERATION_LOG_PROBS)
 """The token fields the policy model server writes on the last output item of every model call (all three or
-none): the call's whole prompt, the generated ids, one log-prob per generated id."""
+none): the call's whole prompt, the generated ids, one log-prob per generated id (`token_fields` writes them).
+Earlier turns' assistant messages carry the first two back to the policy model server (token-in/token-out)."""
 _PROMPT, _GENERATION, _LOGPROBS = TOKEN_FIELDS
 POLICY_VERSION_KEY = "policy_version"
 """On a token-carrying item: the policy (weights) version the call was sampled with."""
@@ -170,6 +174,20 @@ def describe_failure(record: Mapping[str, Any], limit: int = 300) -> str:
     detail = f"; last error: {truncate(last, limit)}" if last and last not in reason else ""
     return (f"row {record.get(TASK_INDEX_KEY)} (repeat {record.get(ROLLOUT_INDEX_KEY, 0)}) failed: "
             f"{failure.get('kind', '?')}{tries}: {truncate(reason, limit)}{detail}")
+
+
+def token_fields(prompt: Sequence[int], generation: Sequence[int], logprobs: Sequence[float],
+                 policy_version: Any = None, constrained: bool = False) -> dict[str, Any]:
+    """The fields a policy model server puts on the last output item of a model call (the writer's side of
+    `parse_rollout`): the three token fields, plus the policy version when known and ``constrained: true`` for
+    a call sampled under a grammar."""
+    fields: dict[str, Any] = {_PROMPT: list(prompt), _GENERATION: list(generation),
+                              _LOGPROBS: [float(x) for x in logprobs]}
+    if policy_version is not None:
+        fields[POLICY_VERSION_KEY] = policy_version
+    if constrained:
+        fields[CONSTRAINED_KEY] = True
+    return fields
 
 
 def is_reward(value: Any) -> bool:

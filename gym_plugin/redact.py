@@ -6,7 +6,7 @@ modified. Secret-like keys (case-insensitive, '-' read as '_'): ``api_key``, ``a
 ``auth_token``, ``access_token``, ``refresh_token``, ``bearer_token``, ``hf_token``, ``secret``,
 ``client_secret``, ``password``, ``passwd``, ``authorization``, ``private_key``, ``cookie``, and any key ending in
 ``_api_key``, ``_apikey``, ``_secret``, ``_password`` or ``_auth_token``. Keys like ``max_tokens``,
-``eos_token`` or ``prompt_token_ids`` are not secrets and are kept.
+``eos_token`` or ``num_tokens`` are not secrets and are kept.
 """
 
 from __future__ import annotations

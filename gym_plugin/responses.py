@@ -6,8 +6,8 @@ any OpenAI-compatible endpoint). This module maps one onto the other:
 - `input_to_messages`: Responses ``input`` items -> chat ``messages``. Consecutive assistant output items of one
   model call (a ``message`` and/or ``function_call`` items) become ONE assistant message with ``content`` and
   ``tool_calls``; ``function_call_output`` items become ``role: tool`` messages. When an assistant item carries
-  ``prompt_token_ids``/``generation_token_ids`` (an earlier turn of this rollout), they are passed on, on the
-  assistant message, so a token-aware backend can splice the exact prefix instead of re-rendering it
+  the prompt / generation token ids (`gym_plugin.protocol.TOKEN_FIELDS`: an earlier turn of this rollout), they are
+  passed on, on the assistant message, so a token-aware backend can splice the exact prefix instead of re-rendering it
   (protocol.md, "Token continuity"); backends that do not know these keys ignore them.
 - `create_params_to_chat`: Responses create params -> chat completion create params (sampling, tools, ...).
 - `choice_to_output_items`: one chat completion choice -> Responses output items; the token fields go on the
@@ -23,6 +23,7 @@ import json
 from typing import Any, Mapping
 
 from gym_plugin.errors import ProtocolError, truncate
+from gym_plugin.protocol import GENERATION_TOKEN_IDS, PROMPT_TOKEN_IDS
 
 _ids = itertools.count(1)
 """Cheap unique ids for output items and responses within this process (uuid4 costs ~2 us each)."""
@@ -98,7 +99,7 @@ def input_to_messages(inp: str | list, instructions: str | None = None, carry_to
                 current = _assistant_message(content_text(item.get("content")))
                 messages.append(current)
                 carry(item, current)
-                if "prompt_token_ids" in item:
+                if PROMPT_TOKEN_IDS in item:
                     current = None  # token fields sit on the last item of a model call: the call ends here
                 continue
             if role not in ("user", "system", "developer", "tool"):
@@ -122,7 +123,7 @@ def input_to_messages(inp: str | list, instructions: str | None = None, carry_to
                 }
             )
             carry(item, current)
-            if "prompt_token_ids" in item:
+            if PROMPT_TOKEN_IDS in item:
                 current = None
         elif kind == "function_call_output":
             current = None
@@ -147,10 +148,10 @@ def _no_carry(item: Mapping[str, Any], message: dict) -> None:
 
 def _carry_tokens(item: Mapping[str, Any], message: dict) -> None:
     """Pass an earlier turn's token ids on the assistant message (token continuity, see module doc)."""
-    prompt_ids = item.get("prompt_token_ids")
+    prompt_ids = item.get(PROMPT_TOKEN_IDS)
     if prompt_ids is not None:
-        message["prompt_token_ids"] = prompt_ids
-        message["generation_token_ids"] = item.get("generation_token_ids")
+        message[PROMPT_TOKEN_IDS] = prompt_ids
+        message[GENERATION_TOKEN_IDS] = item.get(GENERATION_TOKEN_IDS)
 
 
 def tools_to_chat(tools: list | None) -> list[dict] | None:
@@ -218,8 +219,7 @@ def choice_to_output_items(choice: Mapping[str, Any], token_fields: Mapping[str,
     """One chat completion choice -> Responses output items.
 
     A message item is produced when the model wrote text or made no tool call; each tool call becomes a
-    ``function_call`` item. ``token_fields`` (prompt_token_ids, generation_token_ids, generation_log_probs and
-    optionally policy_version) are put on the last item.
+    ``function_call`` item. ``token_fields`` (`gym_plugin.protocol.token_fields`) are put on the last item.
     """
     message = choice.get("message")
     if not isinstance(message, Mapping):

@@ -44,6 +44,7 @@ from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, exit_o
 from gym_plugin.grpo_config import GRPOConfig, check_overrides, parse_grpo_config  # noqa: E402
 from gym_plugin.integration import GymIntegration  # noqa: E402
 from gym_plugin.models import load_policy_model, quiet_hf_progress  # noqa: E402
+from gym_plugin.net import free_port  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts, reward_metrics  # noqa: E402
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollouts  # noqa: E402
@@ -154,7 +155,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         # The server samples from its own copy: training never changes weights under a running batch.
         policy_server = EmbeddedPolicyServer(
             EmbeddedPolicyConfig(model=cfg.model.spec, served_model_name=cfg.policy.model_name or cfg.model.name,
-                                 port=_free_port(), max_batch_size=cfg.policy.max_batch_size,
+                                 port=free_port(), max_batch_size=cfg.policy.max_batch_size,
                                  batch_wait_ms=cfg.policy.batch_wait_ms, num_threads=cfg.policy.num_threads),
             model=copy.deepcopy(model).eval(), tokenizer=tokenizer,
         )
@@ -290,14 +291,6 @@ def plot_curve(run_dir: Path) -> None:
     eval_path = run_dir / "eval.jsonl"
     plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png",
                       eval_rows=read_metrics(eval_path) if eval_path.is_file() else ())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 RUN_DIR_PREEXISTED = False

@@ -10,7 +10,7 @@ object whose ``output`` is every item of every turn in order, tool results inclu
 ``POST /v1/responses`` runs the same loop without verifying and returns the Responses object.
 
 ``POST /aggregate_metrics`` summarises finished rollouts as NeMo Gym 0.7.0's collector asks after a run
-(`gym_plugin.aggregate`).
+(`gym_plugin.servers.aggregate`).
 
 Error handling: an unknown tool, arguments that are not a JSON object, or a tool that rejects its arguments
 (HTTP 4xx) become a ``function_call_output`` carrying the error, so the model can recover. A policy model
@@ -26,12 +26,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from gym_plugin.aggregate import aggregate_metrics
-from gym_plugin.config import Directory
 from gym_plugin.errors import ConfigError, EndpointError, GymPluginError, ProtocolError, truncate
-from gym_plugin.http import HTTPStatusError, Transport
-from gym_plugin.servers.base import HandlerError, RequestContext, Server
-from gym_plugin.servers.policy import ROUTE_KEY_HEADER
+from gym_plugin.http import HTTPStatusError, Transport, bearer_headers
+from gym_plugin.servers.aggregate import aggregate_metrics
+from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
+from gym_plugin.servers.policy.server import ROUTE_KEY_HEADER
+from gym_plugin.servers.registry import register
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _RESERVED_ROUTES = frozenset(("seed_session", "verify", "health", "aggregate_metrics"))
@@ -84,6 +84,7 @@ class AgentConfig:
             raise ConfigError(problems)
 
 
+@register("responses_api_agents", "simple_agent")
 class AgentServer(Server):
     """The simple multi-turn agent; see the module docstring."""
 
@@ -110,7 +111,7 @@ class AgentServer(Server):
             limit=self.config.connector_limit,
             limit_per_host=self.config.connector_limit_per_host,
             timeout_s=self.config.timeout_s,
-            headers={"Authorization": f"Bearer {token}"} if token else {},
+            headers=bearer_headers(token),
         )
 
     async def on_stop(self) -> None:

@@ -1,11 +1,18 @@
-"""The server base class: handler methods served by aiohttp.web, and callable in process.
+"""The server framework: one base class for every server gym_plugin runs (head, agents, resource servers, the
+policy model server, the embedded policy, the test fakes), and the `Directory` they find each other through.
 
 A server is a small subclass that lists its routes as ``(method, path, handler)`` where a handler is
 ``async def handler(self, body, ctx) -> JSON`` (body: the parsed JSON request, read-only; ctx: session and
 headers). `build_app()` wraps the handlers into an aiohttp app: JSON parsed once at the edge, typed errors
-turned into JSON error replies, sessions carried by a cookie. `start()` binds 127.0.0.1 unless a host is
-configured and registers the server in `LOCAL_SERVERS`, so `gym_plugin.http.Transport` can call it directly
+turned into one JSON error body (`gym_plugin.errors.error_body`: a `HandlerError` gives its status, type and
+``param``; any other GymPluginError is a 400, anything else a 500), the bearer token checked
+(`gym_plugin.servers.auth`), sessions carried by a cookie. `start()` binds 127.0.0.1 unless a host is configured
+and registers the server in `gym_plugin.http.LOCAL_SERVERS`, so `gym_plugin.http.Transport` can call it directly
 from the same process (`dispatch_local`) with the same results and errors as over HTTP.
+
+A server class with a ``Config`` dataclass is built from a config section by `from_config` (the launcher and
+the local ``policy_endpoint`` use it); servers of the config's three types register themselves under their
+implementation name (`gym_plugin.servers.registry.register`).
 """
 
 from __future__ import annotations
@@ -19,13 +26,12 @@ from typing import Any, Awaitable, Callable, ClassVar, Mapping
 
 from aiohttp import web
 
-from gym_plugin.errors import GymPluginError, ProtocolError, truncate
-from gym_plugin.http import SESSION_COOKIE, HTTPStatusError, normalize_host
+from gym_plugin.errors import ConfigError, GymPluginError, did_you_mean, error_body, truncate
+from gym_plugin.http import LOCAL_SERVERS, SESSION_COOKIE, HTTPStatusError, Reply
+from gym_plugin.net import local_host
+from gym_plugin.servers.auth import bearer_auth_middleware
 
 logger = logging.getLogger(__name__)
-
-LOCAL_SERVERS: dict[tuple[str, int], "Server"] = {}
-"""Servers started in this process, by (normalized host, port). Read by Transport for direct calls."""
 
 DEFAULT_CLIENT_MAX_SIZE = 64 * 1024 * 1024
 """Largest request body a server accepts (bytes); multi-turn rows with token ids can be a few MB."""
@@ -48,20 +54,50 @@ class RequestContext:
 
 
 class HandlerError(GymPluginError):
-    """Raised by a handler to answer with a given HTTP status and message."""
+    """Raised by a handler to answer with a given HTTP status, message and error type, optionally naming the request
+    field at fault (``param``) and repeating the status in the body (``code``, as vLLM's errors do)."""
 
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
+                 code: int | None = None):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
+        self.param = param
+        self.code = code
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[Any]]
 
 
-def error_body(message: str, error_type: str) -> dict:
-    """OpenAI-style error body, also used by our own servers."""
-    return {"error": {"message": message, "type": error_type}}
+class Directory:
+    """Server instance name -> base URL ('http://host:port') of the running server.
+
+    Filled by whoever starts the servers (ports may be picked at start) or from the head server's config
+    for servers in other processes. Servers resolve each other through it at request time.
+    """
+
+    def __init__(self, urls: dict[str, str] | None = None):
+        self._urls: dict[str, str] = {}
+        for k, v in (urls or {}).items():
+            self.set(k, v)
+
+    def set(self, name: str, url: str) -> None:
+        self._urls[name] = url.rstrip("/")
+
+    def url(self, name: str) -> str:
+        try:
+            return self._urls[name]
+        except KeyError:
+            raise ConfigError(
+                f"server instance {name!r} is not configured (or not started). Known instances: "
+                f"{sorted(self._urls)}.{did_you_mean(name, self._urls)} Fix the reference or add the server."
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._urls)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._urls
 
 
 class Server:
@@ -69,6 +105,15 @@ class Server:
 
     server_type: ClassVar[str] = ""
     """NeMo Gym server type: 'responses_api_agents' | 'resources_servers' | 'responses_api_models' | ''."""
+    Config: ClassVar[type | None] = None
+    """The dataclass of its config section (None: the server takes no config)."""
+
+    @classmethod
+    def from_config(cls, name: str, config: Any, directory: Directory | None = None, *, host: str = "127.0.0.1",
+                    port: int = 0) -> "Server":
+        """The server of a config section (``config``: an instance of ``Config``). Subclasses whose constructor
+        differs override this."""
+        return cls(name, config, directory, host=host, port=port)  # type: ignore[call-arg]
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0):
         self.name = name
@@ -99,19 +144,14 @@ class Server:
     # ---- serving ---------------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{local_host(self.host)}:{self.port}"
 
     def build_app(
         self, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE, auth_token: str | None = None
     ) -> web.Application:
         """The aiohttp app; with `auth_token`, every route but /health requires 'Authorization: Bearer <token>'
-        (gym_plugin.auth). Bodies over `client_max_size` bytes are refused with HTTP 413."""
-        middlewares = []
-        if auth_token:
-            from gym_plugin.auth import bearer_auth_middleware
-
-            middlewares.append(bearer_auth_middleware(auth_token))
+        (gym_plugin.servers.auth). Bodies over `client_max_size` bytes are refused with HTTP 413."""
+        middlewares = [bearer_auth_middleware(auth_token)] if auth_token else []
         app = web.Application(client_max_size=client_max_size, middlewares=middlewares)
         for (method, path), handler in self._routes.items():
             app.router.add_route(method, path, self._wrap(handler))
@@ -137,8 +177,8 @@ class Server:
             try:
                 result = await handler(body, ctx)
             except HandlerError as e:
-                return web.json_response(error_body(str(e), e.error_type), status=e.status)
-            except (ProtocolError, GymPluginError) as e:
+                return web.json_response(error_body(str(e), e.error_type, e.param, e.code), status=e.status)
+            except GymPluginError as e:
                 return web.json_response(error_body(f"{type(e).__name__}: {e}", "invalid_request_error"), status=400)
             except Exception as e:  # a bug or an upstream failure: a 500 that says what, never a hang
                 logger.exception("%s: %s %s failed", self.name, request.method, request.path)
@@ -162,8 +202,6 @@ class Server:
         headers: Mapping[str, str] | None = None,
     ):
         """Call a route in process. Same semantics as HTTP: errors raise what the HTTP client would raise."""
-        from gym_plugin.http import Reply
-
         handler = self._routes.get((method.upper(), path.split("?", 1)[0]))
         url = f"{self.url}{path}"
         if handler is None:
@@ -207,12 +245,13 @@ class Server:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         if register_local:
-            LOCAL_SERVERS[(normalize_host(self.host), self.port)] = self
+            LOCAL_SERVERS[(local_host(self.host), self.port)] = self
         logger.info("%s (%s) listening on %s", self.name, type(self).__name__, self.url)
         return self.port
 
     async def stop(self) -> None:
-        LOCAL_SERVERS.pop((normalize_host(self.host), self.port), None)
+        if LOCAL_SERVERS.get((local_host(self.host), self.port)) is self:
+            del LOCAL_SERVERS[(local_host(self.host), self.port)]
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -25,6 +25,7 @@ answer malformed JSON, drop the connection, or answer vLLM's context-length 400.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import zlib
 from collections import Counter
@@ -35,7 +36,8 @@ from aiohttp import web
 
 from gym_plugin.errors import EndpointUnreachableError, MalformedResponseError, truncate
 from gym_plugin.responses import content_text
-from gym_plugin.servers.base import HandlerError, RequestContext, Server
+from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
+from gym_plugin.servers.registry import POLICY_ENDPOINT, register
 
 IM_START, IM_END = 1, 2
 ROLE_IDS = {"system": 3, "user": 4, "assistant": 5, "tool": 6, "developer": 7, "tools": 8}
@@ -100,10 +102,38 @@ class _DropConnection(web.StreamResponse):
         raise ConnectionResetError("fake endpoint dropped the connection on purpose")
 
 
+@dataclass
+class FakeOpenAIConfig:
+    """``policy_endpoint: {impl: fake_openai, ...}``: the options of `FakeOpenAIServer` (its constructor's keywords)."""
+
+    script: Any = None
+    """What it answers: a reply text, a `Behaviour`, rules or a callable (see the module docstring); None: ``default``."""
+    model: str | None = None
+    """The one model name it serves (others get 404, as from vLLM); None: any name, and /v1/models lists none."""
+    default: Any = "OK"
+    """The answer when no rule of ``script`` matches."""
+    token_ids: bool = True
+    """False: ignore return_token_ids / return_tokens_as_token_ids (a backend that has no token ids)."""
+    policy_version: int | None = None
+    """Added as a top-level 'policy_version' to every completion when not None (like the embedded server)."""
+    max_model_len: int = 32768
+    """Context length: longer prompts + max_tokens get vLLM's context-length 400."""
+    vocab_size: int = 50000
+    """Word ids are crc32(word) % vocab_size + WORD_ID_BASE."""
+
+
+@register(POLICY_ENDPOINT, "fake_openai")
 class FakeOpenAIServer(Server):
     """Scripted OpenAI-compatible endpoint. Its base_url for clients is ``server.base_url`` (``.../v1``)."""
 
     server_type = ""
+    Config = FakeOpenAIConfig
+
+    @classmethod
+    def from_config(cls, name: str, config: FakeOpenAIConfig, directory: Directory | None = None, *,
+                    host: str = "127.0.0.1", port: int = 0) -> "FakeOpenAIServer":
+        options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(name, options.pop("script"), host=host, port=port, **options)
 
     def __init__(
         self,
@@ -340,17 +370,3 @@ class FakeOpenAIServer(Server):
             )
         return reply
 
-
-def serve_main(host: str = "127.0.0.1", port: int = 8000, reply: str = "OK", model: str | None = None) -> int:
-    """``gym-plugin fake-openai``: serve the fake on host:port until Ctrl-C, answering ``reply`` to every prompt
-    (for trying a config or a client without a GPU; the tokens and log-probs follow the module's rules)."""
-    from gym_plugin.servers.base import serve_forever
-
-    server = FakeOpenAIServer("fake_openai", reply, host=host, port=port, model=model)
-    print(f"fake OpenAI-compatible endpoint on http://{host}:{port}/v1 (model {model!r}, replies {reply!r})",
-          flush=True)
-    try:
-        asyncio.run(serve_forever([server]))
-    except KeyboardInterrupt:
-        pass
-    return 0

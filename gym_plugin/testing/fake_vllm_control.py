@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from gym_plugin.servers.base import HandlerError, RequestContext, Server
-from gym_plugin.vllm_worker import EXTENSION_QUALNAME, EXTENSION_VERSION
+from gym_plugin.vllm.worker import EXTENSION_QUALNAME, EXTENSION_VERSION
 
 INIT_INFO_KEYS = ("master_address", "master_port", "rank_offset", "world_size", "nccl_unique_id_b64", "packed",
                   "packed_buffer_size_bytes", "packed_num_buffers")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from gym_plugin.servers import SERVER_REGISTRY
+from gym_plugin.servers.registry import register
 from gym_plugin.servers.resources.exact_match import ExactMatchResourceServer
 
 
+@register("resources_servers", "exact_match_masking")
 class MaskingExactMatchResourceServer(ExactMatchResourceServer):
     async def verify_row(self, row: Mapping[str, Any], response: Mapping[str, Any], state: dict | None) -> dict:
         out = await super().verify_row(row, response, state)
@@ -21,5 +22,3 @@ class MaskingExactMatchResourceServer(ExactMatchResourceServer):
             out["mask_sample"] = True
         return out
 
-
-SERVER_REGISTRY[("resources_servers", "exact_match_masking")] = MaskingExactMatchResourceServer

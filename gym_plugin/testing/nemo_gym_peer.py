@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from gym_plugin.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NG_SERVER_DIRS = ("responses_api_models/vllm_model", "responses_api_agents/simple_agent",
@@ -69,12 +70,6 @@ def nemo_gym_missing(venv: Path) -> str | None:
     if probe.stdout.strip() != "0.7.0":
         return f"NeMo Gym in {venv} is {probe.stdout.strip()}, not 0.7.0"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, deadline: float, log: Path | None = None) -> None:

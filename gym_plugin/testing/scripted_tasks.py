@@ -12,19 +12,21 @@ and two collectors can be compared row by row:
 - weather (NeMo Gym's ``example_single_tool_call`` rows, `weather_row`): ``get_weather(city)`` then a sentence
   with the tool's text; answers without calling the tool (reward 0 there) when ``len(message) % 3 == 0``.
 
-Anything else is answered ``OK``. ``gym-plugin fake-openai --tasks --port P`` serves it.
+Anything else is answered ``OK``. `ScriptedTasksServer` is the fake answering with it: ``gym-plugin fake-openai
+--tasks --port P`` serves it, a config starts it with ``policy_endpoint: {impl: scripted_tasks}``.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+import dataclasses
 import json
 import re
 from typing import Any, Mapping
 
 from gym_plugin.responses import content_text
-from gym_plugin.testing.fake_openai import FakeOpenAIServer, ToolCall, Turn
+from gym_plugin.servers.base import Directory
+from gym_plugin.servers.registry import POLICY_ENDPOINT, register
+from gym_plugin.testing.fake_openai import FakeOpenAIConfig, FakeOpenAIServer, ToolCall, Turn
 
 _ADD = re.compile(r"What is (-?\d+) \+ (-?\d+)\?")
 _CALC = re.compile(r"Compute \((-?\d+) \* (-?\d+)\) \+ (-?\d+)\. Use the tools")
@@ -124,22 +126,22 @@ def task_script(messages: list, body: Mapping[str, Any]) -> Turn:
     return Turn(text="OK")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Serve the scripted task fake (OpenAI-compatible) until Ctrl-C.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default="fake-model")
-    args = p.parse_args(argv)
-    from gym_plugin.servers.base import serve_forever
+@dataclasses.dataclass
+class ScriptedTasksConfig(FakeOpenAIConfig):
+    """``policy_endpoint: {impl: scripted_tasks, ...}``: the fake's options; its script is always `task_script`."""
 
-    server = FakeOpenAIServer("fake_openai", task_script, host=args.host, port=args.port, model=args.model)
-    print(f"scripted task fake on http://{args.host}:{args.port}/v1", flush=True)
-    try:
-        asyncio.run(serve_forever([server]))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    model: str | None = "fake-model"
+    """The one model name it serves."""
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+@register(POLICY_ENDPOINT, "scripted_tasks")
+class ScriptedTasksServer(FakeOpenAIServer):
+    """The fake endpoint answering with `task_script`."""
+
+    Config = ScriptedTasksConfig
+
+    @classmethod
+    def from_config(cls, name: str, config: FakeOpenAIConfig, directory: Directory | None = None, *,
+                    host: str = "127.0.0.1", port: int = 0) -> "ScriptedTasksServer":
+        config = dataclasses.replace(config, script=task_script)
+        return super().from_config(name, config, directory, host=host, port=port)  # type: ignore[return-value]

@@ -12,11 +12,12 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from gym_plugin.config import Directory
+from gym_plugin.servers.base import Directory
 from gym_plugin.http import HTTPStatusError, Transport
-from gym_plugin.servers import get_server_class
+from gym_plugin.servers.registry import get_server_class
 from gym_plugin.servers.agent import AgentConfig, AgentServer
-from gym_plugin.servers.policy import PolicyModelConfig, PolicyModelServer
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.policy.server import PolicyModelServer
 from gym_plugin.servers.resources.code_exec import CodeExecConfig, CodeExecResourceServer, extract_code
 from gym_plugin.testing.fake_openai import FakeOpenAIServer
 

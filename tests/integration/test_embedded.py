@@ -15,7 +15,7 @@ import torch
 
 from gym_plugin.errors import ModelLoadError
 from gym_plugin.servers.embedded import EmbeddedPolicyServer, GenerationResult
-from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 FP32_TOL = 1e-4
 

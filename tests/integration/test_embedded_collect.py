@@ -93,7 +93,7 @@ def check_rollouts(out: Path, log: str, model, tok) -> dict:
 
 
 def test_collect_32_math_rows_with_the_tiny_embedded_model(tmp_path):
-    from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+    from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 
     out = tmp_path / "rollouts.jsonl"
     log = run_collect(out, "policy_endpoint.model=tiny", timeout=120)
@@ -127,7 +127,7 @@ def test_weight_update_changes_collected_rollouts_and_their_policy_version():
     from gym_plugin.integration import _collector_config
     from gym_plugin.launch import start_servers
     from gym_plugin.servers.embedded import EmbeddedPolicyServer
-    from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+    from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 
     rows = [json.loads(line) for line in ROWS.read_text().splitlines()[:4]]
     tok = build_tiny_tokenizer()

@@ -42,12 +42,13 @@ import pytest
 from aiohttp import web
 
 from gym_plugin.collect import CollectorConfig, RolloutCollector
-from gym_plugin.config import Directory
+from gym_plugin.servers.base import Directory
 from gym_plugin.http import HTTPStatusError, Transport
 from gym_plugin.protocol import is_failure
 from gym_plugin.servers.agent import AgentConfig, AgentServer
 from gym_plugin.servers.base import Server
-from gym_plugin.servers.policy import PolicyModelConfig, PolicyModelServer
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.policy.server import PolicyModelServer
 from gym_plugin.servers.resources.exact_match import ExactMatchResourceServer
 from gym_plugin.testing.fake_openai import Behaviour, FakeOpenAIServer
 

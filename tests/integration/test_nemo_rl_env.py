@@ -17,7 +17,7 @@ import torch
 
 import gym_plugin.testing.masking  # noqa: F401 (registers resources_servers/exact_match_masking)
 from gym_plugin.errors import ConfigError, GymPluginError, ProtocolError, VerifierError
-from gym_plugin.nemo_rl_env import EnvironmentReturn, GymEnvironment, register_with_nemo_rl
+from gym_plugin.nemo_rl.env import EnvironmentReturn, GymEnvironment, register_with_nemo_rl
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,7 +142,7 @@ def test_step_on_failure_mask_flags_rows_for_trainers_that_read_it(masking, capl
     meta = [{"agent_ref": {"name": "math_agent"}},  # no expected answer: the verifier cannot judge it
             {"ground_truth": "4", "agent_ref": {"name": "math_agent"}},
             {"expected_answer": "4", "agent_ref": {"name": "qa_agent"}, "flag_mask_sample": True}]
-    with caplog.at_level(logging.WARNING, logger="gym_plugin.nemo_rl_env"):
+    with caplog.at_level(logging.WARNING, logger="gym_plugin.nemo_rl.env"):
         ret = nemo_rl_step(masking, logs, meta)
     assert "2 of 3 rows carry mask_sample" in caplog.text and "NeMo-RL's classic path ignores" in caplog.text
     assert ret.rewards.tolist() == [0.0, 1.0, 1.0]  # row 0's 0.0 is a placeholder, flagged below
@@ -208,7 +208,7 @@ def test_step_only_env_single_verifier_and_no_policy():
 
 # ---- no hard dependency on ray / nemo_rl ---------------------------------------------------------------------------
 def test_import_needs_neither_ray_nor_nemo_rl():
-    code = ("import sys, gym_plugin.nemo_rl_env, gym_plugin.nemo_rl_gym; "
+    code = ("import sys, gym_plugin.nemo_rl.env, gym_plugin.nemo_rl.gym; "
             "print('ray' in sys.modules, 'nemo_rl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
@@ -220,14 +220,14 @@ def test_ray_actor_is_lazy_and_resolves_as_nemo_rl_resolves_it():
     # NeMo-RL's create_env resolves the registered FQN with hydra.utils.get_object, then calls .options().remote()
     from hydra.utils import get_object
 
-    assert get_object("gym_plugin.nemo_rl_env.GymEnvironment") is GymEnvironment
+    assert get_object("gym_plugin.nemo_rl.env.GymEnvironment") is GymEnvironment
     try:
         import ray  # noqa: F401
     except ImportError:
         with pytest.raises(GymPluginError, match="needs ray"):
-            get_object("gym_plugin.nemo_rl_env.GymEnvironmentActor")
+            get_object("gym_plugin.nemo_rl.env.GymEnvironmentActor")
     else:
-        assert hasattr(get_object("gym_plugin.nemo_rl_env.GymEnvironmentActor"), "options")
+        assert hasattr(get_object("gym_plugin.nemo_rl.env.GymEnvironmentActor"), "options")
 
 
 def test_register_with_nemo_rl(tmp_path, monkeypatch):
@@ -250,7 +250,7 @@ def test_register_with_nemo_rl(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     try:
         fqn = register_with_nemo_rl("gym")
-        assert fqn == "gym_plugin.nemo_rl_env.GymEnvironmentActor"
+        assert fqn == "gym_plugin.nemo_rl.env.GymEnvironmentActor"
         assert register_with_nemo_rl("gym") == fqn  # idempotent
         from nemo_rl.distributed.ray_actor_environment_registry import ACTOR_ENVIRONMENT_REGISTRY
         from nemo_rl.environments.utils import ENV_REGISTRY

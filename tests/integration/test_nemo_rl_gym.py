@@ -1,4 +1,4 @@
-"""NemoGymDropIn (NeMo-RL's Gym-path actor, gym_plugin.nemo_rl_gym) driven without Ray or NeMo-RL: its async
+"""NemoGymDropIn (NeMo-RL's Gym-path actor, gym_plugin.nemo_rl.gym) driven without Ray or NeMo-RL: its async
 methods called the way NeMo-RL's actor calls reach them, against real Gym servers and a scripted policy endpoint
 on 127.0.0.1 reached over HTTP only (like vLLM in another process). tests/peers/nemo_rl/ runs NeMo-RL's own
 rollout functions on it under Ray.
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from gym_plugin.errors import ConfigError, GymPluginError, MissingTokenIdsError, ProtocolError
-from gym_plugin.nemo_rl_gym import (
+from gym_plugin.nemo_rl.gym import (
     NemoGymDropIn,
     RolloutDataError,
     RolloutInfraError,
@@ -34,7 +34,7 @@ from gym_plugin.nemo_rl_gym import (
 from gym_plugin.servers.resources.calculator import calculator_row
 from gym_plugin.testing.background import BackgroundServer
 from gym_plugin.testing.fake_openai import Behaviour, FakeOpenAIServer, ToolCall, Turn
-from gym_plugin.testing.tiny import build_tiny_tokenizer
+from gym_plugin.models.tiny import build_tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -364,7 +364,7 @@ async def test_message_log_logprobs_match_teacher_forcing_on_the_embedded_tiny_m
     generation_logprobs: on a real (tiny, fp32) model served by the embedded policy, those log-probs must equal
     a teacher-forced forward pass over the concatenated ids at the assistant positions."""
     from gym_plugin.servers.embedded import EmbeddedPolicyServer
-    from gym_plugin.testing.tiny import build_tiny_model
+    from gym_plugin.models.tiny import build_tiny_model
 
     model = build_tiny_model(tokenizer)
     server = EmbeddedPolicyServer(model=model, tokenizer=tokenizer, served_model_name="tiny", port=free_port())

@@ -18,13 +18,14 @@ from contextlib import asynccontextmanager
 import pytest
 from omegaconf import OmegaConf
 
-from gym_plugin.config import Directory
+from gym_plugin.servers.base import Directory
 from gym_plugin.errors import ConfigError, MissingTokenIdsError
 from gym_plugin.http import HTTPStatusError, Transport
-from gym_plugin.servers import SERVER_REGISTRY, get_server_class
+from gym_plugin.servers.registry import SERVER_REGISTRY, get_server_class
 from gym_plugin.servers.agent import AgentConfig, AgentServer
 from gym_plugin.servers.head import HeadServer
-from gym_plugin.servers.policy import PolicyModelConfig, PolicyModelServer
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.policy.server import PolicyModelServer
 from gym_plugin.servers.resources.base import ResourceServer, ResourceServerConfig
 from gym_plugin.servers.resources.calculator import CalculatorResourceServer, calculator_row
 from gym_plugin.servers.resources.exact_match import ExactMatchResourceServer

@@ -14,13 +14,14 @@ import asyncio
 import pytest
 import torch
 
-from gym_plugin.chat_template import ChatRenderer
-from gym_plugin.config import Directory
+from gym_plugin.models.chat_template import ChatRenderer
+from gym_plugin.servers.base import Directory
 from gym_plugin.http import HTTPStatusError, Transport
 from gym_plugin.process import process_rollouts
 from gym_plugin.servers.embedded import EmbeddedPolicyServer
-from gym_plugin.servers.policy import PolicyModelConfig, PolicyModelServer
-from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.policy.server import PolicyModelServer
+from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOOLS = [{"type": "function", "name": "add", "description": "Add two integers.",
           "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gym_plugin.aggregate import aggregate_metrics, t_quantile
+from gym_plugin.servers.aggregate import aggregate_metrics, t_quantile
 from gym_plugin.errors import ProtocolError
 
 

@@ -9,9 +9,9 @@ import logging
 import aiohttp
 import pytest
 
-from gym_plugin.auth import auth_headers, bearer_auth_middleware
 from gym_plugin.errors import ConfigError
-from gym_plugin.http import HTTPStatusError, Transport
+from gym_plugin.http import HTTPStatusError, Transport, bearer_headers
+from gym_plugin.servers.auth import bearer_auth_middleware
 from gym_plugin.redact import REDACTED, is_secret_key, redact, redact_url
 from gym_plugin.servers.base import RequestContext, Server
 
@@ -42,10 +42,10 @@ def test_bearer_token_required_except_health():
             wrong = await _raw("POST", url + "/echo", {"Authorization": "Bearer nope"}, {"a": 1})
             wrong_scheme = await _raw("POST", url + "/echo", {"Authorization": f"Basic {TOKEN}"}, {"a": 1})
             prefix = await _raw("POST", url + "/echo", {"Authorization": f"Bearer {TOKEN[:-1]}"}, {"a": 1})
-            right = await _raw("POST", url + "/echo", auth_headers(TOKEN), {"a": 1})
+            right = await _raw("POST", url + "/echo", bearer_headers(TOKEN), {"a": 1})
             health = await _raw("GET", url + "/health")
             # the real client: Transport with the header set, and without it (typed error, status 401)
-            authed = Transport(headers=auth_headers(TOKEN), allow_local=False)
+            authed = Transport(headers=bearer_headers(TOKEN), allow_local=False)
             try:
                 ok = await authed.post(url + "/echo", {"b": 2})
             finally:
@@ -87,7 +87,7 @@ def test_no_token_means_no_auth_and_bad_tokens_are_config_errors():
     for bad in ("", "   ", None):
         with pytest.raises(ConfigError, match="auth_token"):
             bearer_auth_middleware(bad)  # type: ignore[arg-type]
-    assert auth_headers(None) == {} and auth_headers("t") == {"Authorization": "Bearer t"}
+    assert bearer_headers(None) == {} and bearer_headers("t") == {"Authorization": "Bearer t"}
 
 
 def test_in_process_calls_are_not_checked():

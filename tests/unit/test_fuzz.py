@@ -20,11 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gym_plugin.config import Directory
+from gym_plugin.servers.base import Directory
 from gym_plugin.errors import ProtocolError
 from gym_plugin.protocol import agent_name, validate_example
 from gym_plugin.servers.agent import AgentConfig, AgentServer
-from gym_plugin.servers.policy import PolicyModelConfig, PolicyModelServer
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.policy.server import PolicyModelServer
 from gym_plugin.servers.resources.exact_match import ExactMatchResourceServer
 from gym_plugin.testing.fake_openai import FakeOpenAIServer
 

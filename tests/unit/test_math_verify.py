@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gym_plugin.config import Directory
+from gym_plugin.servers.base import Directory
 from gym_plugin.servers.resources.math_verify import MathVerifyConfig, MathVerifyResourceServer
 
 

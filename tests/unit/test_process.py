@@ -218,7 +218,7 @@ def test_to_dict_objects_accepted():
 
 
 def test_retokenize_missing_tokens():
-    tiny = pytest.importorskip("gym_plugin.testing.tiny", reason="gym_plugin.testing.tiny not available yet")
+    tiny = pytest.importorskip("gym_plugin.models.tiny", reason="gym_plugin.models.tiny not available yet")
     tok = tiny.build_tiny_tokenizer()
     record = {
         "responses_create_params": {"input": [{"role": "user", "content": "What is 2 + 3?"}]},

@@ -157,7 +157,7 @@ def test_carry_tokens_off_leaves_history_messages_plain():
 
 
 def test_forced_tool_constraint_is_vllms_schema_and_parses_back():
-    from gym_plugin.servers.policy_tokens import completion_message, forced_tool_constraint, is_constrained
+    from gym_plugin.servers.policy.tokens import completion_message, forced_tool_constraint, is_constrained
 
     params = {"type": "object", "properties": {"a": {"type": "integer"}}}
     chat = {"tools": [{"type": "function", "function": {"name": "add", "parameters": params}},

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from gym_plugin.errors import SandboxError
-from gym_plugin.sandbox import (
+from gym_plugin.servers.resources.sandbox import (
     FLOOD_FACTOR,
     SANDBOX_UID_BASE,
     SANDBOX_UID_POOL,

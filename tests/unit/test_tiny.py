@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def test_special_tokens_and_vocab():

@@ -1,4 +1,4 @@
-"""Token-in/token-out prompts (gym_plugin.tito) and the chat-template rule (gym_plugin.chat_template), with the
+"""Token-in/token-out prompts (gym_plugin.servers.policy.tito) and the chat-template rule (gym_plugin.models.chat_template), with the
 tiny test tokenizer (ChatML + Hermes tools template, eos = <|im_end|> = id 2, <|im_start|> = id 1)."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import copy
 
 import pytest
 
-from gym_plugin.chat_template import ChatRenderer, load_tokenizer, served_chat_template, tools_fallback_template
+from gym_plugin.models.chat_template import ChatRenderer, load_tokenizer, served_chat_template, tools_fallback_template
 from gym_plugin.errors import ConfigError
-from gym_plugin.testing.tiny import build_tiny_tokenizer
-from gym_plugin.tito import ContinuationError, build_prompt, last_token_turn
-from gym_plugin.toolcalls import CHATML_TOOLS_TEMPLATE, chatml_tools_template
+from gym_plugin.models.tiny import build_tiny_tokenizer
+from gym_plugin.servers.policy.tito import ContinuationError, build_prompt, last_token_turn
+from gym_plugin.models.toolcalls import CHATML_TOOLS_TEMPLATE, chatml_tools_template
 
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "a+b",
                                            "parameters": {"type": "object", "properties": {}}}}]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from gym_plugin.testing.tiny import build_tiny_tokenizer
-from gym_plugin.toolcalls import chatml_tools_template, parse_tool_calls, template_renders_tools
+from gym_plugin.models.tiny import build_tiny_tokenizer
+from gym_plugin.models.toolcalls import chatml_tools_template, parse_tool_calls, template_renders_tools
 
 
 def test_plain_text_has_no_tool_calls():

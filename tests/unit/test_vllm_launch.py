@@ -10,9 +10,9 @@ import pytest
 
 from gym_plugin.cli import main as cli_main
 from gym_plugin.errors import ConfigError
-from gym_plugin.testing.tiny import build_tiny_tokenizer
-from gym_plugin.toolcalls import chatml_tools_template
-from gym_plugin.vllm_launch import VLLMServerSpec
+from gym_plugin.models.tiny import build_tiny_tokenizer
+from gym_plugin.models.toolcalls import chatml_tools_template
+from gym_plugin.vllm.launch import VLLMServerSpec
 
 PLAIN_CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
                 "You are Smol.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -27,7 +27,7 @@ def test_spec_flags_per_weight_sync():
     joined = " ".join(argv)
     for flags in ("--served-model-name a b", "--port 8123", "--dtype float32", "--enforce-eager",
                   "--enable-auto-tool-choice --tool-call-parser hermes", "--chat-template /t.jinja",
-                  "--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension"):
+                  "--worker-extension-cls gym_plugin.vllm.worker.GymPluginWorkerExtension"):
         assert flags in joined
     assert reload.env() == {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     nccl = VLLMServerSpec(model="/m", weight_sync="vllm_nccl")
@@ -80,7 +80,7 @@ def test_start_server_stops_what_it_started_when_the_wait_fails(tmp_path):
     import time
 
     from gym_plugin.errors import EndpointUnreachableError
-    from gym_plugin.vllm_launch import start_server
+    from gym_plugin.vllm.launch import start_server
 
     fake = tmp_path / "fake-python"
     fake.write_text("#!/bin/sh\necho starting up\nsleep 60 &\necho $! > \"$CHILD_PID\"\nwait\n")

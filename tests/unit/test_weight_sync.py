@@ -23,7 +23,7 @@ from gym_plugin.weight_sync import (
     open_weight_sync,
     server_root,
 )
-from gym_plugin.weight_sync_vllm import ReplicaFanOutClient, VLLMReloadWeightSync, check_nccl_replicas
+from gym_plugin.weight_sync.vllm import ReplicaFanOutClient, VLLMReloadWeightSync, check_nccl_replicas
 
 
 class TiedLM(torch.nn.Module):
@@ -165,7 +165,7 @@ def test_vllm_reload_detects_replica_that_kept_old_version(tmp_path):
     ({"dev_mode": False}, ["POST /collective_rpc, POST /reset_prefix_cache, POST /update_weight_version, "
                            "GET /weight_info", "VLLM_SERVER_DEV_MODE=1"]),
     ({"extension": False}, ["gym_plugin_extension_info answered HTTP 500",
-                            "--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension"]),
+                            "--worker-extension-cls gym_plugin.vllm.worker.GymPluginWorkerExtension"]),
 ])
 def test_vllm_reload_check_names_the_missing_server_flag(tmp_path, flags, names):
     async def scenario():
@@ -214,7 +214,7 @@ def test_nccl_fan_out_client_gives_each_replica_its_rank_offset():
     every replica. Replicas of world size 1 and 2: one group of 1 (trainer) + 1 + 2 = 4 ranks."""
     async def scenario():
         r1, r2 = await started(FakeVLLMControlServer("r1", world_size=1), FakeVLLMControlServer("r2", world_size=2))
-        from gym_plugin.weight_sync_vllm import _Replicas
+        from gym_plugin.weight_sync.vllm import _Replicas
 
         replicas = _Replicas([r1.url + "/v1", r2.url], WeightSyncConfig(kind="vllm_nccl"), None)
         client = ReplicaFanOutClient(replicas, asyncio.get_running_loop(), [1, 2])

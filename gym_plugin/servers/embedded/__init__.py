@@ -1,27 +1,40 @@
 """Embedded policy: a local Hugging Face causal LM served with vLLM's OpenAI-compatible API.
 
-``EmbeddedPolicyServer`` (HTTP + weight updates, ``app.py``) around ``GenerationEngine`` (dynamic batching,
-KV-cache decoding, raw log-probs, ``engine.py``). ``main`` is the ``gym-plugin embedded`` command.
+``EmbeddedPolicyServer`` (a `gym_plugin.servers.base.Server`: HTTP routes + weight updates, ``app.py``) around
+``GenerationEngine`` (dynamic batching, KV-cache decoding, raw log-probs, ``engine.py``), configured by
+``EmbeddedPolicyConfig`` (``config.py``). ``gym-plugin embedded`` (gym_plugin.cli) serves it from the command
+line, ``policy_endpoint: {impl: embedded}`` from a config.
+
+The names below load lazily: importing the package (or its torch-free ``config``) does not import torch.
 """
 
-from gym_plugin.servers.embedded.app import (
-    ChatRequest,
-    EmbeddedPolicyConfig,
-    EmbeddedPolicyServer,
-    InvalidRequestError,
-    PromptRenderer,
-    main,
-)
-from gym_plugin.servers.embedded.engine import GenerationEngine, GenerationResult, SamplingParams
+from __future__ import annotations
 
-__all__ = [
-    "ChatRequest",
-    "EmbeddedPolicyConfig",
-    "EmbeddedPolicyServer",
-    "GenerationEngine",
-    "GenerationResult",
-    "InvalidRequestError",
-    "PromptRenderer",
-    "SamplingParams",
-    "main",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ChatRequest": "gym_plugin.servers.embedded.app",
+    "EmbeddedPolicyServer": "gym_plugin.servers.embedded.app",
+    "InvalidRequestError": "gym_plugin.servers.embedded.app",
+    "PromptRenderer": "gym_plugin.servers.embedded.app",
+    "EmbeddedPolicyConfig": "gym_plugin.servers.embedded.config",
+    "GenerationEngine": "gym_plugin.servers.embedded.engine",
+    "GenerationResult": "gym_plugin.servers.embedded.engine",
+    "SamplingParams": "gym_plugin.servers.embedded.engine",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gym_plugin.servers.embedded' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

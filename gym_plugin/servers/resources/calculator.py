@@ -26,6 +26,7 @@ from gym_plugin.servers.resources.base import (
     final_text,
 )
 from gym_plugin.servers.resources.math_verify import numbers_equal, plain_number
+from gym_plugin.servers.registry import register
 
 _LAST_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -82,6 +83,7 @@ class CalculatorConfig(ResourceServerConfig):
     """Reward 0 unless every tool in the row's ``required_tools`` was called in the rollout."""
 
 
+@register("resources_servers", "calculator")
 class CalculatorResourceServer(ResourceServer):
     Config = CalculatorConfig
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gym_plugin.errors import ProtocolError
+from gym_plugin.servers.registry import register
 from gym_plugin.servers.resources.base import ResourceServer, ResourceServerConfig, expected_answer, final_text
 
 
@@ -48,6 +49,7 @@ class CapitalsConfig(ResourceServerConfig):
             raise ValueError(f"match={self.match!r} must be one of {list(MATCH_MODES)}")
 
 
+@register("resources_servers", "capitals")
 class CapitalsResourceServer(ResourceServer):
     Config = CapitalsConfig
 
@@ -67,6 +69,7 @@ class CapitalsResourceServer(ResourceServer):
         return {"reward": 1.0 if found is not None else 0.0, "extracted_answer": found}
 
 
+@register("resources_servers", "contains_answer")
 class ContainsAnswerResourceServer(CapitalsResourceServer):
     """``resources_servers / contains_answer``: the same check under a task-neutral name, for tasks that are not
     about capitals (the ``letters`` smoke task uses it with ``match: substring``)."""

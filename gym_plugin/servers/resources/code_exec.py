@@ -3,7 +3,7 @@
 The answer is the last fenced code block of the final assistant message tagged ``python``/``py``/``python3``
 (else the last untagged block). The row's ``tests`` (key configurable) is a list of statements, usually
 ``assert`` lines, each run in the answer's namespace, or one test script (a string). The sandbox
-(`gym_plugin.sandbox`) enforces CPU, memory and wall-clock limits, no network, a private temp dir.
+(`gym_plugin.servers.resources.sandbox`) enforces CPU, memory and wall-clock limits, no network, a private temp dir.
 
 Scoring:
 
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gym_plugin.errors import ProtocolError, SandboxError, VerifierError, truncate
-from gym_plugin.sandbox import probe_isolation, run_python_async
+from gym_plugin.servers.registry import register
 from gym_plugin.servers.resources.base import ResourceServer, ResourceServerConfig, final_text
+from gym_plugin.servers.resources.sandbox import probe_isolation, run_python_async
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
@@ -84,9 +85,10 @@ class CodeExecConfig(ResourceServerConfig):
     """Characters of the extracted code echoed in ``extracted_code``."""
     python: str | None = None
     """Interpreter the sandbox runs; default: this one, or the system python3 when the sandbox uid cannot run
-    this one (see gym_plugin.sandbox.probe_isolation)."""
+    this one (see gym_plugin.servers.resources.sandbox.probe_isolation)."""
 
 
+@register("resources_servers", "code_exec")
 class CodeExecResourceServer(ResourceServer):
     Config = CodeExecConfig
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from gym_plugin.servers.registry import register
 from gym_plugin.servers.resources.base import (
     ResourceServer,
     ResourceServerConfig,
@@ -46,6 +47,7 @@ class ExactMatchConfig(ResourceServerConfig):
     """Take the answer from the last \\boxed{} when the message has one."""
 
 
+@register("resources_servers", "exact_match")
 class ExactMatchResourceServer(ResourceServer):
     Config = ExactMatchConfig
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gym_plugin.errors import VerifierError
+from gym_plugin.servers.registry import register
 from gym_plugin.servers.resources.base import (
     ResourceServer,
     ResourceServerConfig,
@@ -60,6 +61,7 @@ class MathVerifyConfig(ResourceServerConfig):
     """Decimal places math_verify rounds floats to before comparing."""
 
 
+@register("resources_servers", "math_verify")
 class MathVerifyResourceServer(ResourceServer):
     Config = MathVerifyConfig
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gym_plugin.testing.tiny import build_tiny_tokenizer
+from gym_plugin.models.tiny import build_tiny_tokenizer
 from tests.peers.nemo_rl.conftest import ROOT
 
 pytestmark = [pytest.mark.nemo_rl, pytest.mark.timeout(300)]
@@ -80,7 +80,7 @@ def make_env(ray_local):
     import ray
     from nemo_rl.environments.utils import create_env
 
-    from gym_plugin.nemo_rl_env import register_with_nemo_rl
+    from gym_plugin.nemo_rl.env import register_with_nemo_rl
 
     register_with_nemo_rl(ENV_NAME)
     actors = []

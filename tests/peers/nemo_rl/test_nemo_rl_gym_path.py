@@ -24,7 +24,7 @@ import torch
 from gym_plugin.servers.resources.calculator import calculator_row
 from gym_plugin.testing.background import BackgroundServer
 from gym_plugin.testing.fake_openai import Behaviour, FakeOpenAIServer, ToolCall, Turn
-from gym_plugin.testing.tiny import build_tiny_tokenizer
+from gym_plugin.models.tiny import build_tiny_tokenizer
 from tests.peers.nemo_rl.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.nemo_rl, pytest.mark.timeout(300)]
@@ -97,7 +97,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def drop_in(ray_local):
-    from gym_plugin.nemo_rl_gym import NemoGymActor, use_in_nemo_rl
+    from gym_plugin.nemo_rl.gym import NemoGymActor, use_in_nemo_rl
 
     assert use_in_nemo_rl() is NemoGymActor
     return NemoGymActor
@@ -274,7 +274,7 @@ def test_policy_server_that_never_comes_is_a_clear_infra_failure(drop_in, tokeni
 
 
 def test_launcher_plugs_gym_plugin_into_an_unchanged_launch_script(nemo_rl_snapshot, tmp_path):
-    """``python -m gym_plugin.nemo_rl_launch SCRIPT ARGS``: the script runs as __main__ with its own argv, and
+    """``python -m gym_plugin.nemo_rl.launch SCRIPT ARGS``: the script runs as __main__ with its own argv, and
     NeMo-RL's names already point at gym_plugin (what docs/nemo_rl.md tells NeMo-RL users to run)."""
     import os
     import subprocess
@@ -283,7 +283,7 @@ def test_launcher_plugs_gym_plugin_into_an_unchanged_launch_script(nemo_rl_snaps
     script = tmp_path / "run_grpo_like.py"
     script.write_text(
         "import sys\n"
-        "import gym_plugin.nemo_rl_gym as g\n"
+        "import gym_plugin.nemo_rl.gym as g\n"
         "from nemo_rl.environments import nemo_gym\n"
         "from nemo_rl.environments.utils import ENV_REGISTRY\n"
         "from nemo_rl.distributed.ray_actor_environment_registry import get_actor_python_env\n"
@@ -291,8 +291,8 @@ def test_launcher_plugs_gym_plugin_into_an_unchanged_launch_script(nemo_rl_snaps
         "print(nemo_gym.NemoGym is g.NemoGymActor, sys.argv[1:], ENV_REGISTRY['verify']['actor_class_fqn'],\n"
         "      get_actor_python_env('nemo_rl.environments.nemo_gym.NemoGym') == sys.executable)\n")
     out = subprocess.run(
-        [sys.executable, "-m", "gym_plugin.nemo_rl_launch", "--env-name", "verify", str(script), "--config", "x.yaml"],
+        [sys.executable, "-m", "gym_plugin.nemo_rl.launch", "--env-name", "verify", str(script), "--config", "x.yaml"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == (
-        "True ['--config', 'x.yaml'] gym_plugin.nemo_rl_env.GymEnvironmentActor True")
+        "True ['--config', 'x.yaml'] gym_plugin.nemo_rl.env.GymEnvironmentActor True")

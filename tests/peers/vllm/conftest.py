@@ -97,7 +97,7 @@ def vllm_server(tmp_path_factory, request):
                     "after torch==2.13.0 (see .ci/run): the vllm-marked tests need a real vLLM 0.32 server")
     from gym_plugin.models import ensure_smollm2
     from gym_plugin.errors import EndpointUnreachableError
-    from gym_plugin.vllm_launch import VLLMServerSpec, start_server, stop_server, write_served_chat_template
+    from gym_plugin.vllm.launch import VLLMServerSpec, start_server, stop_server, write_served_chat_template
 
     model_dir = ensure_smollm2()
     reuse = os.environ.get("GYM_PLUGIN_VLLM_ROOT")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gym_plugin.chat_template import ChatRenderer, load_tokenizer
+from gym_plugin.models.chat_template import ChatRenderer, load_tokenizer
 from gym_plugin.integration import GymIntegration
 from gym_plugin.process import _segments, process_rollouts
 from gym_plugin.servers.resources.calculator import calculator_row

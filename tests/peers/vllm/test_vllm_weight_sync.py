@@ -17,7 +17,7 @@ import torch
 
 from gym_plugin.http import Transport
 from gym_plugin.weight_sync import WeightSyncConfig, WeightSyncError, open_weight_sync
-from gym_plugin.weight_sync_vllm import check_nccl_replicas, greedy_token_ids, teacher_forced_logprobs
+from gym_plugin.weight_sync.vllm import check_nccl_replicas, greedy_token_ids, teacher_forced_logprobs
 
 pytestmark = pytest.mark.vllm
 

@@ -144,7 +144,7 @@ def stub_nccl(monkeypatch):
 
 def build_with_a_gpu(monkeypatch, base_urls, config):
     """Construct as on a GPU machine (construction refuses CPU-only machines, see the test below)."""
-    import gym_plugin.weight_sync_vllm as mod
+    import gym_plugin.weight_sync.vllm as mod
 
     with monkeypatch.context() as m:
         m.setattr(mod.torch.cuda, "is_available", lambda: True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gym_plugin.errors import ConfigError, ModelLoadError, ProtocolError
-from gym_plugin.toolcalls import chatml_tools_template, template_renders_tools
+from gym_plugin.models.toolcalls import chatml_tools_template, template_renders_tools
 
 
 def default_system_text(tokenizer) -> str | None:
@@ -63,7 +63,7 @@ def load_tokenizer(spec: str, key: str = "tokenizer"):
                           f"'smollm2'), e.g. {key}=~/.cache/gym_plugin/models/smollm2-135m-instruct.")
     try:
         if spec == "tiny":
-            from gym_plugin.testing.tiny import build_tiny_tokenizer
+            from gym_plugin.models.tiny import build_tiny_tokenizer
 
             return build_tiny_tokenizer()
         if spec == "smollm2":

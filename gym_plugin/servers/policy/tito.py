@@ -29,10 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gym_plugin.chat_template import ChatRenderer
+from gym_plugin.models.chat_template import ChatRenderer
 from gym_plugin.errors import ProtocolError
+from gym_plugin.protocol import GENERATION_TOKEN_IDS, PROMPT_TOKEN_IDS
 
-_TOKEN_KEYS = ("prompt_token_ids", "generation_token_ids")
+_TOKEN_KEYS = (PROMPT_TOKEN_IDS, GENERATION_TOKEN_IDS)
 
 
 class ContinuationError(ProtocolError):
@@ -60,7 +61,7 @@ def last_token_turn(messages: list[dict]) -> int | None:
     """Index of the last assistant message that carries the ids of its model call, or None."""
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
-        if m.get("role") == "assistant" and m.get("prompt_token_ids") is not None:
+        if m.get("role") == "assistant" and m.get(PROMPT_TOKEN_IDS) is not None:
             return i
     return None
 
@@ -77,9 +78,9 @@ def build_prompt(renderer: ChatRenderer, messages: list[dict], tools: list[dict]
         ids = renderer.encode(renderer.render_text(plain, tools, True, chat_template_kwargs))
         return TokenPrompt(ids=ids, continued_from=None, appended=len(ids))
     turn = messages[j]
-    prev_prompt, prev_gen = turn["prompt_token_ids"], turn.get("generation_token_ids")
+    prev_prompt, prev_gen = turn[PROMPT_TOKEN_IDS], turn.get(GENERATION_TOKEN_IDS)
     if not isinstance(prev_prompt, list) or not isinstance(prev_gen, list):
-        raise ContinuationError(f"assistant message {j} carries prompt_token_ids but generation_token_ids is "
+        raise ContinuationError(f"assistant message {j} carries {PROMPT_TOKEN_IDS} but {GENERATION_TOKEN_IDS} is "
                                 f"{type(prev_gen).__name__}; both must be lists of ints")
     before = renderer.render_text(plain[: j + 1], tools, False, chat_template_kwargs)
     after = renderer.render_text(plain, tools, True, chat_template_kwargs)

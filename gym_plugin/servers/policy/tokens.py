@@ -16,7 +16,8 @@ import uuid
 from typing import Any, Mapping
 
 from gym_plugin.errors import MalformedResponseError, MissingTokenIdsError, ProtocolError, truncate
-from gym_plugin.toolcalls import parse_tool_calls
+from gym_plugin.models.toolcalls import parse_tool_calls
+from gym_plugin.protocol import token_fields
 
 # Request keys that make the backend constrain sampling (vLLM's names; guided_* are older vLLM spellings).
 _CONSTRAINT_KEYS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -174,8 +175,7 @@ def completion_message(completion: Any, base_url: str, parse_tools: bool, forced
         parsed = parse_tool_calls(text)
         if parsed.tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
-    fields = {"prompt_token_ids": list(prompt_ids), "generation_token_ids": list(gen_ids),
-              "generation_log_probs": [float(x) for x in lps]}
+    fields = token_fields(prompt_ids, gen_ids, lps)
     return {"message": message, "finish_reason": choice.get("finish_reason")}, fields, text
 
 

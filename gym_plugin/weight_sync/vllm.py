@@ -9,14 +9,14 @@ server root (``base_url`` without ``/v1``).
     trainer: write <directory>/v<version>/model.safetensors (HF names, tied weights as copies), atomically
     POST /pause?mode=wait                              (only with pause_generation)
     POST /collective_rpc {"method": "gym_plugin_reload_weights", "kwargs": {"weights_path": <dir>}}
-                                                       (our worker extension, gym_plugin.vllm_worker)
+                                                       (our worker extension, gym_plugin.vllm.worker)
     POST /reset_prefix_cache -> {"success": true}      (retried while running requests hold blocks)
     POST /update_weight_version {"new_version": "<version>"}
     POST /resume                                       (only with pause_generation)
     GET  /weight_info -> {"weight_version": "<version>"}   (verify_version)
 
   The folder must be readable by every server (same host or shared disk). Server flags: dev mode and
-  ``--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension``.
+  ``--worker-extension-cls gym_plugin.vllm.worker.GymPluginWorkerExtension``.
 
 ``VLLMNCCLWeightSync`` (``weight_sync=vllm_nccl``) uses vLLM's own trainer side,
 ``vllm.distributed.weight_transfer.nccl_engine.NCCLTrainerWeightTransferEngine`` with a ``ModuleSource`` over the
@@ -51,8 +51,9 @@ import torch
 
 from gym_plugin.errors import ConfigError, EndpointError, truncate
 from gym_plugin.http import HTTPStatusError, Transport
-from gym_plugin.vllm_worker import EXTENSION_QUALNAME, EXTENSION_VERSION
-from gym_plugin.weight_sync import (
+from gym_plugin.net import free_port
+from gym_plugin.vllm.worker import EXTENSION_QUALNAME, EXTENSION_VERSION
+from gym_plugin.weight_sync.base import (
     WeightSyncConfig,
     WeightSyncError,
     check_routes,
@@ -378,7 +379,8 @@ class VLLMNCCLWeightSync(_Replicas):
         self.rank_offsets = [1 + sum(self.world_sizes[:j]) for j in range(len(self.world_sizes))]
         self.client = ReplicaFanOutClient(self, asyncio.get_running_loop(), self.rank_offsets)
         init_info = self._init_info_cls(
-            master_address=self.config.master_address, master_port=self.config.master_port or _free_port(),
+            master_address=self.config.master_address,
+            master_port=self.config.master_port or free_port(self.config.master_address),
             world_size=1 + sum(self.world_sizes), packed=self.config.packed,
             packed_buffer_size_bytes=self.config.chunk_bytes, rank=0)
         # trainer_init posts /init_weight_transfer_engine (a thread of its own) while it joins the group as rank 0
@@ -428,10 +430,3 @@ async def check_nccl_replicas(transport: Transport, base_urls: list[str]) -> Non
 
     await asyncio.gather(*(one(u) for u in base_urls))
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])

@@ -1,11 +1,11 @@
 """Run a NeMo-RL launch script with gym_plugin plugged in, without editing or copying it:
 
-    python -m gym_plugin.nemo_rl_launch [--env-name NAME] SCRIPT [SCRIPT ARGS...]
+    python -m gym_plugin.nemo_rl.launch [--env-name NAME] SCRIPT [SCRIPT ARGS...]
 
-e.g. ``python -m gym_plugin.nemo_rl_launch examples/nemo_gym/run_grpo_nemo_gym.py --config my.yaml``. Before
+e.g. ``python -m gym_plugin.nemo_rl.launch examples/nemo_gym/run_grpo_nemo_gym.py --config my.yaml``. Before
 SCRIPT runs (as ``__main__``, with ``sys.argv = [SCRIPT, *ARGS]``), NeMo-RL's Gym path is pointed at
-gym_plugin's NemoGym drop-in (`gym_plugin.nemo_rl_gym.use_in_nemo_rl`) and the classic environment is registered
-as ``NAME`` (default ``gym_plugin``; `gym_plugin.nemo_rl_env.register_with_nemo_rl`). Both only take effect when
+gym_plugin's NemoGym drop-in (`gym_plugin.nemo_rl.gym.use_in_nemo_rl`) and the classic environment is registered
+as ``NAME`` (default ``gym_plugin``; `gym_plugin.nemo_rl.env.register_with_nemo_rl`). Both only take effect when
 the config uses them (``env.should_use_nemo_gym: true`` / ``env_name: gym_plugin``). docs/nemo_rl.md.
 """
 
@@ -18,7 +18,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m gym_plugin.nemo_rl_launch",
+        prog="python -m gym_plugin.nemo_rl.launch",
         description="Run a NeMo-RL launch script with gym_plugin's environments plugged in.")
     parser.add_argument("--env-name", default="gym_plugin",
                         help="env name for the classic step() environment (data.*.env_name); default gym_plugin")
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
 
     # Imported by their package names: a class defined in __main__ could not be found by Ray's workers.
-    from gym_plugin.nemo_rl_env import register_with_nemo_rl
-    from gym_plugin.nemo_rl_gym import use_in_nemo_rl
+    from gym_plugin.nemo_rl.env import register_with_nemo_rl
+    from gym_plugin.nemo_rl.gym import use_in_nemo_rl
 
     use_in_nemo_rl()
     register_with_nemo_rl(ns.env_name)

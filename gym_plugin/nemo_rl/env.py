@@ -2,7 +2,7 @@
 
 NeMo-RL has two ways to train on an environment; this module serves the classic one (NeMo-RL generates every
 turn itself, the environment scores it). The Gym path (NeMo Gym runs whole agent rollouts against the policy's
-HTTP server) is `gym_plugin.nemo_rl_gym`, a drop-in for NeMo-RL's ``NemoGym`` actor. docs/nemo_rl.md.
+HTTP server) is `gym_plugin.nemo_rl.gym`, a drop-in for NeMo-RL's ``NemoGym`` actor. docs/nemo_rl.md.
 
 - ``step(message_log_batch, metadata) -> EnvironmentReturn(observations, metadata, next_stop_strings, rewards,
   terminateds, answers)`` (``calculate_rewards`` in nemo_rl/experience/rollouts.py): each row's last assistant
@@ -143,7 +143,7 @@ def _config_from(cfg: GymEnvConfig | Mapping[str, Any], where: str = "env") -> G
     for key in data:
         if key in MOVED_TO_GYM_PATH:
             problems.append(f"{where}.{key}: whole Gym rollouts against a policy endpoint are NeMo-RL's Gym path "
-                            "(env.should_use_nemo_gym + gym_plugin.nemo_rl_gym.use_in_nemo_rl(), docs/nemo_rl.md); "
+                            "(env.should_use_nemo_gym + gym_plugin.nemo_rl.gym.use_in_nemo_rl(), docs/nemo_rl.md); "
                             "this environment only verifies NeMo-RL's own generations. Remove the key.")
         elif key not in names:
             problems.append(f"{where}.{key}: unknown key.{did_you_mean(key, names)} Known keys: {names}")
@@ -461,7 +461,7 @@ def _pass_rate_per_prompt(text: Any, correct: torch.Tensor, keep: torch.Tensor) 
 
 # ---- NeMo-RL registration (lazy: ray / nemo_rl only imported when asked) ---------------------------------------
 _ACTOR_CLASS: Any = None
-ACTOR_FQN = "gym_plugin.nemo_rl_env.GymEnvironmentActor"
+ACTOR_FQN = "gym_plugin.nemo_rl.env.GymEnvironmentActor"
 """What NeMo-RL's registries name: ``ray.remote(GymEnvironment)``, created on first access."""
 
 
@@ -473,7 +473,7 @@ def __getattr__(name: str) -> Any:
                 import ray
             except ImportError as e:
                 raise GymPluginError(
-                    "gym_plugin.nemo_rl_env.GymEnvironmentActor needs ray (NeMo-RL's actor framework), which is not "
+                    "gym_plugin.nemo_rl.env.GymEnvironmentActor needs ray (NeMo-RL's actor framework), which is not "
                     "installed. Install NeMo-RL (it brings ray), or use GymEnvironment directly without actors."
                 ) from e
             # max_concurrency: step and run_rollouts block on the Gym loop thread; let calls overlap as NeMo-RL's

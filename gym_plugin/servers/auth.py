@@ -2,8 +2,8 @@
 
 `bearer_auth_middleware(token)` is an aiohttp middleware: every request except ``GET /health`` must carry
 ``Authorization: Bearer <token>``; otherwise the reply is HTTP 401 with a JSON error body (the same
-``{"error": {"message", "type"}}`` shape as every other error of our servers) and a ``WWW-Authenticate``
-header. The comparison is constant-time (`hmac.compare_digest`), so response timing does not leak how much of
+`gym_plugin.errors.error_body` as every other error of our servers) and a ``WWW-Authenticate``
+header. A client sends the token with `gym_plugin.http.bearer_headers`. The comparison is constant-time (`hmac.compare_digest`), so response timing does not leak how much of
 a guess was right.
 
 In-process calls (`Server.dispatch_local`) do not pass through aiohttp and are not checked: a caller in the
@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
-from gym_plugin.errors import ConfigError
+from gym_plugin.errors import ConfigError, error_body
 
 OPEN_PATHS = ("/health",)
 """Paths served without a token (liveness probes)."""
@@ -26,14 +26,9 @@ OPEN_PATHS = ("/health",)
 AUTH_SCHEME = "Bearer"
 
 
-def auth_headers(token: str | None) -> dict[str, str]:
-    """Headers a client sends to servers started with `token` ({} when there is no token)."""
-    return {"Authorization": f"{AUTH_SCHEME} {token}"} if token else {}
-
-
 def _unauthorized(message: str) -> web.Response:
     return web.json_response(
-        {"error": {"message": message, "type": "authentication_error"}},
+        error_body(message, "authentication_error"),
         status=401,
         headers={"WWW-Authenticate": AUTH_SCHEME},
     )

@@ -48,10 +48,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from gym_plugin.config import Directory
 from gym_plugin.errors import (
     ConfigError,
     EndpointError,
@@ -61,11 +59,14 @@ from gym_plugin.errors import (
     did_you_mean,
     truncate,
 )
-from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
+from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, bearer_headers, post_with_retries
+from gym_plugin.protocol import CONSTRAINED_KEY, POLICY_VERSION_KEY, TOKEN_FIELDS, token_fields
 from gym_plugin.responses import choice_to_output_items, create_params_to_chat, next_id
-from gym_plugin.servers.base import HandlerError, RequestContext, Server
-from gym_plugin.servers.policy_backends import BackendFacts
-from gym_plugin.servers.policy_tokens import (
+from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
+from gym_plugin.servers.policy.backends import BackendFacts
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.registry import register
+from gym_plugin.servers.policy.tokens import (
     completion_message,
     completion_payload,
     forced_tool_constraint,
@@ -77,84 +78,8 @@ logger = logging.getLogger(__name__)
 ROUTE_KEY_HEADER = "x-gym-plugin-route-key"
 """Request header that pins all requests with the same value to one backend (one value per rollout)."""
 
-ROUTINGS = ("round_robin", "least_busy")
-TOKEN_STYLES = ("A", "B", "none")
-TOKEN_MODES = ("auto", "completions", "chat")
-
 _CONTEXT_LENGTH_MARKERS = ("maximum context length", "context_length_exceeded", "context length",
                            "maximum model length", "max_model_len")
-
-
-@dataclass
-class PolicyModelConfig:
-    """YAML keys under ``responses_api_models: vllm_model:``."""
-
-    base_url: str | list[str] = ""
-    """OpenAI-compatible base URL(s) ending in /v1, e.g. 'http://127.0.0.1:8000/v1' (usually ${policy_base_url})."""
-    model: str = ""
-    """Model name sent to the backend (usually ${policy_model_name})."""
-    api_key: str = "dummy_key"
-    """Sent as 'Authorization: Bearer <api_key>' (usually ${policy_api_key})."""
-    routing: str = "round_robin"
-    """How a rollout's backend is chosen among base_urls: 'round_robin' or 'least_busy'."""
-    token_style: str = "B"
-    """How token ids are asked for: 'B' (return_token_ids, vLLM >= 0.10.2), 'A' (return_tokens_as_token_ids +
-    /tokenize for prompt ids), 'none' (no token ids: evaluation against a backend that has none)."""
-    timeout_s: float = 600.0
-    """Timeout of one backend request, seconds."""
-    max_attempts: int = 3
-    """Attempts per backend request (connection errors, timeouts, 429, 5xx are retried)."""
-    backoff_s: float = 0.2
-    """Delay before the 2nd attempt (doubles each attempt, with jitter)."""
-    connector_limit: int = 65536
-    """aiohttp connection limit of this server's client (usually ${global_aiohttp_connector_limit})."""
-    connector_limit_per_host: int = 16384
-    """aiohttp per-host connection limit (usually ${global_aiohttp_connector_limit_per_host})."""
-    extra_body: dict = field(default_factory=dict)
-    """Extra keys merged into every chat completion request (e.g. chat_template_kwargs, top_k)."""
-    max_sticky_rollouts: int = 100_000
-    """How many rollout -> backend assignments are remembered (oldest forgotten first)."""
-    token_mode: str = "auto"
-    """'completions' (token-in/token-out through /completions: multi-turn prompts extend the earlier turns'
-    token ids; needs the tokenizer), 'chat' (/chat/completions, the backend re-renders history: multi-turn
-    rollouts may drift), 'auto' (completions when the backend's GET /models says owned_by 'vllm', else chat)."""
-    tokenizer: str | None = None
-    """completions mode: the policy model's Hugging Face folder or hub id (tokenizer + chat template). None =
-    the 'root' the backend reports in GET /models (vLLM: its --model), when that can be loaded here."""
-    report_policy_version: bool = True
-    """Ask GET {root}/weight_info (vLLM dev mode) around each call for the policy version when the completion
-    carries none; a backend without the route is asked once."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
-        if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
-            problems.append(
-                f"base_url={self.base_url!r}: expected an http(s) URL or a list of them, e.g. "
-                "'http://127.0.0.1:8000/v1' (set policy_base_url)"
-            )
-        if self.routing not in ROUTINGS:
-            problems.append(f"routing={self.routing!r}: expected one of {ROUTINGS}.{did_you_mean(self.routing, ROUTINGS)}")
-        if self.token_style not in TOKEN_STYLES:
-            problems.append(
-                f"token_style={self.token_style!r}: expected one of {TOKEN_STYLES}."
-                f"{did_you_mean(str(self.token_style), TOKEN_STYLES)}"
-            )
-        if self.max_attempts < 1:
-            problems.append(f"max_attempts={self.max_attempts}: must be >= 1")
-        if self.token_mode not in TOKEN_MODES:
-            problems.append(f"token_mode={self.token_mode!r}: expected one of {TOKEN_MODES}."
-                            f"{did_you_mean(str(self.token_mode), TOKEN_MODES)}")
-        if self.token_mode == "completions" and self.token_style == "none":
-            problems.append("token_mode='completions' always returns token ids; token_style='none' (no ids) "
-                            "needs token_mode='chat'")
-        if problems:
-            raise ConfigError(problems)
-
-    @property
-    def base_urls(self) -> list[str]:
-        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
-        return [u.rstrip("/") for u in urls]
 
 
 def _root(base_url: str) -> str:
@@ -173,6 +98,7 @@ def _is_context_length_error(e: HTTPStatusError) -> bool:
     return any(m in body for m in _CONTEXT_LENGTH_MARKERS)
 
 
+@register("responses_api_models", "vllm_model")
 class PolicyModelServer(Server):
     """``responses_api_models / vllm_model``: see the module docstring."""
 
@@ -198,7 +124,7 @@ class PolicyModelServer(Server):
             self._token_flags["return_tokens_as_token_ids"] = True
         elif style == "B":
             self._token_flags["return_token_ids"] = True
-        self.backends = BackendFacts(self)
+        self.backends = BackendFacts(name, config, self.base_urls, self._transport, self._retry)
         """Token mode, model root (tokenizer), weight-version route of each backend: learned once, on first use."""
         self.stats: dict[str, int] = {"completions_calls": 0, "chat_calls": 0, "continued_prompts": 0,
                                       "continuation_fallbacks": 0, "constrained_calls": 0}
@@ -212,12 +138,11 @@ class PolicyModelServer(Server):
         ]
 
     async def on_start(self) -> None:
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         self.transport = Transport(
             limit=self.config.connector_limit,
             limit_per_host=self.config.connector_limit_per_host,
             timeout_s=self.config.timeout_s,
-            headers=headers,
+            headers=bearer_headers(self.config.api_key),
         )
 
     async def on_stop(self) -> None:
@@ -338,16 +263,16 @@ class PolicyModelServer(Server):
             if version is None:
                 version = await self.backends.call_version(idx, version_before)
             if version is not None:
-                token_fields["policy_version"] = version
+                token_fields[POLICY_VERSION_KEY] = version
             if constrained:
-                token_fields["constrained"] = True
+                token_fields[CONSTRAINED_KEY] = True
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
 
     async def _responses_completions(self, body: Mapping[str, Any], chat: dict, idx: int, constrained: bool) -> dict:
         """Token-in/token-out: the prompt as ids to /completions (see the module docstring)."""
-        from gym_plugin.tito import ContinuationError, build_prompt
+        from gym_plugin.servers.policy.tito import ContinuationError, build_prompt
 
         self.stats["completions_calls"] += 1
         renderer = await self.backends.renderer(idx)
@@ -359,8 +284,7 @@ class PolicyModelServer(Server):
             # Not silent: counted, logged, and the rollout shows as drift in process_rollouts.
             self.stats["continuation_fallbacks"] += 1
             logger.warning("policy model server %r: %s; rendering the whole conversation instead", self.name, e)
-            plain = [{k: v for k, v in m.items() if k not in ("prompt_token_ids", "generation_token_ids")}
-                     for m in chat["messages"]]
+            plain = [{k: v for k, v in m.items() if k not in TOKEN_FIELDS} for m in chat["messages"]]
             prompt = build_prompt(renderer, plain, tools, kwargs)
         if prompt.continued_from is not None:
             self.stats["continued_prompts"] += 1
@@ -383,9 +307,9 @@ class PolicyModelServer(Server):
         if version is None:
             version = await self.backends.call_version(idx, version_before)
         if version is not None:
-            token_fields["policy_version"] = version
+            token_fields[POLICY_VERSION_KEY] = version
         if constrained:
-            token_fields["constrained"] = True
+            token_fields[CONSTRAINED_KEY] = True
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
@@ -453,11 +377,7 @@ class PolicyModelServer(Server):
             raise MalformedResponseError(
                 f"backend {base_url}: {len(gen_ids)} generation token ids but {len(gen_log_probs)} log-probs"
             )
-        return {
-            "prompt_token_ids": prompt_ids,
-            "generation_token_ids": gen_ids,
-            "generation_log_probs": gen_log_probs,
-        }
+        return token_fields(prompt_ids, gen_ids, gen_log_probs)
 
     def _response(self, params: Mapping[str, Any], output: list, usage: Mapping | None,
                   incomplete: dict | None) -> dict:

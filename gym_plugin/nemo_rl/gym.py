@@ -109,7 +109,7 @@ class DropInOptions:
     actor), probing ``GET {base_url}/models`` about once a second; then it raises ``GymTransportError``."""
     import_modules: list = dataclasses.field(default_factory=list)
     """Modules imported in the actor before the servers start, e.g. ones that add your own resource servers to
-    ``gym_plugin.servers.SERVER_REGISTRY``."""
+    ``gym_plugin.servers.registry`` (``@register``)."""
 
 
 class RolloutInfraError(GymPluginError):
@@ -247,7 +247,7 @@ def _config_paths(raw: Any) -> list[str]:
     """``config_paths`` as absolute paths: relative to the working directory, else to gym_plugin's checkout
     (so ``conf/gym/math.yaml`` works from anywhere with an editable install)."""
     paths = [raw] if isinstance(raw, str) else list(raw or [])
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # gym_plugin/nemo_rl/gym.py -> the checkout
     out = []
     for p in paths:
         path = Path(str(p))
@@ -519,7 +519,7 @@ class NemoGymDropIn:
     # ---- EnvironmentInterface methods NeMo-RL never calls on its Gym actor --------------------------------------
     def step(self, message_log_batch: Any, metadata: Any) -> Any:
         raise ProtocolError("the NemoGym drop-in runs whole rollouts (run_rollouts); for NeMo-RL's classic "
-                            "step() path use gym_plugin.nemo_rl_env.GymEnvironment (docs/nemo_rl.md)")
+                            "step() path use gym_plugin.nemo_rl.env.GymEnvironment (docs/nemo_rl.md)")
 
     def global_post_process_and_metrics(self, batch: Any) -> Any:
         raise ProtocolError("the NemoGym drop-in runs whole rollouts (run_rollouts); NeMo-RL does not call "
@@ -538,7 +538,7 @@ def __getattr__(name: str) -> Any:
             try:
                 import ray
             except ImportError as e:
-                raise GymPluginError("gym_plugin.nemo_rl_gym.NemoGymActor needs ray (NeMo-RL's actor framework); "
+                raise GymPluginError("gym_plugin.nemo_rl.gym.NemoGymActor needs ray (NeMo-RL's actor framework); "
                                      "install NeMo-RL, or use NemoGymDropIn directly") from e
             # Same restart policy as NeMo-RL's NemoGym. Async methods make it an asyncio actor: calls overlap.
             _ACTOR_CLASS = ray.remote(max_restarts=-1, max_task_retries=-1)(NemoGymDropIn)

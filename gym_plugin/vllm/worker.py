@@ -1,6 +1,6 @@
 """gym_plugin's vLLM worker extension: reload weights from disk, with the CPU tied-LM-head fix.
 
-Give it to the vLLM server with ``--worker-extension-cls gym_plugin.vllm_worker.GymPluginWorkerExtension``
+Give it to the vLLM server with ``--worker-extension-cls gym_plugin.vllm.worker.GymPluginWorkerExtension``
 (``gym-plugin vllm-args`` prints the whole command); vLLM mixes the class into every inference worker, so its
 methods can be called through the dev-mode route ``POST /collective_rpc`` (``VLLM_SERVER_DEV_MODE=1``):
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 
-EXTENSION_QUALNAME = "gym_plugin.vllm_worker.GymPluginWorkerExtension"
+EXTENSION_QUALNAME = "gym_plugin.vllm.worker.GymPluginWorkerExtension"
 """The value of vLLM's ``--worker-extension-cls`` for this extension."""
 EXTENSION_VERSION = 1
 """Bumped when the RPC methods or their results change (the trainer checks it at construction)."""

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from gym_plugin.toolcalls import CHATML_TOOLS_TEMPLATE
+from gym_plugin.models.toolcalls import CHATML_TOOLS_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 """Special tokens of the tiny tokenizer; ids 0, 1, 2 in this order."""

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Callable, Mapping
 
 from gym_plugin.errors import ConfigError, EndpointError
-from gym_plugin.http import HTTPStatusError
+from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport
 from gym_plugin.servers.base import HandlerError
-from gym_plugin.servers.policy_tokens import backend_identity
+from gym_plugin.servers.policy.config import PolicyModelConfig
+from gym_plugin.servers.policy.tokens import backend_identity
 
-if TYPE_CHECKING:
-    from gym_plugin.servers.policy import PolicyModelServer
-
-logger = logging.getLogger("gym_plugin.servers.policy")
+logger = logging.getLogger("gym_plugin.servers.policy.server")
 
 
 def _root(base_url: str) -> str:
@@ -32,11 +30,13 @@ def _root(base_url: str) -> str:
 
 
 class BackendFacts:
-    """Per-backend facts of one ``PolicyModelServer`` (same order as its ``base_urls``)."""
+    """Per-backend facts of one policy model server (same order as its ``base_urls``): ``name`` (for messages),
+    its ``config``, ``transport`` (its client, once started) and ``retry`` policy."""
 
-    def __init__(self, server: "PolicyModelServer"):
-        self.server = server
-        config, n = server.config, len(server.base_urls)
+    def __init__(self, name: str, config: PolicyModelConfig, base_urls: list[str], transport: Callable[[], Transport],
+                 retry: RetryPolicy):
+        self.name, self.config, self.base_urls, self._transport, self._retry = name, config, base_urls, transport, retry
+        n = len(base_urls)
         self.modes: list[str | None] = [None if config.token_mode == "auto" else config.token_mode] * n
         """Resolved token mode of each backend ('completions' | 'chat'); None until asked (auto)."""
         self.roots: list[str | None] = [None] * n
@@ -65,12 +65,12 @@ class BackendFacts:
             raise
 
     async def _ask_mode(self, idx: int) -> str:
-        url = f"{self.server.base_urls[idx]}/models"
+        url = f"{self.base_urls[idx]}/models"
         attempt = 0
         while True:
             attempt += 1
             try:
-                reply = await self.server._transport().get(url, timeout_s=min(self.server.config.timeout_s, 30.0))
+                reply = await self._transport().get(url, timeout_s=min(self.config.timeout_s, 30.0))
                 owned_by, root = backend_identity(reply.data)
                 break
             except HTTPStatusError as e:
@@ -80,41 +80,41 @@ class BackendFacts:
                 error: EndpointError = e
             except EndpointError as e:
                 error = e
-            if attempt >= self.server._retry.max_attempts:
+            if attempt >= self._retry.max_attempts:
                 raise HandlerError(
-                    502, f"policy model server {self.server.name!r}: backend {url} failed after {attempt} attempt(s): "
+                    502, f"policy model server {self.name!r}: backend {url} failed after {attempt} attempt(s): "
                          f"{error} (token_mode=auto asks GET /models which backend this is; set token_mode: "
                          "completions or chat to skip the question)", "upstream_error") from error
-            await asyncio.sleep(self.server._retry.delay(attempt))
+            await asyncio.sleep(self._retry.delay(attempt))
         if self.roots[idx] is None:
             self.roots[idx] = root
-        mode = "completions" if owned_by == "vllm" and self.server.config.token_style != "none" else "chat"
+        mode = "completions" if owned_by == "vllm" and self.config.token_style != "none" else "chat"
         self.modes[idx] = mode
-        logger.info("policy model server %r: backend %s is %s -> token_mode %s", self.server.name, self.server.base_urls[idx],
+        logger.info("policy model server %r: backend %s is %s -> token_mode %s", self.name, self.base_urls[idx],
                     owned_by, mode)
         return mode
 
     async def renderer(self, idx: int):
         """The ChatRenderer of ``tokenizer`` (or the backend's model root), loaded once off the event loop."""
         if self._renderer_task is None:
-            source, key = self.server.config.tokenizer, "tokenizer"
+            source, key = self.config.tokenizer, "tokenizer"
             if not source:
                 if self.roots[idx] is None:
                     try:
-                        reply = await self.server._transport().get(f"{self.server.base_urls[idx]}/models", timeout_s=30.0)
+                        reply = await self._transport().get(f"{self.base_urls[idx]}/models", timeout_s=30.0)
                         self.roots[idx] = backend_identity(reply.data)[1]
                     except EndpointError:
                         pass
                 source = self.roots[idx]
                 self._tokenizer_note = (
-                    f"tokenizer is unset, so the model root {source!r} that {self.server.base_urls[idx]}/models reported "
-                    "was used" if source else f"tokenizer is unset and {self.server.base_urls[idx]}/models reported no "
+                    f"tokenizer is unset, so the model root {source!r} that {self.base_urls[idx]}/models reported "
+                    "was used" if source else f"tokenizer is unset and {self.base_urls[idx]}/models reported no "
                     "model root")
             self._renderer_task = asyncio.ensure_future(asyncio.to_thread(_load_renderer, source, "tokenizer"))
         try:
             return await asyncio.shield(self._renderer_task)
         except ConfigError as e:
-            raise HandlerError(500, f"policy model server {self.server.name!r}: token_mode=completions needs the policy "
+            raise HandlerError(500, f"policy model server {self.name!r}: token_mode=completions needs the policy "
                                     f"model's tokenizer and chat template ({self._tokenizer_note}): {e} Or set "
                                     "token_mode: chat.", "config_error") from e
 
@@ -138,7 +138,7 @@ class BackendFacts:
 
     async def _ask_version(self, idx: int) -> Any:
         try:
-            reply = await self.server._transport().get(f"{_root(self.server.base_urls[idx])}/weight_info", timeout_s=10.0)
+            reply = await self._transport().get(f"{_root(self.base_urls[idx])}/weight_info", timeout_s=10.0)
         except HTTPStatusError as e:
             if e.status in (404, 405):
                 self._has_version_route[idx] = False  # not vLLM dev mode: stop asking
@@ -158,7 +158,7 @@ class BackendFacts:
         after = await self.version(idx)
         if after is not None and after != before:
             logger.warning("policy model server %r: backend %s changed weights during a call (%s -> %s)",
-                           self.server.name, self.server.base_urls[idx], before, after)
+                           self.name, self.base_urls[idx], before, after)
         return before
 
 
@@ -174,6 +174,6 @@ def _version_value(value: Any) -> Any:
 
 
 def _load_renderer(source: str | None, key: str):
-    from gym_plugin.chat_template import ChatRenderer, load_tokenizer
+    from gym_plugin.models.chat_template import ChatRenderer, load_tokenizer
 
     return ChatRenderer(load_tokenizer(source or "", key=key))
