@@ -132,10 +132,11 @@ def start_fake(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen
 
 def start_gym_plugin(workdir: Path, endpoint: str, configs: list[str], port: int | None = None
                      ) -> tuple[subprocess.Popen, int]:
-    """``gym-plugin serve`` with ``configs`` (paths) against ``endpoint``: (process, head port)."""
+    """``gym-plugin serve`` with ``configs`` (paths) against ``endpoint`` (the scripted fake, which serves the model
+    name 'fake-model' only): (process, head port)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", *sum((["--config", c] for c in configs), []),
-           f"policy_base_url={endpoint}", f"head_server.port={port}"]
+           f"policy_base_url={endpoint}", "policy_model_name=fake-model", f"head_server.port={port}"]
     proc = _popen(cmd, workdir / "serve.log", ours_env())
     try:
         wait_http(f"http://127.0.0.1:{port}/global_config_dict_yaml", proc, time.monotonic() + 90,
