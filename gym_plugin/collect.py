@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 
+from gym_plugin import schema
 from gym_plugin.errors import (
+    ConfigError,
     EndpointTimeoutError,
     EndpointUnreachableError,
     GymPluginError,
@@ -86,16 +88,17 @@ class CollectorConfig:
     auth_token: str | None = None
     """Bearer token sent to the agents (servers started with auth_token require it)."""
 
-    def validate(self) -> list[str]:
+    def check(self) -> list[str]:
+        """Problems with the values (gym_plugin.schema; the collector refuses to start with any)."""
         problems = []
         if self.concurrency < 1:
-            problems.append(f"collector.concurrency={self.concurrency}: must be >= 1 (e.g. 256)")
+            problems.append(f"concurrency={self.concurrency}: must be >= 1 (e.g. 256)")
         if self.timeout_s <= 0:
-            problems.append(f"collector.timeout_s={self.timeout_s}: must be > 0 seconds")
+            problems.append(f"timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.max_attempts < 1:
-            problems.append(f"collector.max_attempts={self.max_attempts}: must be >= 1")
+            problems.append(f"max_attempts={self.max_attempts}: must be >= 1")
         if self.invalid_rows not in ("raise", "record"):
-            problems.append(f"collector.invalid_rows={self.invalid_rows!r}: must be 'raise' or 'record'")
+            problems.append(f"invalid_rows={self.invalid_rows!r}: must be 'raise' or 'record'")
         return problems
 
 
@@ -156,11 +159,7 @@ class RolloutCollector:
         transport: Transport | None = None,
     ):
         self.config = config or CollectorConfig()
-        problems = self.config.validate()
-        if problems:
-            from gym_plugin.errors import ConfigError
-
-            raise ConfigError(problems)
+        schema.require(self.config, "collector")
         self.routes = {k: AgentRoute(v.rstrip("/")) if isinstance(v, str) else AgentRoute(
             v.url.rstrip("/"), v.environment_server, v.environment_server_type) for k, v in agent_urls.items()}
         self.agent_urls = {k: r.url for k, r in self.routes.items()}
@@ -168,8 +167,6 @@ class RolloutCollector:
         headers = bearer_headers(self.config.auth_token)
         if transport is not None and headers and "Authorization" not in transport.headers:
             if transport._session is not None:  # noqa: SLF001 (headers are fixed when the session is made)
-                from gym_plugin.errors import ConfigError
-
                 raise ConfigError(
                     "collector.auth_token is set but the Transport passed to RolloutCollector already has a "
                     "session without an Authorization header; pass Transport(headers={'Authorization': "

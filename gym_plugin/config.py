@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -21,7 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gym_plugin import envservers
+from gym_plugin import envservers, schema
+from gym_plugin.collect import CollectorConfig
 from gym_plugin.envservers import ENVIRONMENT_SERVERS, EnvironmentServerSpec
 from gym_plugin.errors import ConfigError, did_you_mean, truncate
 from gym_plugin.net import free_port, url_list, url_problems
@@ -212,60 +212,16 @@ def _resolve_all(cfg: DictConfig, problems: list[str]) -> dict:
 
 # ---- validation ------------------------------------------------------------------------------------------
 def _check_params(spec: ServerSpec, problems: list[str]) -> None:
+    """Keys and types of a server section against its class's Config (value rules run when the server is built:
+    an unresolved ``${...}`` is reported once, as its cause)."""
     where = f"{spec.name}.{spec.server_type}.{spec.impl}"
     try:
         cls = get_server_class(spec.server_type, spec.impl)
     except ConfigError as e:
         problems.append(f"{where}: {' '.join(e.problems)}")
         return
-    cfg_cls = getattr(cls, "Config", None)
-    if cfg_cls is None or not dataclasses.is_dataclass(cfg_cls):
-        return
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    for key in spec.params:
-        if key not in fields:
-            problems.append(
-                f"{where}.{key}: unknown parameter (value {truncate(spec.params[key], 80)}).{did_you_mean(key, fields)} "
-                f"Known parameters of {spec.impl!r}: {sorted(fields)}."
-            )
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-        if required and name not in spec.params:
-            problems.append(f"{where}.{name}: required parameter is missing. Add `{name}: ...` under {where}.")
-    try:
-        hints = typing.get_type_hints(cfg_cls)
-    except Exception:
-        hints = {}
-    for key, value in spec.params.items():
-        if key in hints and value is not None:
-            msg = _type_problem(hints[key], value)
-            if msg:
-                problems.append(f"{where}.{key}: {msg}")
-
-
-def _type_problem(hint: Any, value: Any) -> str | None:
-    """A message when ``value`` clearly does not fit ``hint`` (simple types only), else None."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if any(_type_problem(a, value) is None for a in args if a is not type(None)):
-            return None
-        return f"value {truncate(value, 80)} ({type(value).__name__}) does not fit {hint}"
-    if hint is bool:
-        return None if isinstance(value, bool) else f"expected true/false, got {truncate(value, 80)}"
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"expected an integer, got {truncate(value, 80)}"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"expected a number, got {truncate(value, 80)}"
-    if hint is str:
-        return None if isinstance(value, str) else f"expected a string, got {truncate(value, 80)}"
-    if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        return None if isinstance(value, (list, tuple)) else f"expected a list, got {truncate(value, 80)}"
-    if origin in (dict, Mapping) or hint is dict:
-        return None if isinstance(value, dict) else f"expected a mapping, got {truncate(value, 80)}"
-    return None
+    if cls.Config is not None:
+        schema.check(cls.Config, spec.params, where, problems, noun="parameter")
 
 
 def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
@@ -275,6 +231,8 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
     base = data.get("policy_base_url")
     if base is not None:
         problems.extend(url_problems(base, "policy_base_url"))
+    if data.get("collector") is not None:
+        schema.build(CollectorConfig, data["collector"], "collector", problems)
     for key in ("global_aiohttp_connector_limit_per_host", "global_aiohttp_connector_limit"):
         v = data.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -376,10 +334,8 @@ def load_config(
     return validate(data, problems)
 
 
-def _local_endpoint_options(impl: str) -> set[str]:
-    """Keys ``policy_endpoint`` accepts for ``impl``: the fields of its server's Config plus impl/host/port."""
-    cls = get_server_class(POLICY_ENDPOINT, impl)
-    return {f.name for f in dataclasses.fields(cls.Config)} | {"impl", "host", "port"}
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
 
 
 def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
@@ -395,13 +351,11 @@ def _place_local_endpoint(cfg: DictConfig, problems: list[str]) -> None:
             f"{impls} (or remove policy_endpoint and set policy_base_url)"
         )
         return
-    options = _local_endpoint_options(str(ep.get("impl")))
-    for key in ep.keys():
-        if key not in options:
-            problems.append(
-                f"policy_endpoint.{key}: unknown option for impl {ep.get('impl')!r} (value {truncate(ep.get(key), 60)})."
-                f"{did_you_mean(str(key), options)} Known: {sorted(options)}."
-            )
+    cls = get_server_class(POLICY_ENDPOINT, str(ep.get("impl")))
+    options = OmegaConf.to_container(ep, resolve=False)
+    # resolved later: an interpolated value is checked for its key only
+    schema.check(cls.Config, {k: None if _is_interpolation(v) else v for k, v in options.items()}, "policy_endpoint",
+                 problems, noun="option", extra=("impl", "host", "port"))
     host = str(ep.get("host", "127.0.0.1"))
     port = ep.get("port", 0) or free_port(host)
     ep.port = port

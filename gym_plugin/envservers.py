@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gym_plugin.errors import did_you_mean, truncate
+from gym_plugin.schema import unknown_key
 
 ENVIRONMENT_SERVERS = "environment_servers"
 """The server type key of environment servers in a config."""
@@ -135,10 +136,8 @@ def check(name: str, section: Mapping[str, Any], agents: Mapping[str, str], prob
         )
         return None
     params = dict(params or {})
-    for key in params:
-        if key not in RELAY_KEYS:
-            problems.append(f"{where}.{key}: unknown key (value {truncate(params[key], 60)}).{did_you_mean(key, RELAY_KEYS)}"
-                            f" Known keys of {RELAY_IMPL}: {sorted(RELAY_KEYS)}.")
+    problems.extend(unknown_key(f"{where}.{key}", key, RELAY_KEYS, params[key]) for key in params
+                    if key not in RELAY_KEYS)
     ref = params.get(AGENT_SERVER_KEY)
     if not isinstance(ref, Mapping) or not isinstance(ref.get("name"), str) or not ref["name"]:
         problems.append(f"{where}.{AGENT_SERVER_KEY}: {truncate(ref, 80)} must be "

@@ -1,6 +1,6 @@
 """The schema of recipes/grpo.py's config (conf/grpo.yaml + groups): dataclasses, one docstring per field, and
-``parse_grpo_config`` that reports every problem at once (unknown keys with "Did you mean", bad values, and
-combinations that cannot work, each with the fix). YAML key = field name = kwarg everywhere.
+``parse_grpo_config`` that reports every problem at once (unknown keys with "Did you mean", values of the wrong
+type: gym_plugin.schema; bad values and combinations that cannot work, each with the fix). YAML key = field name = kwarg everywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from gym_plugin import schema
 from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.loss import LossConfig
 from gym_plugin.step import StepConfig
@@ -182,42 +183,12 @@ class GRPOConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
-    """``cls(**data)`` with nested dataclasses; unknown keys and type errors go to ``problems``."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problems.append(f"{where or 'config'}: expected a mapping, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            problems.append(f"{dotted}: unknown key (value {value!r}).{did_you_mean(str(key), names)} "
-                            f"Known keys: {sorted(names)}.")
-            continue
-        hint = hints.get(key)
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, dotted, problems)
-        elif hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            problems.append(f"{dotted}: expected a number, got {value!r}")
-            continue
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        problems.append(f"{where or 'config'}: {e}")
-        return cls()
-
-
 def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
     """Build and check the recipe config (a resolved plain dict, e.g. ``OmegaConf.to_container(cfg)``).
     Raises ConfigError listing every problem. Hydra's own ``hydra`` key is ignored."""
     problems: list[str] = []
     data = {k: v for k, v in data.items() if k != "hydra"}
-    cfg: GRPOConfig = _build(GRPOConfig, data, "", problems)
+    cfg: GRPOConfig = schema.build(GRPOConfig, data, "", problems) or GRPOConfig()
     t, p = cfg.train, cfg.policy
     for name in ("steps", "prompts_per_step", "group_size"):
         value = getattr(t, name)

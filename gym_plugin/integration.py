@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 
+from gym_plugin import schema
 from gym_plugin.collect import CollectorConfig, RolloutCollector
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
 from gym_plugin.errors import ConfigError, GymPluginError
@@ -57,7 +58,7 @@ class BaseServerConfig:
 def _collector_config(data: Mapping[str, Any], override: CollectorConfig | None) -> CollectorConfig:
     if override is not None:
         return override
-    cfg = CollectorConfig(**dict(data.get("collector") or {}))
+    cfg = schema.build(CollectorConfig, dict(data.get("collector") or {}), "collector")
     if data.get("global_aiohttp_connector_limit") is not None:
         cfg.connector_limit = int(data["global_aiohttp_connector_limit"])
     if data.get("global_aiohttp_connector_limit_per_host") is not None:

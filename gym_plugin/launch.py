@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import logging
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from gym_plugin import envservers
+from gym_plugin import envservers, schema
 from gym_plugin.collect import AgentRoute
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, ServerSpec
 from gym_plugin.errors import (
@@ -37,33 +35,20 @@ from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_serve
 
 logger = logging.getLogger(__name__)
 
-def build_dataclass(cls: type, params: dict[str, Any]) -> Any:
-    """Instantiate a Config dataclass from plain params, building nested dataclass fields too."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in params.items():
-        hint = hints.get(key)
-        if isinstance(value, dict) and dataclasses.is_dataclass(hint):
-            value = build_dataclass(hint, value)  # type: ignore[arg-type]
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{cls.__qualname__}: {e}") from e
-
-
 def build_local_endpoint(spec: dict) -> Server:
     """The OpenAI-compatible endpoint named by the config's ``policy_endpoint`` (port fixed at load time)."""
     params = dict(spec)
     cls = get_server_class(POLICY_ENDPOINT, params.pop("impl"))
     host, port = params.pop("host", "127.0.0.1"), int(params.pop("port"))
-    return cls.from_config(POLICY_ENDPOINT, build_dataclass(cls.Config, params), host=host, port=port)
+    return cls.from_config(POLICY_ENDPOINT, schema.build(cls.Config, params, POLICY_ENDPOINT, noun="option"),
+                           host=host, port=port)
 
 
 def build_server(spec: ServerSpec, directory: Directory) -> Server:
     """The server of one config instance, built from its section through its class's ``Config``."""
     cls = get_server_class(spec.server_type, spec.impl)
-    config = build_dataclass(cls.Config, spec.params) if cls.Config is not None else spec.params
+    where = f"{spec.name}.{spec.server_type}.{spec.impl}"
+    config = schema.build(cls.Config, spec.params, where, noun="parameter") if cls.Config is not None else spec.params
     return cls.from_config(spec.name, config, directory, host=spec.host, port=spec.port)
 
 

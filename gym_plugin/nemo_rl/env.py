@@ -38,6 +38,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
+from gym_plugin import schema
 from gym_plugin.errors import (
     ConfigError,
     EndpointError,
@@ -59,6 +60,8 @@ __all__ = [
     "GymEnvironment",
     "register_with_nemo_rl",
 ]
+
+_ON_FAILURE = ("mask", "raise")
 
 UNSET_POLICY_URL = "http://127.0.0.1:9/v1"
 """Written as the policy endpoint of the Gym config (step only verifies; NeMo-RL generates): nothing listens on
@@ -94,7 +97,7 @@ class EnvironmentReturn(NamedTuple):
 
 
 @dataclass
-class GymEnvConfig:
+class GymEnvConfig(schema.Checked):
     """The ``env.<name>`` section of a NeMo-RL config for this environment (also accepted as a plain dict)."""
 
     config_paths: list[str] = field(default_factory=list)
@@ -126,48 +129,47 @@ class GymEnvConfig:
     head_server_port: int = 0
     """Port of the Gym head server (0: any free port)."""
 
-
-_ON_FAILURE = ("mask", "raise")
+    def check(self) -> list[str]:
+        problems = []
+        if not self.config_paths and not self.gym_config:
+            problems.append("config_paths: empty and no gym_config; name the Gym env YAML (e.g. config_paths: "
+                            "[conf/gym/math.yaml]) or give the Gym config inline")
+        if self.on_failure not in _ON_FAILURE:
+            problems.append(f"on_failure: {self.on_failure!r} must be one of {list(_ON_FAILURE)}."
+                            f"{did_you_mean(str(self.on_failure), _ON_FAILURE)}")
+        for name in ("verify_max_attempts", "verify_concurrency"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: {getattr(self, name)!r} must be >= 1")
+        if self.verify_timeout_s <= 0:
+            problems.append(f"verify_timeout_s: {self.verify_timeout_s!r} must be > 0")
+        return problems
 
 
 def _config_from(cfg: GymEnvConfig | Mapping[str, Any], where: str = "env") -> GymEnvConfig:
-    """A validated GymEnvConfig from a dict (NeMo-RL passes the env section as a dict); every problem at once."""
+    """A validated GymEnvConfig from a dict (NeMo-RL passes the env section as a dict); every problem at once
+    (gym_plugin.schema: keys, types, `GymEnvConfig.check`)."""
     if isinstance(cfg, GymEnvConfig):
         data = dataclasses.asdict(cfg)
     elif isinstance(cfg, Mapping):
         data = dict(cfg)
     else:
         raise ConfigError(f"{where}: expected a mapping of GymEnvConfig keys, got {type(cfg).__name__}")
-    names = [f.name for f in dataclasses.fields(GymEnvConfig)]
     problems = []
-    for key in data:
-        if key in MOVED_TO_GYM_PATH:
+    for key in MOVED_TO_GYM_PATH:
+        if key in data:
+            del data[key]
             problems.append(f"{where}.{key}: whole Gym rollouts against a policy endpoint are NeMo-RL's Gym path "
                             "(env.should_use_nemo_gym + gym_plugin.nemo_rl.gym.use_in_nemo_rl(), docs/nemo_rl.md); "
                             "this environment only verifies NeMo-RL's own generations. Remove the key.")
-        elif key not in names:
-            problems.append(f"{where}.{key}: unknown key.{did_you_mean(key, names)} Known keys: {names}")
     for key in ("config_paths", "overrides"):
         if isinstance(data.get(key), str):
-            data[key] = [data[key]]  # one path / URL written as a string
-        if key in data and not isinstance(data[key], (list, tuple)):
-            problems.append(f"{where}.{key}: {data[key]!r} must be a list of strings")
-        elif key in data:
+            data[key] = [data[key]]  # one path / override written as a string
+        elif isinstance(data.get(key), (list, tuple)):
             data[key] = [str(v) for v in data[key]]
-    if not data.get("config_paths") and not data.get("gym_config"):
-        problems.append(f"{where}.config_paths: empty and no {where}.gym_config; name the Gym env YAML "
-                        "(e.g. config_paths: [conf/gym/math.yaml]) or give the Gym config inline")
-    if data.get("on_failure", "raise") not in _ON_FAILURE:
-        problems.append(f"{where}.on_failure: {data['on_failure']!r} must be one of {list(_ON_FAILURE)}")
-    if int(data.get("verify_max_attempts", 3)) < 1:
-        problems.append(f"{where}.verify_max_attempts: {data['verify_max_attempts']!r} must be >= 1")
-    if int(data.get("verify_concurrency", 1)) < 1:
-        problems.append(f"{where}.verify_concurrency: {data['verify_concurrency']!r} must be >= 1")
-    if float(data.get("verify_timeout_s", 1.0)) <= 0:
-        problems.append(f"{where}.verify_timeout_s: {data['verify_timeout_s']!r} must be > 0")
+    built = schema.build(GymEnvConfig, data, where, problems)
     if problems:
         raise ConfigError(problems)
-    return GymEnvConfig(**{k: v for k, v in data.items() if k in names})
+    return built
 
 
 # ---- the environment -----------------------------------------------------------------------------------------

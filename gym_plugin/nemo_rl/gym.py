@@ -45,6 +45,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from gym_plugin import schema
 from gym_plugin.errors import (
     ConfigError,
     EndpointError,
@@ -53,9 +54,9 @@ from gym_plugin.errors import (
     GymPluginError,
     MissingTokenIdsError,
     ProtocolError,
-    did_you_mean,
     truncate,
 )
+from gym_plugin.net import url_problems
 from gym_plugin.protocol import (
     DRIFT,
     MASK_SAMPLE_KEY,
@@ -101,7 +102,7 @@ _HTTP_STATUS = re.compile(r"answered HTTP (\d{3})")
 
 
 @dataclasses.dataclass
-class DropInOptions:
+class DropInOptions(schema.Checked):
     """``env.nemo_gym.gym_plugin``: options of the drop-in (everything else in ``env.nemo_gym`` is the Gym config)."""
 
     policy_wait_s: float = 600.0
@@ -110,6 +111,11 @@ class DropInOptions:
     import_modules: list = dataclasses.field(default_factory=list)
     """Modules imported in the actor before the servers start, e.g. ones that add your own resource servers to
     ``gym_plugin.servers.registry`` (``@register``)."""
+
+    def check(self) -> list[str]:
+        if not isinstance(self.policy_wait_s, (int, float)) or self.policy_wait_s <= 0:
+            return [f"policy_wait_s: {self.policy_wait_s!r} must be > 0 seconds"]
+        return []
 
 
 class RolloutInfraError(GymPluginError):
@@ -225,22 +231,13 @@ def nemo_rl_result(record: dict, tokenizer: Any, *, invalid_tool_call_patterns: 
 
 
 # ---- config -----------------------------------------------------------------------------------------------------
-def _options(raw: Any) -> DropInOptions:
+def _options(raw: Any, problems: list[str]) -> DropInOptions:
+    """``env.nemo_gym.gym_plugin`` as `DropInOptions` (gym_plugin.schema); its problems appended to ``problems``."""
     if raw is None:
         return DropInOptions()
-    names = [f.name for f in dataclasses.fields(DropInOptions)]
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"env.nemo_gym.{OPTIONS_KEY}: expected a mapping of {names}, got {truncate(raw, 100)}")
-    problems = [f"env.nemo_gym.{OPTIONS_KEY}.{k}: unknown option.{did_you_mean(str(k), names)} Known: {names}"
-                for k in raw if k not in names]
-    opts = DropInOptions(**{k: v for k, v in raw.items() if k in names})
-    if not isinstance(opts.policy_wait_s, (int, float)) or opts.policy_wait_s <= 0:
-        problems.append(f"env.nemo_gym.{OPTIONS_KEY}.policy_wait_s: {opts.policy_wait_s!r} must be > 0 seconds")
-    if isinstance(opts.import_modules, str):
-        opts.import_modules = [opts.import_modules]
-    if problems:
-        raise ConfigError(problems)
-    return opts
+    if isinstance(raw, Mapping) and isinstance(raw.get("import_modules"), str):
+        raw = {**raw, "import_modules": [raw["import_modules"]]}  # one module written as a string
+    return schema.build(DropInOptions, raw, f"env.nemo_gym.{OPTIONS_KEY}", problems, noun="option") or DropInOptions()
 
 
 def _config_paths(raw: Any) -> list[str]:
@@ -263,9 +260,9 @@ def _check_nemo_gym_config(cfg: Mapping[str, Any]) -> list[str]:
     if not isinstance(cfg.get("model_name"), str) or not cfg.get("model_name"):
         problems.append(f"NemoGymConfig.model_name: {cfg.get('model_name')!r} must be the served model name")
     urls = cfg.get("base_urls")
-    if not isinstance(urls, (list, tuple)) or not urls or not all(isinstance(u, str) for u in urls):
+    if not isinstance(urls, (list, tuple)) or url_problems(urls, "NemoGymConfig.base_urls"):
         problems.append(f"NemoGymConfig.base_urls: {truncate(urls, 100)} must be a non-empty list of the policy's "
-                        "OpenAI-compatible URLs (NeMo-RL passes dp_openai_server_base_urls)")
+                        "OpenAI-compatible http(s) URLs (NeMo-RL passes dp_openai_server_base_urls)")
     if not isinstance(cfg.get("initial_global_config_dict") or {}, Mapping):
         problems.append("NemoGymConfig.initial_global_config_dict: must be the env.nemo_gym mapping")
     if cfg.get("require_routed_experts"):
@@ -307,10 +304,7 @@ class NemoGymDropIn:
         self._shut_down = False
         problems = _check_nemo_gym_config(self.cfg)
         gym_config = dict(self.cfg.get("initial_global_config_dict") or {})
-        try:
-            self._options = _options(gym_config.pop(OPTIONS_KEY, None))
-        except ConfigError as e:
-            problems += e.problems
+        self._options = _options(gym_config.pop(OPTIONS_KEY, None), problems)
         if problems:
             raise ConfigError(problems)
         for module in self._options.import_modules:

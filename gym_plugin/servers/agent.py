@@ -31,6 +31,7 @@ from gym_plugin.http import HTTPStatusError, Transport, bearer_headers
 from gym_plugin.servers.aggregate import aggregate_metrics
 from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
 from gym_plugin.servers.policy.server import ROUTE_KEY_HEADER
+from gym_plugin.schema import Checked
 from gym_plugin.servers.registry import register
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -45,13 +46,11 @@ def _ref_name(ref: Any, key: str) -> str:
         return ref
     if isinstance(ref, Mapping) and isinstance(ref.get("name"), str) and ref["name"]:
         return ref["name"]
-    raise ConfigError(
-        f"simple_agent.{key}={ref!r}: expected {{type: ..., name: <server instance name>}} or the instance name"
-    )
+    raise ConfigError(f"{key}={ref!r}: expected {{type: ..., name: <server instance name>}} or the instance name")
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(Checked):
     """YAML keys under ``responses_api_agents: simple_agent:``."""
 
     resources_server: Any = None
@@ -71,7 +70,7 @@ class AgentConfig:
     extra_params: dict = field(default_factory=dict)
     """Responses create params added to every model call unless the row sets them (e.g. temperature)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> list[str]:
         problems = []
         for key in ("resources_server", "model_server"):
             try:
@@ -79,9 +78,8 @@ class AgentConfig:
             except ConfigError as e:
                 problems.extend(e.problems)
         if not isinstance(self.max_turns, int) or self.max_turns < 1:
-            problems.append(f"simple_agent.max_turns={self.max_turns!r}: must be an integer >= 1")
-        if problems:
-            raise ConfigError(problems)
+            problems.append(f"max_turns={self.max_turns!r}: must be an integer >= 1")
+        return problems
 
 
 @register("responses_api_agents", "simple_agent")

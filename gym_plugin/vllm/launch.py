@@ -24,14 +24,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gym_plugin.errors import ConfigError, did_you_mean
+from gym_plugin.errors import did_you_mean
+from gym_plugin.schema import Checked
 from gym_plugin.vllm.worker import EXTENSION_QUALNAME
 
 WEIGHT_SYNCS = ("vllm_reload", "vllm_nccl", "none")
 
 
 @dataclass
-class VLLMServerSpec:
+class VLLMServerSpec(Checked):
     """What goes into the command line (field = flag)."""
 
     model: str
@@ -54,10 +55,11 @@ class VLLMServerSpec:
     """CPU build only: KV cache size in GiB."""
     extra_args: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def check(self) -> list[str]:
         if self.weight_sync not in WEIGHT_SYNCS:
-            raise ConfigError(f"weight_sync={self.weight_sync!r} is not one of {list(WEIGHT_SYNCS)}."
-                              f"{did_you_mean(self.weight_sync, WEIGHT_SYNCS)}")
+            return [f"weight_sync={self.weight_sync!r} is not one of {list(WEIGHT_SYNCS)}."
+                    f"{did_you_mean(self.weight_sync, WEIGHT_SYNCS)}"]
+        return []
 
     def argv(self, python: str | None = None) -> list[str]:
         """The command (a list for subprocess)."""

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from gym_plugin import schema
 from gym_plugin.errors import GymPluginError, ModelLoadError, ProtocolError, did_you_mean
 from gym_plugin.models.chat_template import ChatRenderer
 from gym_plugin.models.toolcalls import parse_tool_calls
@@ -231,15 +232,9 @@ class EmbeddedPolicyServer(Server):
         cfg = config or EmbeddedPolicyConfig()
         if isinstance(model, (str, Path)):  # a model spec ("tiny", "smollm2", a folder), not a module
             overrides["model"], model = str(model), None
-        if overrides:
-            known = {f.name for f in fields(EmbeddedPolicyConfig)}
-            for key in overrides:
-                if key not in known:
-                    raise ModelLoadError(
-                        f"EmbeddedPolicyServer got unknown option {key!r}.{did_you_mean(key, known)} "
-                        f"Known options: {sorted(known)}."
-                    )
-            cfg = EmbeddedPolicyConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **overrides})
+        if overrides:  # ConfigError naming every unknown or mistyped option (gym_plugin.schema)
+            cfg = schema.build(EmbeddedPolicyConfig, {**{f.name: getattr(cfg, f.name) for f in fields(cfg)},
+                                                      **overrides}, "EmbeddedPolicyServer", noun="option")
         self.config = cfg
         if (model is None) != (tokenizer is None):
             raise ModelLoadError("Pass both model= and tokenizer= to EmbeddedPolicyServer, or neither.")

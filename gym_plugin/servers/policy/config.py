@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gym_plugin.errors import ConfigError, did_you_mean
+from gym_plugin.errors import did_you_mean
 from gym_plugin.net import url_list, url_problems
+from gym_plugin.schema import Checked
 
 ROUTINGS = ("round_robin", "least_busy")
 TOKEN_STYLES = ("A", "B", "none")
@@ -13,7 +14,7 @@ TOKEN_MODES = ("auto", "completions", "chat")
 
 
 @dataclass
-class PolicyModelConfig:
+class PolicyModelConfig(Checked):
     """YAML keys under ``responses_api_models: vllm_model:``."""
 
     base_url: str | list[str] = ""
@@ -52,9 +53,8 @@ class PolicyModelConfig:
     """Ask GET {root}/weight_info (vLLM dev mode) around each call for the policy version when the completion
     carries none; a backend without the route is asked once."""
 
-    def __post_init__(self) -> None:
-        problems = []
-        problems.extend(url_problems(self.base_url, "base_url"))
+    def check(self) -> list[str]:
+        problems = url_problems(self.base_url, "base_url")
         if self.routing not in ROUTINGS:
             problems.append(f"routing={self.routing!r}: expected one of {ROUTINGS}.{did_you_mean(self.routing, ROUTINGS)}")
         if self.token_style not in TOKEN_STYLES:
@@ -70,8 +70,7 @@ class PolicyModelConfig:
         if self.token_mode == "completions" and self.token_style == "none":
             problems.append("token_mode='completions' always returns token ids; token_style='none' (no ids) "
                             "needs token_mode='chat'")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
     @property
     def base_urls(self) -> list[str]:

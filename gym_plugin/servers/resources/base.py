@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, ClassVar, Mapping
 
 from gym_plugin.errors import ConfigError, ProtocolError, truncate
 from gym_plugin.responses import output_text
+from gym_plugin.schema import Checked
 from gym_plugin.servers.aggregate import aggregate_metrics
 from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
 
@@ -30,8 +31,8 @@ Tool = Callable[[dict, dict], Awaitable[Any]]
 
 
 @dataclass
-class ResourceServerConfig:
-    """YAML keys common to every resource server."""
+class ResourceServerConfig(Checked):
+    """YAML keys common to every resource server (a subclass adds its own, and its value rules in ``check()``)."""
 
     max_sessions: int = 100_000
     """Sessions kept at once; the oldest is evicted past this (a session ends at /verify)."""

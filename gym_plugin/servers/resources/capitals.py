@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from gym_plugin.errors import ProtocolError
+from gym_plugin.errors import ProtocolError, did_you_mean
 from gym_plugin.servers.registry import register
 from gym_plugin.servers.resources.base import ResourceServer, ResourceServerConfig, expected_answer, final_text
 
@@ -44,9 +44,10 @@ class CapitalsConfig(ResourceServerConfig):
     match: str = "word"
     """'word' (the name as a whole word or phrase) or 'substring' (anywhere in the reply)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> list[str]:
         if self.match not in MATCH_MODES:
-            raise ValueError(f"match={self.match!r} must be one of {list(MATCH_MODES)}")
+            return [f"match={self.match!r} must be one of {list(MATCH_MODES)}.{did_you_mean(str(self.match), MATCH_MODES)}"]
+        return []
 
 
 @register("resources_servers", "capitals")
