@@ -33,7 +33,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     overlap: bool = False
-    """Collect step k+1 while step k trains (rollouts one policy version old, corrected by loss.tis_level)."""
+    """Collect step k+1 while step k trains (rollouts one policy version old, corrected by loss.tis_level). With
+    policy=embedded this costs a second copy of the weights (the server cannot sample from the module being
+    trained)."""
     max_staleness: int = 1
     """Rollouts more than this many policy versions behind the trainer are dropped (counted)."""
     checkpoint_every: int = 0
@@ -116,7 +118,9 @@ class DistributedConfig:
     backend: str = "auto"
     """'auto' (nccl with GPUs, else gloo) | 'gloo' | 'nccl'."""
     strategy: str = "ddp"
-    """'ddp' | 'fsdp' (GPU only)."""
+    """'ddp' | 'fsdp' (FSDP2; GPUs with nccl or CPUs with gloo). FSDP gives the embedded server its own copy."""
+    timeout_s: float = 1800.0
+    """Longest wait in any collective: a rank that hangs or dies makes the others fail after this long."""
 
 
 @dataclass
