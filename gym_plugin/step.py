@@ -495,7 +495,8 @@ def grpo_step(
 
     ``overrides`` are StepConfig/LossConfig fields by name (``micro_batch_size=2, clip_eps_high=0.28``).
     ``old_logprobs`` [B, T] replaces the computed old log-probs (e.g. a caller's own). ``on_progress`` is called
-    after every micro-batch backward with a ``StepProgress``. The model's train/eval mode is restored at the end.
+    after every micro-batch backward with a ``StepProgress``. The model's train/eval mode is restored at the end
+    and its gradients are freed (``.grad`` is None after the step).
 
     Returns (equal on every rank): ``loss/...`` token-weighted over all updates (and ``loss/iter{i}/clip_frac``,
     ``approx_kl``, ``ratio_mean`` per pass when ``num_iterations`` > 1), ``perf/grad_norm`` (mean over updates,
@@ -552,6 +553,9 @@ def grpo_step(
                 max_norm = step_cfg.max_grad_norm if step_cfg.max_grad_norm is not None else math.inf
                 norms.append(_grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
                 optimizer.step()
+        # the gradients are spent: free them now rather than at the next step, so sampling between steps (the
+        # embedded server) does not run with a model-sized block of dead gradients resident
+        optimizer.zero_grad(set_to_none=True)
         metrics.update(_finish_metrics(acc, plan, n_iter))
     elapsed = time.perf_counter() - started
     metrics.update({

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # a fresh clone runs without `pip install -e .`
 from gym_plugin import distributed as dist_utils  # noqa: E402
 from gym_plugin.grpo_config import GRPOConfig, parse_grpo_config  # noqa: E402
 from gym_plugin.integration import GymIntegration  # noqa: E402
+from gym_plugin.memory import peak_rss_mb, return_freed_memory_to_os  # noqa: E402
 from gym_plugin.models import load_policy_model  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts  # noqa: E402
@@ -225,6 +226,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
             except Exception as e:  # e.g. every rollout of this rank failed: tell the other ranks, not only this one
                 failure = e
             collect_s = time.perf_counter() - t0
+            rss_collect = peak_rss_mb()
             dist_utils.raise_if_any_rank_failed(failure, f"step {step}: collecting and processing rollouts")
             # ---- update: one GRPO step (DDP averages gradients; tokens normalized over all ranks) --------------
             metrics = await asyncio.to_thread(train_step, batch.to(info.device))
@@ -251,7 +253,9 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
             metrics.update({k: v for k, v in batch.metrics.items() if k not in metrics and "reward" not in k})
             metrics.update({"perf/collect_time_s": collect_s, "perf/weight_sync_s": sync_s, "perf/eval_time_s": eval_s,
                             "perf/iteration_time_s": time.perf_counter() - t_iter, "policy/version": policy_version,
-                            "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh)})
+                            "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh),
+                            # where the peak comes from: it grew during this step's collection or after it
+                            "perf/peak_rss_after_collect_mb": rss_collect, "perf/peak_rss_mb": peak_rss_mb()})
             log.log_step(step, metrics)
             if cfg.logging.save_rollouts:
                 log.write_rollouts(step, all_records)
@@ -303,6 +307,7 @@ def _free_port() -> int:
 @hydra.main(config_path="../conf", config_name="grpo", version_base="1.3")
 def main(raw: DictConfig) -> None:
     cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
+    return_freed_memory_to_os()  # freed activations leave the process (gym_plugin/memory.py: -430 MB peak)
     info = dist_utils.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
         asyncio.run(train(cfg, info))

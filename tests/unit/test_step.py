@@ -126,11 +126,13 @@ def test_one_step_raises_logprob_of_positive_advantage_sequences():
 def test_kl_with_reference_model_and_grad_clipping():
     model, ref = tiny_model(0), tiny_model(1)
     batch = random_batch()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the (clipped) gradient
     metrics = grpo_step(model, optimizer, batch, ref_model=ref, kl_coef=0.1, max_grad_norm=1e-3)
     assert metrics["loss/kl"] > 0  # two different random models
-    total = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    total = torch.sqrt(sum(((a - p.detach()) ** 2).sum() for a, p in zip(before, model.parameters())))
     assert metrics["perf/grad_norm"] > 1e-3 and total.item() == pytest.approx(1e-3, rel=1e-3)  # clipped
+    assert all(p.grad is None for p in model.parameters())  # freed after the step
     with pytest.raises(ConfigError, match="reference model"):
         grpo_step(model, optimizer, batch, kl_coef=0.1)
 
