@@ -2,6 +2,11 @@
 
     /work/venvs/trl/bin/python bench/trl_grpo.py --steps 8 --out trl.json
 
+The venv (CPU; torch first, any other torch spec pulls GBs of CUDA packages; ~2 min from the local wheels):
+
+    python3.11 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 \
+        && /work/venvs/trl/bin/pip install trl==1.16.0 transformers==5.19.0
+
 Setting (the same as ``python recipes/grpo.py`` with bench/vs_trl.py's overrides): SmolLM2-135M-Instruct fp32
 on CPU from the converted folder, the capital-city prompts of gym_plugin.tasks, 8 prompts x 4 samples per step
 (per_device_train_batch_size 32, num_generations 4), up to 48 new tokens at temperature 1.0 (top_p 1, top_k
