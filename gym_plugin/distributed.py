@@ -169,8 +169,9 @@ def raise_if_any_rank_failed(error: BaseException | None, where: str) -> None:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The complete (unsharded) state dict on every rank, names without wrapper prefixes. For FSDP this
-    gathers the shards (a collective: call it on every rank)."""
+    """The complete (unsharded) state dict, names without wrapper prefixes: on every rank for DDP or one process;
+    for FSDP the shards are gathered (a collective: call it on every rank) into CPU tensors on rank 0, and the
+    other ranks get an empty dict."""
     from gym_plugin.weight_sync import unwrap_model
 
     inner = unwrap_model(model)

@@ -227,6 +227,10 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
                         "(or sequence) so they are importance-corrected, or train.overlap=false.")
     if t.overlap and t.max_staleness < 1:
         problems.append("train.overlap=true makes every rollout one version old; set train.max_staleness >= 1.")
+    if cfg.resume and cfg.distributed.strategy == "fsdp":
+        problems.append("resume=true with distributed.strategy=fsdp is not supported: the optimizer state is sharded "
+                        "over the ranks and the checkpoint holds rank 0's shard only. Resume with "
+                        "distributed.strategy=ddp (the model checkpoint is whole), or start a new run.")
     if p.kind not in POLICY_KINDS:
         problems.append(f"policy.kind={p.kind!r} is not one of {list(POLICY_KINDS)}.{did_you_mean(p.kind, POLICY_KINDS)}")
     if p.kind == "endpoints" and not p.base_urls:

@@ -143,6 +143,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
     # (the step holds the weights, weight sync only advances the version); collecting while training
     # (train.overlap) or sharding the trainer (FSDP) needs a copy of its own.
     share_weights = not cfg.train.overlap and cfg.distributed.strategy != "fsdp"
+    sharded = info.enabled and cfg.distributed.strategy == "fsdp"
     if cfg.policy.kind == "embedded" and info.is_main:
         from gym_plugin.servers.embedded import EmbeddedPolicyConfig, EmbeddedPolicyServer
 
@@ -160,6 +161,10 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
         base_urls = list(cfg.policy.base_urls)
     base_urls = dist_utils.broadcast_object(base_urls)  # every rank samples from rank 0's embedded policy
     gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+    # FSDP shards the trainer's parameters: rank 0 keeps a whole copy (the server's, if embedded) that the
+    # gathered weights are loaded into after each step, to sync and checkpoint from
+    full_copy = (policy_server.model if policy_server is not None else copy.deepcopy(model)) \
+        if sharded and info.is_main else None
     train_model = dist_utils.wrap_model(model, info, cfg.distributed.strategy)
     optimizer = build_optimizer(train_model, cfg)
     if cfg.resume and (ckpt / "optimizer.pt").is_file():
@@ -235,8 +240,13 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
                 await pending  # (overlap) that collection used the old weights; wait before swapping them
             dist_utils.barrier()
             t0 = time.perf_counter()
+            if sharded:
+                gathered = dist_utils.full_state_dict(train_model)  # a collective; the whole dict on rank 0
+                if full_copy is not None:
+                    with policy_server.exclusive_weights() if policy_server is not None else contextlib.nullcontext():
+                        full_copy.load_state_dict(gathered)
             if weight_sync is not None:
-                policy_version = await weight_sync.sync(train_model, policy_version + 1)
+                policy_version = await weight_sync.sync(full_copy if sharded else train_model, policy_version + 1)
             policy_version = dist_utils.broadcast_object(policy_version)
             sync_s = time.perf_counter() - t0
             # ---- eval on the fixed prompts (the policy serves this step's weights; before the next collection
@@ -262,7 +272,8 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
             # ---- checkpoint ------------------------------------------------------------------------------------
             if info.is_main and (step == cfg.train.steps or (cfg.train.checkpoint_every
                                                              and step % cfg.train.checkpoint_every == 0)):
-                save_checkpoint(train_model, tokenizer, optimizer, step, policy_version, run_dir)
+                save_checkpoint(full_copy if sharded else train_model, tokenizer, optimizer, step, policy_version,
+                                run_dir)
             if info.is_main and cfg.logging.plot:
                 plot_curve(run_dir)
         # DDP keeps ranks identical; check it (a digest of every parameter) instead of assuming it
