@@ -159,8 +159,17 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo) -> None:
         base_urls = [f"http://127.0.0.1:{policy_server.config.port}/v1"]
     else:
         base_urls = list(cfg.policy.base_urls)
+    # rank 0 starts first: its embedded policy must listen before the other ranks' environments look for it
+    gym, failure = None, None
+    if info.is_main:
+        try:
+            gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+        except Exception as e:  # the other ranks stop too instead of waiting for the URLs
+            failure = e
+    dist_utils.raise_if_any_rank_failed(failure, "starting rank 0's environment")
     base_urls = dist_utils.broadcast_object(base_urls)  # every rank samples from rank 0's embedded policy
-    gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+    if gym is None:
+        gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
     # FSDP shards the trainer's parameters: rank 0 keeps a whole copy (the server's, if embedded) that the
     # gathered weights are loaded into after each step, to sync and checkpoint from
     full_copy = (policy_server.model if policy_server is not None else copy.deepcopy(model)) \
