@@ -91,7 +91,8 @@ class StepConfig:
 
 @dataclasses.dataclass
 class StepProgress:
-    """Where a ``grpo_step`` is, passed to ``on_progress`` after every micro-batch backward."""
+    """Where a ``grpo_step`` is, passed to ``on_progress`` once before the first micro-batch (nothing done yet)
+    and after every micro-batch backward."""
 
     micro_batches_done: int
     """Micro-batches finished in this step (over all iterations and mini-batches)."""
@@ -534,6 +535,8 @@ def grpo_step(
                 on_progress(StepProgress(done["micro"], total_micro, done["tokens"], time.perf_counter() - started,
                                          done["iteration"], n_iter))
 
+        if on_progress is not None:  # the total before the first (possibly long) micro-batch
+            on_progress(StepProgress(0, total_micro, 0, time.perf_counter() - started, 1, n_iter))
         acc = _Accumulator()
         norms = []
         for it in range(n_iter):

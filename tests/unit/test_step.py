@@ -339,7 +339,7 @@ def test_mini_batches_use_old_logprobs_from_before_the_first_update():
     assert m["loss/ratio_mean"] == pytest.approx((1 + 8 / (1 + 7 * math.exp(-1))) / 2, rel=1e-5)
 
 
-def test_on_progress_is_called_after_every_micro_batch():
+def test_on_progress_is_called_before_and_after_every_micro_batch():
     from gym_plugin.step import StepProgress
 
     model = tiny_model()
@@ -347,11 +347,13 @@ def test_on_progress_is_called_after_every_micro_batch():
     seen: list[StepProgress] = []
     grpo_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, micro_batch_size=3, num_iterations=2,
               on_progress=seen.append)
-    # 8 rows, all with a non-zero advantage -> 3 micro-batches of <= 3 rows, twice
+    # 8 rows, all with a non-zero advantage -> 3 micro-batches of <= 3 rows, twice; first a report with nothing
+    # done yet, so a progress line knows the total before a long first micro-batch
     assert [(p.micro_batches_done, p.micro_batches_total, p.iteration) for p in seen] == \
-        [(1, 6, 1), (2, 6, 1), (3, 6, 1), (4, 6, 2), (5, 6, 2), (6, 6, 2)]
-    assert seen[2].tokens_done == batch.num_trained_tokens and seen[-1].tokens_done == 2 * batch.num_trained_tokens
-    assert all(p.num_iterations == 2 for p in seen) and seen[-1].elapsed_s >= seen[0].elapsed_s > 0
+        [(0, 6, 1), (1, 6, 1), (2, 6, 1), (3, 6, 1), (4, 6, 2), (5, 6, 2), (6, 6, 2)]
+    assert seen[0].tokens_done == 0
+    assert seen[3].tokens_done == batch.num_trained_tokens and seen[-1].tokens_done == 2 * batch.num_trained_tokens
+    assert all(p.num_iterations == 2 for p in seen) and seen[-1].elapsed_s >= seen[1].elapsed_s > 0
 
 
 def test_step_restores_eval_mode_and_checkpointing_gives_the_same_gradient():
