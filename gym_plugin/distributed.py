@@ -16,7 +16,7 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from gym_plugin.errors import ConfigError
+from gym_plugin.errors import ConfigError, GymPluginError
 
 T = TypeVar("T")
 
@@ -123,8 +123,8 @@ def all_reduce_sums(values: dict[str, float], device: torch.device | None = None
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
-    """Wrap for data parallel training: "ddp" (CPU or GPU) or "fsdp" (GPU only; FSDP2 ``fully_shard``).
-    Returns ``model`` unchanged for a single process."""
+    """Wrap for data parallel training: "ddp" or "fsdp" (FSDP2 ``fully_shard``: each decoder layer, then the
+    root), on GPUs (nccl) or CPUs (gloo). Returns ``model`` unchanged for a single process."""
     if not info.enabled:
         return model
     if strategy == "ddp":
@@ -133,20 +133,45 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") ->
         ids = [info.local_rank] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if strategy == "fsdp":
-        if info.device.type != "cuda":
-            raise ConfigError("distributed.strategy=fsdp needs GPUs (nccl); use distributed.strategy=ddp on CPU.")
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
         for layer in getattr(getattr(model, "model", model), "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     raise ConfigError(f"distributed.strategy={strategy!r} must be 'ddp' or 'fsdp'.")
 
 
+class RankFailedError(GymPluginError):
+    """A rank failed where every rank meets (e.g. its collection); raised on every rank with the same message."""
+
+
+def raise_if_any_rank_failed(error: BaseException | None, where: str) -> None:
+    """Every rank calls this at the same point with the exception it caught there (or None). If any rank failed,
+    every rank raises one ``RankFailedError`` naming the ranks and their errors (the failing rank chains its
+    own exception), so a failure on one rank ends the job at once instead of leaving the others in the next
+    collective until its timeout. Single process: re-raises ``error`` as it is."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    summary = None if error is None else f"{type(error).__name__}: {error}"[:2000]
+    reports = all_gather_objects(summary)
+    failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
+    if not failed:
+        return
+    lines = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+    raise RankFailedError(
+        f"{where} failed on {len(failed)} of {len(reports)} ranks, so every rank stops here: {lines}"
+    ) from error
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The complete (unsharded) state dict on every rank, names without wrapper prefixes. For FSDP this
-    gathers the shards (a collective: call it on every rank)."""
+    """The complete (unsharded) state dict, names without wrapper prefixes: on every rank for DDP or one process;
+    for FSDP the shards are gathered (a collective: call it on every rank) into CPU tensors on rank 0, and the
+    other ranks get an empty dict."""
     from gym_plugin.weight_sync import unwrap_model
 
     inner = unwrap_model(model)
@@ -159,7 +184,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def params_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter's name and bytes: equal on two ranks exactly when their parameters are
-    bit-identical (what DDP promises)."""
+    bit-identical (what DDP promises). FSDP-sharded parameters are gathered first (a collective: call it on
+    every rank)."""
     import hashlib
 
     from gym_plugin.weight_sync import unwrap_model
@@ -167,6 +193,8 @@ def params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in unwrap_model(model).named_parameters():
+            full = getattr(p, "full_tensor", None)  # DTensor (FSDP2)
+            tensor = full() if callable(full) else p
             h.update(name.encode())
-            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

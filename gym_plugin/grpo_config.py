@@ -35,7 +35,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     overlap: bool = False
-    """Collect step k+1 while step k trains (rollouts one policy version old, corrected by loss.tis_level)."""
+    """Collect step k+1 while step k trains (rollouts one policy version old, corrected by loss.tis_level). With
+    policy=embedded this costs a second copy of the weights (the server cannot sample from the module being
+    trained)."""
     max_staleness: int = 1
     """Rollouts more than this many policy versions behind the trainer are dropped (counted)."""
     checkpoint_every: int = 0
@@ -129,7 +131,9 @@ class DistributedConfig:
     backend: str = "auto"
     """'auto' (nccl with GPUs, else gloo) | 'gloo' | 'nccl'."""
     strategy: str = "ddp"
-    """'ddp' | 'fsdp' (GPU only)."""
+    """'ddp' | 'fsdp' (FSDP2; GPUs with nccl or CPUs with gloo). FSDP gives the embedded server its own copy."""
+    timeout_s: float = 1800.0
+    """Longest wait in any collective: a rank that hangs or dies makes the others fail after this long."""
 
 
 @dataclass
@@ -206,6 +210,10 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
                         "(or sequence) so they are importance-corrected, or train.overlap=false.")
     if t.overlap and t.max_staleness < 1:
         problems.append("train.overlap=true makes every rollout one version old; set train.max_staleness >= 1.")
+    if cfg.resume and cfg.distributed.strategy == "fsdp":
+        problems.append("resume=true with distributed.strategy=fsdp is not supported: the optimizer state is sharded "
+                        "over the ranks and the checkpoint holds rank 0's shard only. Resume with "
+                        "distributed.strategy=ddp (the model checkpoint is whole), or start a new run.")
     if p.kind not in POLICY_KINDS:
         problems.append(f"policy.kind={p.kind!r} is not one of {list(POLICY_KINDS)}.{did_you_mean(p.kind, POLICY_KINDS)}")
     if p.kind == "endpoints" and not p.base_urls:

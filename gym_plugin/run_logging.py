@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
@@ -176,29 +177,45 @@ class RunLogger:
 
 
 class TrainProgress:
-    """The live line of a training step: micro-batches done out of the total, trained tokens per second,
-    elapsed time. Call it with each progress report of ``grpo_step`` (``on_progress``; any object with
-    ``micro_batches_done``, ``micro_batches_total``, ``tokens_done``, ``elapsed_s``); ``close()`` at the end."""
+    """The live line of a training step: micro-batches done out of the total, trained tokens per second and the
+    elapsed time, redrawn every second even while one long micro-batch runs (the default recipe packs a whole
+    step into one). Use as a context manager around the step and pass it as ``grpo_step``'s ``on_progress``
+    (any object with ``micro_batches_done``, ``micro_batches_total``, ``tokens_done``, ``elapsed_s`` works)."""
 
     def __init__(self, desc: str, enabled: bool = True):
         self.desc = desc
         self.enabled = enabled
         self._bar = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
-    def __call__(self, progress: Any) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
+    def __enter__(self) -> "TrainProgress":
+        if self.enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=progress.micro_batches_total, desc=self.desc, unit="micro-batch", position=1,
-                             leave=False, dynamic_ncols=True, file=sys.stderr,
-                             bar_format="{desc}: {n_fmt}/{total_fmt} micro-batches |{bar}| {elapsed}{postfix}")
+            self._bar = tqdm(total=None, desc=self.desc, unit="micro-batch", position=1, leave=False,
+                             dynamic_ncols=True, file=sys.stderr,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} micro-batches {elapsed}{postfix}")
+            self._ticker = threading.Thread(target=self._tick, name="train-progress", daemon=True)
+            self._ticker.start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self._bar.refresh()
+
+    def __call__(self, progress: Any) -> None:
+        if self._bar is None:
+            return
+        self._bar.total = progress.micro_batches_total
         rate = progress.tokens_done / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
         self._bar.set_postfix_str(f"{progress.tokens_done} tokens, {rate:.0f} tok/s", refresh=False)
         self._bar.update(progress.micro_batches_done - self._bar.n)
 
-    def close(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 2 recipes/grpo.py model=tiny env=letters
     python recipes/grpo.py policy=vllm policy.base_urls=[http://h:8000/v1] weight_sync=vllm_nccl model=...
 
-How it departs from the GRPO paper: one optimizer step per batch (the PPO ratio is 1 on fresh rollouts, so
+How it departs from the GRPO paper: one optimizer step per batch by default (step.num_iterations and
+step.mini_batches reuse a batch PPO-style, with old log-probs computed once; with one step the ratio is 1 and
 clipping only matters with train.overlap), no KL term by default (loss.kl_coef=0), token-level truncated
 importance sampling against the sampler's own log-probs (loss.tis_level=token), which also corrects the
 one-version-old rollouts of train.overlap=true. Rollouts come from HTTP environments (agents, verifiers) started
@@ -15,7 +16,13 @@ or OpenAI-compatible endpoints such as vLLM (policy=vllm).
 
 Under torchrun each rank collects whole prompt groups (its share of the step's prompts) from its own environment
 servers, all ranks sample from one policy (rank 0's embedded server, or the endpoints), DDP averages gradients,
-the loss is normalized by the global trained-token count, and only rank 0 syncs weights and writes files.
+the loss is normalized by the global trained-token count, and only rank 0 syncs weights and writes files. A rank
+whose collection or processing fails makes every rank stop with one RankFailedError at the end of that
+collection (distributed.timeout_s bounds every wait).
+
+Memory: with policy=embedded the server samples from the trainer's own module (collection and training take
+turns; the step holds the weights), so there is one copy of the model, not two; train.overlap=true or FSDP need a
+second copy for the server. No reference model unless loss.kl_coef > 0. AdamW runs fused (no temporary copies).
 
 Start vs end on the same prompts: eval.at_start / eval.every / eval.at_end sample eval.samples rollouts of the
 task's first eval.num_prompts prompts with the current policy (no update) into eval.jsonl and the PNG.
@@ -24,6 +31,7 @@ task's first eval.num_prompts prompts with the current policy (no update) into e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -43,6 +51,7 @@ from gym_plugin import distributed as dist_utils  # noqa: E402
 from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, exit_on_user_error, format_user_error  # noqa: E402,E501
 from gym_plugin.grpo_config import GRPOConfig, check_overrides, parse_grpo_config  # noqa: E402
 from gym_plugin.integration import GymIntegration  # noqa: E402
+from gym_plugin.memory import peak_rss_mb, return_freed_memory_to_os  # noqa: E402
 from gym_plugin.models import load_policy_model, quiet_hf_progress  # noqa: E402
 from gym_plugin.net import free_port  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
@@ -149,15 +158,19 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     model.to(info.device)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.kl_coef > 0 else None
     policy_server = None
+    # The embedded server samples from the trainer's module itself when collection and training take turns
+    # (the step holds the weights, weight sync only advances the version); collecting while training
+    # (train.overlap) or sharding the trainer (FSDP) needs a copy of its own.
+    share_weights = not cfg.train.overlap and cfg.distributed.strategy != "fsdp"
+    sharded = info.enabled and cfg.distributed.strategy == "fsdp"
     if cfg.policy.kind == "embedded" and info.is_main:
         from gym_plugin.servers.embedded import EmbeddedPolicyConfig, EmbeddedPolicyServer
 
-        # The server samples from its own copy: training never changes weights under a running batch.
         policy_server = EmbeddedPolicyServer(
             EmbeddedPolicyConfig(model=cfg.model.spec, served_model_name=cfg.policy.model_name or cfg.model.name,
                                  port=free_port(), max_batch_size=cfg.policy.max_batch_size,
                                  batch_wait_ms=cfg.policy.batch_wait_ms, num_threads=cfg.policy.num_threads),
-            model=copy.deepcopy(model).eval(), tokenizer=tokenizer,
+            model=model if share_weights else copy.deepcopy(model).eval(), tokenizer=tokenizer,
         )
         # the served weights are the checkpoint's: go on counting policy versions from there, so versions in
         # metrics and rollouts stay monotonic over a resume (set before the first request is generated)
@@ -165,10 +178,23 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         base_urls = [f"http://127.0.0.1:{policy_server.config.port}/v1"]
     else:
         base_urls = list(cfg.policy.base_urls)
+    # rank 0 starts first: its embedded policy must listen before the other ranks' environments look for it
+    gym, failure = None, None
+    if info.is_main:
+        try:
+            gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+        except Exception as e:  # the other ranks stop too instead of waiting for the URLs
+            failure = e
+    dist_utils.raise_if_any_rank_failed(failure, "starting rank 0's environment")
     base_urls = dist_utils.broadcast_object(base_urls)  # every rank samples from rank 0's embedded policy
-    gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+    if gym is None:
+        gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+    # FSDP shards the trainer's parameters: rank 0 keeps a whole copy (the server's, if embedded) that the
+    # gathered weights are loaded into after each step, to sync and checkpoint from
+    full_copy = (policy_server.model if policy_server is not None else copy.deepcopy(model)) \
+        if sharded and info.is_main else None
     train_model = dist_utils.wrap_model(model, info, cfg.distributed.strategy)
-    optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(train_model, cfg)
     resume_note = ""
     if cfg.resume and (ckpt / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=info.device))
@@ -199,6 +225,15 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
 
     eval_rows = rows[: cfg.eval.num_prompts]
 
+    def train_step(batch, step: int):
+        """grpo_step with a live progress line; with shared weights the server generates nothing meanwhile (it
+        waits for the weights)."""
+        hold = policy_server.exclusive_weights() if policy_server is not None and share_weights \
+            else contextlib.nullcontext()
+        with hold, log.train_progress(step) as progress:
+            return grpo_step(train_model, optimizer, batch, step_config=cfg.step, loss_config=cfg.loss,
+                             ref_model=ref_model, on_progress=progress)
+
     async def evaluate(step: int) -> None:
         """Reward over the first eval.num_prompts rows (the same prompts every time), no update."""
         mine = dist_utils.shard_groups(eval_rows, info.rank, info.world_size)
@@ -215,33 +250,41 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             t_iter = time.perf_counter()
             # ---- collect: G rollouts for each of this rank's prompts ------------------------------------------
             t0 = time.perf_counter()
-            records = await pending
+            failure: Exception | None = None
+            try:
+                records = await pending
+                # overlap: the next step's rollouts are generated (by the current policy) while this step trains
+                pending = next_rollouts(step + 1) if cfg.train.overlap and step < cfg.train.steps else None
+                rollouts = parse_rollouts(records)  # the one parse; process_rollouts reads the same objects
+                versions = [r.policy_version for r in rollouts if r.policy_version is not None]
+                staleness = policy_version - min(versions) if versions else 0
+                fresh = [r for r in rollouts if (r.policy_version is None
+                                                 or policy_version - r.policy_version <= cfg.train.max_staleness)]
+                # ---- process: rollouts -> padded tensors + group advantages -----------------------------------
+                batch = process_rollouts(
+                    fresh, tokenizer, advantage_mode=cfg.advantage_mode, max_seq_len=cfg.process.max_seq_len,
+                    filter_zero_variance=cfg.process.filter_zero_variance, drift_policy=cfg.process.drift_policy,
+                    constrained_policy=cfg.process.constrained_policy,
+                )
+            except Exception as e:  # e.g. every rollout of this rank failed: tell the other ranks, not only this one
+                failure = e
             collect_s = time.perf_counter() - t0
-            # overlap: the next step's rollouts are generated (by the current policy) while this step trains
-            pending = next_rollouts(step + 1) if cfg.train.overlap and step < cfg.train.steps else None
-            rollouts = parse_rollouts(records)  # the one parse; process_rollouts reads the same objects
-            versions = [r.policy_version for r in rollouts if r.policy_version is not None]
-            staleness = policy_version - min(versions) if versions else 0
-            fresh = [r for r in rollouts if (r.policy_version is None
-                                             or policy_version - r.policy_version <= cfg.train.max_staleness)]
-            # ---- process: rollouts -> padded tensors + group advantages ---------------------------------------
-            batch = process_rollouts(
-                fresh, tokenizer, advantage_mode=cfg.advantage_mode, max_seq_len=cfg.process.max_seq_len,
-                filter_zero_variance=cfg.process.filter_zero_variance, drift_policy=cfg.process.drift_policy,
-                constrained_policy=cfg.process.constrained_policy,
-            )
+            rss_collect = peak_rss_mb()
+            dist_utils.raise_if_any_rank_failed(failure, f"step {step}: collecting and processing rollouts")
             # ---- update: one GRPO step (DDP averages gradients; tokens normalized over all ranks) --------------
-            metrics = await asyncio.to_thread(
-                grpo_step, train_model, optimizer, batch.to(info.device),
-                step_config=cfg.step, loss_config=cfg.loss, ref_model=ref_model,
-            )
+            metrics = await asyncio.to_thread(train_step, batch.to(info.device), step)
             # ---- sync: the policy serves the new weights before the next collection starts ------------------
             if pending is not None:
                 await pending  # (overlap) that collection used the old weights; wait before swapping them
             dist_utils.barrier()
             t0 = time.perf_counter()
+            if sharded:
+                gathered = dist_utils.full_state_dict(train_model)  # a collective; the whole dict on rank 0
+                if full_copy is not None:
+                    with policy_server.exclusive_weights() if policy_server is not None else contextlib.nullcontext():
+                        full_copy.load_state_dict(gathered)
             if weight_sync is not None:
-                policy_version = await weight_sync.sync(train_model, policy_version + 1)
+                policy_version = await weight_sync.sync(full_copy if sharded else train_model, policy_version + 1)
             policy_version = dist_utils.broadcast_object(policy_version)
             sync_s = time.perf_counter() - t0
             # ---- eval on the fixed prompts (the policy serves this step's weights; before the next collection
@@ -259,15 +302,17 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             metrics = {**batch.metrics, **metrics, **reward_metrics(all_records)}
             metrics.update({"perf/collect_time_s": collect_s, "perf/weight_sync_s": sync_s, "perf/eval_time_s": eval_s,
                             "perf/iteration_time_s": time.perf_counter() - t_iter, "policy/version": policy_version,
-                            "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh)})
+                            "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh),
+                            # where the peak comes from: it grew during this step's collection or after it
+                            "perf/peak_rss_after_collect_mb": rss_collect, "perf/peak_rss_mb": peak_rss_mb()})
             log.log_step(step, metrics)
             if cfg.logging.save_rollouts:
                 log.write_rollouts(step, all_records)
             # ---- checkpoint ------------------------------------------------------------------------------------
             if info.is_main and (step == cfg.train.steps or (cfg.train.checkpoint_every
                                                              and step % cfg.train.checkpoint_every == 0)):
-                save_checkpoint(train_model, tokenizer, optimizer, step, policy_version, run_dir,
-                                cfg.train.save_optimizer)
+                save_checkpoint(full_copy if sharded else train_model, tokenizer, optimizer, step, policy_version,
+                                run_dir, cfg.train.save_optimizer)
             if info.is_main and cfg.logging.plot:
                 plot_curve(run_dir)
             state.steps_done = step
@@ -284,6 +329,16 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         gym.shutdown()
     if info.is_main:
         print(run_summary(run_dir, time.perf_counter() - started), file=sys.stderr, flush=True)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: GRPOConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the parameters (CPU and CUDA float tensors): one pass over
+    each tensor and no temporary copies (the for-each version holds several model-sized temporaries at peak)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # e.g. a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False)
 
 
 def plot_curve(run_dir: Path) -> None:
@@ -313,7 +368,8 @@ def main(raw: DictConfig) -> None:
     run_dir = raw.get("run_dir")
     try:
         cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
-        info = dist_utils.init_distributed(cfg.distributed.backend)
+        return_freed_memory_to_os()  # freed activations leave the process (gym_plugin/memory.py: -430 MB peak)
+        info = dist_utils.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
         try:
             asyncio.run(train(cfg, info, state))
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_readme_main_command_runs_to_the_end_in_under_10_minutes(tmp_path):
+def test_readme_main_command_runs_to_the_end_in_under_5_minutes(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
@@ -27,7 +28,8 @@ def test_readme_main_command_runs_to_the_end_in_under_10_minutes(tmp_path):
                           capture_output=True, text=True, timeout=850)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    assert elapsed < 600, f"took {elapsed:.0f} s"
+    # the README promises <= 3 minutes on a quiet 2-core machine; CI may share its cores, hence the margin
+    assert elapsed < 300, f"took {elapsed:.0f} s"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))  # conf/grpo.yaml: train.steps=8
     assert all(math.isfinite(m["loss/total"]) and 0.0 <= m["rollout/reward_mean"] <= 1.0 for m in metrics)
@@ -39,5 +41,16 @@ def test_readme_main_command_runs_to_the_end_in_under_10_minutes(tmp_path):
     # Progress and one line per step reach the user.
     out = proc.stdout + proc.stderr
     assert all(f"step {k}/8 | reward" in out for k in range(1, 9)), out[-3000:]  # one line per step
+    # a live line while each step trains (micro-batches, tokens/s, elapsed) and while rollouts are sampled
+    assert all(re.search(rf"train step {k}: \d+/\d+ micro-batches \d\d:\d\d, \d+ tokens, \d+ tok/s", out)
+               for k in range(1, 9)), out[-3000:]
+    assert re.search(r"rollouts step 1: \d+/32 rollouts \|.*\| \d\d:\d\d, \d+ tokens sampled, \d+ tok/s", out)
+    # no third-party bars, no ETA guessed from the first rollouts of a batch
+    assert "Loading weights" not in out and "Writing model shards" not in out and "rollout/s]" not in out
+    # the summary: start -> end eval reward, every file with its size, the folder's size (<= 600 MB by default)
+    m = re.search(r"run dir .* \(([\d.]+) MB\):", out)
+    assert m and float(m.group(1)) <= 600, out[-2000:]
+    assert re.search(r"eval reward \d\.\d{3} \(step 0\) -> \d\.\d{3} \(step 8\)", out)
+    assert out.rstrip().splitlines()[-1].startswith("  ")  # the summary's file list is the last thing printed
     print(f"default run: {elapsed:.0f} s; eval reward {evals[0]['eval/reward_mean']:.3f} -> "
           f"{evals[-1]['eval/reward_mean']:.3f}")

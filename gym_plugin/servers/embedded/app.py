@@ -303,6 +303,10 @@ class EmbeddedPolicyServer(Server):
         """
         return self.engine.update_weights(state_dict)
 
+    def exclusive_weights(self):
+        """Context manager: no batch is generated inside it (a trainer stepping the served module itself)."""
+        return self.engine.exclusive_weights()
+
     async def update_weights_async(self, state_dict: Mapping[str, torch.Tensor]) -> int:
         """``update_weights`` without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, self.engine.update_weights, state_dict)

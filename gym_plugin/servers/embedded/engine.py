@@ -25,6 +25,7 @@ This module does no HTTP; ``app.py`` wraps it in the OpenAI-compatible server.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import queue
@@ -33,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -217,9 +218,17 @@ class GenerationEngine:
             )
         with self._weights_lock, torch.no_grad():
             for k, v in state_dict.items():
-                own[k].copy_(v)  # copy_ casts dtype/device and keeps tied weights tied
+                if v.data_ptr() != own[k].data_ptr():  # the trainer's own tensor (shared weights): nothing to copy
+                    own[k].copy_(v)  # copy_ casts dtype/device and keeps tied weights tied
             self.policy_version += 1
             return self.policy_version
+
+    @contextlib.contextmanager
+    def exclusive_weights(self) -> Iterator[None]:
+        """Hold the weights: no batch is generated inside this block (one in progress finishes first). For a
+        trainer that updates the served module itself (shared weights) while no collection runs."""
+        with self._weights_lock:
+            yield
 
     def update_weights_from_path(self, path: str | Path) -> int:
         """Load a ``.safetensors`` file, or every ``*.safetensors`` in a folder, then ``update_weights``."""

@@ -1,0 +1,128 @@
+"""Our recipe vs TRL's GRPOTrainer on the same setting, alternating, one process per run: s/step split into
+collection and training, peak RSS, and the reward per step.
+
+    flock /tmp/heavy.lock python bench/vs_trl.py --steps 10 --rounds 2          # ~30 min on a quiet 2-core CPU
+    python bench/vs_trl.py --steps 2 --rounds 1 --max-new-tokens 8              # sanity check of the bench
+
+Setting: SmolLM2-135M-Instruct fp32 on CPU, the capital-city task (gym_plugin.tasks), 8 prompts x 4 samples per
+step, up to 48 new tokens at temperature 1.0, lr 1e-5 constant, one optimizer step per batch, no KL. Ours is
+``python recipes/grpo.py`` (the default config) with those values and no eval; TRL's is bench/trl_grpo.py run
+with ``--trl-python`` (a venv with trl; see that file for its config). Runs alternate (ours, TRL, ours, ...)
+so a slow period of the machine hits both.
+
+Collection = our ``perf/collect_time_s`` (rollouts from the embedded server through the Gym servers) vs TRL's
+``_generate_and_score_completions``; training = the rest of the step (ours: process_rollouts, grpo_step, weight
+sync, logging; TRL: loss, backward, optimizer). Peak RSS = the run's process, from ``os.wait4``. s/step is the
+mean over steps 2..N (step 1 pays one-time allocation); "all" includes step 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], log: Path, env: dict) -> tuple[int, float, float]:
+    """(return code, wall seconds, peak RSS in MB) of ``cmd``, output to ``log``."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def ours(args, run_dir: Path, env: dict) -> dict:
+    cmd = [sys.executable, "recipes/grpo.py", f"train.steps={args.steps}", "train.prompts_per_step=8",
+           "train.group_size=4", f"policy.max_output_tokens={args.max_new_tokens}", "train.lr=1e-5",
+           "eval.at_start=false", "eval.at_end=false", "logging.progress=false", "logging.plot=false",
+           f"run_dir={run_dir}", *args.ours_overrides]
+    rc, wall, rss = run(cmd, run_dir.with_suffix(".log"), env)
+    if rc != 0:
+        sys.exit(f"our recipe failed (rc {rc}); see {run_dir.with_suffix('.log')}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [{"collect_s": r["perf/collect_time_s"], "train_s": r["perf/iteration_time_s"] - r["perf/collect_time_s"],
+              "reward_mean": r["rollout/reward_mean"], "peak_rss_mb": r.get("perf/peak_rss_mb")} for r in rows]
+    return {"steps": steps, "peak_rss_mb": rss, "wall_s": wall}
+
+
+def trl(args, out: Path, env: dict) -> dict:
+    cmd = [args.trl_python, "bench/trl_grpo.py", "--steps", str(args.steps), "--max-new-tokens",
+           str(args.max_new_tokens), "--out", str(out)]
+    rc, wall, rss = run(cmd, out.with_suffix(".log"), env)
+    if rc != 0:
+        sys.exit(f"TRL failed (rc {rc}); see {out.with_suffix('.log')}")
+    data = json.loads(out.read_text())
+    return {"steps": data["steps"], "peak_rss_mb": rss, "wall_s": wall, "config": data["trl_config"]}
+
+
+def summary(runs: list[dict]) -> dict:
+    def mean(key: str, skip_first: bool) -> float:
+        values = [s[key] for r in runs for s in (r["steps"][1:] if skip_first and len(r["steps"]) > 1 else r["steps"])]
+        return statistics.mean(values)
+
+    out = {f"{k}_{w}": mean(k, w == "2..N") for k in ("collect_s", "train_s") for w in ("2..N", "all")}
+    out["step_s_2..N"] = out["collect_s_2..N"] + out["train_s_2..N"]
+    out["step_s_all"] = out["collect_s_all"] + out["train_s_all"]
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    n = len(runs[0]["steps"])
+    out["reward_by_step"] = [statistics.mean(r["steps"][i].get("reward_mean", float("nan")) for r in runs) for i in range(n)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
+    parser.add_argument("--out-dir", default="runs/bench_vs_trl")
+    parser.add_argument("--only", choices=["ours", "trl"], help="run one side only (bench development)")
+    parser.add_argument("ours_overrides", nargs="*", help="extra Hydra overrides for our recipe")
+    args = parser.parse_args()
+    out_dir = (ROOT / args.out_dir) if not os.path.isabs(args.out_dir) else Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for r in range(args.rounds):
+        for side in ("ours", "trl"):
+            if args.only and side != args.only:
+                continue
+            stamp = time.strftime("%H%M%S")
+            res = ours(args, out_dir / f"ours_r{r}_{stamp}", env) if side == "ours" else \
+                trl(args, out_dir / f"trl_r{r}_{stamp}.json", env)
+            results[side].append(res)
+            s = summary([res])
+            print(f"round {r + 1} {side:4}: {s['step_s_2..N']:.1f} s/step (collect {s['collect_s_2..N']:.1f} + train "
+                  f"{s['train_s_2..N']:.1f}), peak RSS {res['peak_rss_mb']:.0f} MB, rewards "
+                  f"{[round(x, 2) for x in s['reward_by_step']]}", flush=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    sides = {k: summary(v) for k, v in results.items() if v}
+    print(f"\n{'':6} {'s/step':>8} {'collect':>8} {'train':>8} {'(all steps)':>11} {'peak RSS MB':>12}  reward by step")
+    for side, s in sides.items():
+        print(f"{side:6} {s['step_s_2..N']:8.1f} {s['collect_s_2..N']:8.1f} {s['train_s_2..N']:8.1f} "
+              f"{s['step_s_all']:11.1f} {s['peak_rss_mb']:12.0f}  {[round(x, 2) for x in s['reward_by_step']]}")
+    if len(sides) == 2:
+        o, t = sides["ours"], sides["trl"]
+        print(f"ratio  {o['step_s_2..N'] / t['step_s_2..N']:8.2f} {o['collect_s_2..N'] / t['collect_s_2..N']:8.2f} "
+              f"{o['train_s_2..N'] / t['train_s_2..N']:8.2f} {o['step_s_all'] / t['step_s_all']:11.2f} "
+              f"{o['peak_rss_mb'] / t['peak_rss_mb']:12.2f}   (ours / TRL; targets: s/step <= 0.5, RSS <= 0.3)")
+        half = len(o["reward_by_step"]) // 2 or 1
+        for side, s in sides.items():
+            rw = s["reward_by_step"]
+            print(f"{side}: reward first half {statistics.mean(rw[:half]):.3f} -> second half "
+                  f"{statistics.mean(rw[half:] or rw):.3f}")
+    print(f"results: {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
