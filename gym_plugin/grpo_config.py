@@ -249,11 +249,6 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
                         "env.data_path=rows.jsonl).")
     if cfg.advantage_mode not in ("grpo", "dr_grpo", "rloo"):
         problems.append(f"advantage_mode={cfg.advantage_mode!r} is not one of ['grpo', 'dr_grpo', 'rloo'].")
-    for sub in (cfg.loss, cfg.step):
-        try:
-            sub.validate()
-        except ConfigError as e:
-            problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from gym_plugin import schema
 from gym_plugin.errors import ConfigError, did_you_mean
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -58,32 +59,35 @@ class LossConfig:
     token_sum_norm: int | None = None
     """Constant length for ``"seq-mean-token-sum-norm"``; None = the batch's padded length ``T``."""
 
-    def validate(self) -> None:
-        """Raise ConfigError listing every invalid field."""
+    def check(self) -> list[str]:
+        """Problems with the values (gym_plugin.schema: relative to ``loss``)."""
         problems = []
         if self.aggregation not in AGGREGATIONS:
             problems.append(
-                f"loss.aggregation={self.aggregation!r} is not one of {list(AGGREGATIONS)}."
+                f"aggregation={self.aggregation!r} is not one of {list(AGGREGATIONS)}."
                 f"{did_you_mean(str(self.aggregation), AGGREGATIONS)}"
             )
         if self.kl_type not in KL_TYPES:
-            problems.append(f"loss.kl_type={self.kl_type!r} is not one of {list(KL_TYPES)}.")
+            problems.append(f"kl_type={self.kl_type!r} is not one of {list(KL_TYPES)}.")
         if self.tis_level is not None and self.tis_level not in TIS_LEVELS:
-            problems.append(f"loss.tis_level={self.tis_level!r} is not one of {list(TIS_LEVELS)} or None.")
+            problems.append(f"tis_level={self.tis_level!r} is not one of {list(TIS_LEVELS)} or None.")
         if not 0 <= self.clip_eps_low < 1:
-            problems.append(f"loss.clip_eps_low={self.clip_eps_low} must be in [0, 1) (the ratio floor is 1 - it).")
+            problems.append(f"clip_eps_low={self.clip_eps_low} must be in [0, 1) (the ratio floor is 1 - it).")
         if self.clip_eps_high < 0:
-            problems.append(f"loss.clip_eps_high={self.clip_eps_high} must be >= 0.")
+            problems.append(f"clip_eps_high={self.clip_eps_high} must be >= 0.")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
-            problems.append(f"loss.dual_clip_c={self.dual_clip_c} must be > 1 (typically 3) or None.")
+            problems.append(f"dual_clip_c={self.dual_clip_c} must be > 1 (typically 3) or None.")
         if self.kl_coef < 0:
-            problems.append(f"loss.kl_coef={self.kl_coef} must be >= 0.")
+            problems.append(f"kl_coef={self.kl_coef} must be >= 0.")
         if self.tis_cap <= 0:
-            problems.append(f"loss.tis_cap={self.tis_cap} must be > 0.")
+            problems.append(f"tis_cap={self.tis_cap} must be > 0.")
         if self.token_sum_norm is not None and self.token_sum_norm < 1:
-            problems.append(f"loss.token_sum_norm={self.token_sum_norm} must be a positive int or None.")
-        if problems:
-            raise ConfigError(problems)
+            problems.append(f"token_sum_norm={self.token_sum_norm} must be a positive int or None.")
+        return problems
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every invalid field (``loss.<field>``)."""
+        schema.require(self, "loss")
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:

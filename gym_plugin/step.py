@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gym_plugin import schema
 from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.logprobs import PACKING_MODES, compute_token_logprobs, resolve_packing
 from gym_plugin.loss import LossConfig, policy_loss
@@ -71,22 +72,25 @@ class StepConfig:
     """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face models):
     about a third more compute for a fraction of the activation memory; pays off for long or many rows."""
 
-    def validate(self) -> None:
-        """Raise ConfigError listing every invalid field."""
+    def check(self) -> list[str]:
+        """Problems with the values (gym_plugin.schema: relative to ``step``)."""
         problems = []
         for name in ("micro_batch_size", "logprob_chunk_size", "num_iterations", "mini_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"step.{name}={value!r} must be a positive int.")
+                problems.append(f"{name}={value!r} must be a positive int.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            problems.append(f"step.max_grad_norm={self.max_grad_norm} must be > 0 or None (no clipping).")
+            problems.append(f"max_grad_norm={self.max_grad_norm} must be > 0 or None (no clipping).")
         if self.packing not in PACKING_MODES:
             problems.append(
-                f"step.packing={self.packing!r} is not one of {list(PACKING_MODES)}."
+                f"packing={self.packing!r} is not one of {list(PACKING_MODES)}."
                 f"{did_you_mean(str(self.packing), PACKING_MODES)}"
             )
-        if problems:
-            raise ConfigError(problems)
+        return problems
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every invalid field (``step.<field>``)."""
+        schema.require(self, "step")
 
 
 @dataclasses.dataclass
