@@ -10,7 +10,6 @@ nothing (see gym_plugin.envservers).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field

@@ -25,7 +25,7 @@ from gym_plugin.collect import CollectorConfig, RolloutCollector
 from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
 from gym_plugin.errors import ConfigError, GymPluginError
 from gym_plugin.http import Transport, bearer_headers
-from gym_plugin.net import local_host
+from gym_plugin.net import local_host, url_list
 from gym_plugin.launch import (
     RunningServers,
     agent_routes,
@@ -120,7 +120,7 @@ class GymIntegration:
                         f".base_url, e.g. EmbeddedPolicyServer); got {[type(s).__name__ for s in extras]}. Pass "
                         "base_urls=['http://host:port/v1'] instead."
                     )
-            self.base_urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+            self.base_urls = url_list(base_urls)
             initial = {
                 "policy_model_name": model_name,
                 "policy_base_url": self.base_urls,

@@ -7,7 +7,6 @@ the real ports. Servers started this way call each other directly (no HTTP) when
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 from dataclasses import dataclass, field

@@ -273,7 +273,7 @@ def reward_metrics(rollouts: Sequence[Any], accuracy_threshold: float = 1.0) -> 
 
 
 # ---- stage 1: select -----------------------------------------------------------------------------------------
-_NONE: frozenset[int] = frozenset()
+_NO_CALLS: frozenset[int] = frozenset()
 
 
 class Selected(NamedTuple):
@@ -380,7 +380,7 @@ def select_rollouts(
         if rollout.incomplete:
             counts["incomplete"] += 1  # the sampler stopped on a length limit (kept; the verifier judged it)
         kept.append(tuple.__new__(Selected, (index, rollout.reward, group, calls, offsets, segments,
-                                             frozenset(constrained) if mask_constrained and constrained else _NONE,
+                                             frozenset(constrained) if mask_constrained and constrained else _NO_CALLS,
                                              retokenized)))  # Selected(...) without its Python-level __new__
     return Selection(kept, counts)
 

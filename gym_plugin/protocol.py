@@ -272,11 +272,6 @@ class Rollout(NamedTuple):
         """``_ng_rollout_index``: the repeat of that row (0 with one rollout per row)."""
         return self.record.get(ROLLOUT_INDEX_KEY, 0)
 
-    @property
-    def constrained_calls(self) -> list[int]:
-        """Indices (in ``calls``) of the calls sampled under a constraint."""
-        return [k for k, call in enumerate(self.calls) if call.constrained]
-
     def output_types(self) -> list[Any]:
         """The ``type`` of every output item (for messages about a rollout without usable tokens)."""
         response = self.record.get("response")

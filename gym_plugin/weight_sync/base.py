@@ -13,7 +13,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from gym_plugin.errors import ConfigError, EndpointError, did_you_mean
+from gym_plugin.errors import ConfigError, EndpointError
 from gym_plugin.http import HTTPStatusError, Transport
 
 logger = logging.getLogger(__name__)

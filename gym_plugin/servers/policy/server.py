@@ -51,12 +51,10 @@ import time
 from typing import Any, ClassVar, Mapping
 
 from gym_plugin.errors import (
-    ConfigError,
     EndpointError,
     MalformedResponseError,
     MissingTokenIdsError,
     ProtocolError,
-    did_you_mean,
     truncate,
 )
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, bearer_headers, post_with_retries
