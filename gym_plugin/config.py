@@ -154,18 +154,22 @@ def _load_yaml(path: Path) -> DictConfig:
     return OmegaConf.create(_seed_env_refs(text, probe.keys()))
 
 
+ConfigSource = typing.Union[str, Path, Mapping[str, Any]]
+"""A YAML file's path, or the same content given inline as a mapping (e.g. a trainer's own config section)."""
+
+
 def compose(
-    config_paths: Sequence[str | Path] | str | Path | None = None,
+    config_paths: Sequence[ConfigSource] | ConfigSource | None = None,
     overrides: Sequence[str] = (),
     initial: Mapping[str, Any] | None = None,
 ) -> DictConfig:
-    """Merge YAML files (in order), then ``initial`` (e.g. GymIntegration's model/base URLs), then dotlist
-    overrides (``key.sub=value``, Hydra style). Nothing is resolved yet."""
+    """Merge the config sources (YAML files or inline mappings, in order), then ``initial`` (e.g. GymIntegration's
+    model/base URLs), then dotlist overrides (``key.sub=value``, Hydra style). Nothing is resolved yet."""
     if config_paths is None:
         config_paths = []
-    elif isinstance(config_paths, (str, Path)):
+    elif isinstance(config_paths, (str, Path, Mapping)):
         config_paths = [config_paths]
-    parts = [_load_yaml(Path(p)) for p in config_paths]
+    parts = [OmegaConf.create(dict(p)) if isinstance(p, Mapping) else _load_yaml(Path(p)) for p in config_paths]
     if initial:
         parts.append(OmegaConf.create(dict(initial)))
     if overrides:
@@ -321,7 +325,7 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
 
 
 def load_config(
-    config_paths: Sequence[str | Path] | str | Path | None = None,
+    config_paths: Sequence[ConfigSource] | ConfigSource | None = None,
     overrides: Sequence[str] = (),
     initial: Mapping[str, Any] | None = None,
 ) -> GymConfig:

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator, Mapping, S
 
 from gym_plugin import schema
 from gym_plugin.collect import CollectorConfig, RolloutCollector
-from gym_plugin.config import HEAD_SERVER_KEY_NAME, GymConfig, load_config
+from gym_plugin.config import HEAD_SERVER_KEY_NAME, ConfigSource, GymConfig, load_config
 from gym_plugin.errors import ConfigError, GymPluginError
 from gym_plugin.http import Transport, bearer_headers
 from gym_plugin.net import local_host, url_list
@@ -73,8 +73,8 @@ class GymIntegration:
 
     model_name / base_urls: the policy endpoint(s) (OpenAI-compatible, e.g. vLLM), written into the config as
     ``policy_model_name`` / ``policy_base_url``; base_urls=None uses the ``base_url`` of the extra_servers
-    (started first, so an embedded policy on port 0 works). config_path: YAML file(s) with the agents, resource servers
-    and settings (``${oc.env:VAR}`` and the seed's ``${VAR}`` read environment variables). overrides: dotlist
+    (started first, so an embedded policy on port 0 works). config_path: YAML file(s) (or the same content as
+    mappings, merged in order) with the agents, resource servers and settings (``${oc.env:VAR}`` and the seed's ``${VAR}`` read environment variables). overrides: dotlist
     overrides (``math_agent.responses_api_agents.simple_agent.max_turns=4``). extra_servers: servers to start
     first on the same loop (e.g. an embedded policy, so the policy model server calls it directly).
     check_endpoints: probe every policy endpoint once at start (``GET /models``) and raise
@@ -88,7 +88,7 @@ class GymIntegration:
         self,
         model_name: str,
         base_urls: Sequence[str] | str | None,
-        config_path: str | Path | Sequence[str | Path] | None = None,
+        config_path: ConfigSource | Sequence[ConfigSource] | None = None,
         head_server_host: str = "127.0.0.1",
         head_server_port: int = 8080,
         *,

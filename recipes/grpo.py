@@ -79,13 +79,11 @@ def load_rows(cfg: GRPOConfig) -> list[dict]:
     return rows
 
 
-def start_environment(cfg: GRPOConfig, policy_server, base_urls: list[str], run_dir: Path, rank: int) -> GymIntegration:
+def start_environment(cfg: GRPOConfig, policy_server, base_urls: list[str]) -> GymIntegration:
     """Start the env's servers (agents, verifiers, the policy model server; plus the embedded policy on rank 0)."""
-    gym_yaml = run_dir / f"gym_env.rank{rank}.yaml"
-    gym_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.env.gym)))
-    paths = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg.env.config_paths] + [str(gym_yaml)]
+    sources = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg.env.config_paths] + [cfg.env.gym]
     return GymIntegration(
-        cfg.policy.model_name or cfg.model.name, base_urls, paths, head_server_port=0,
+        cfg.policy.model_name or cfg.model.name, base_urls, sources, head_server_port=0,
         policy_api_key=cfg.policy.api_key, extra_servers=[policy_server] if policy_server is not None else [],
         overrides=[f"policy_model.responses_api_models.vllm_model.{k}={v}" for k, v in policy_server_options(cfg)],
     )
@@ -182,13 +180,13 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     gym, failure = None, None
     if info.is_main:
         try:
-            gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+            gym = start_environment(cfg, policy_server, base_urls)
         except Exception as e:  # the other ranks stop too instead of waiting for the URLs
             failure = e
     dist_utils.raise_if_any_rank_failed(failure, "starting rank 0's environment")
     base_urls = dist_utils.broadcast_object(base_urls)  # every rank samples from rank 0's embedded policy
     if gym is None:
-        gym = start_environment(cfg, policy_server, base_urls, run_dir, info.rank)
+        gym = start_environment(cfg, policy_server, base_urls)
     # FSDP shards the trainer's parameters: rank 0 keeps a whole copy (the server's, if embedded) that the
     # gathered weights are loaded into after each step, to sync and checkpoint from
     full_copy = (policy_server.model if policy_server is not None else copy.deepcopy(model)) \

@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -186,24 +184,12 @@ class GymEnvironment:
         self.cfg = _config_from(cfg)
         self._transport: Transport | None = None
         self._retry = RetryPolicy(max_attempts=self.cfg.verify_max_attempts, backoff_s=0.05)
-        paths = list(self.cfg.config_paths)
-        self._inline_path: str | None = None
-        if self.cfg.gym_config:
-            from omegaconf import OmegaConf
-
-            fd, self._inline_path = tempfile.mkstemp(prefix="gym_env_", suffix=".yaml")
-            with os.fdopen(fd, "w") as f:
-                f.write(OmegaConf.to_yaml(OmegaConf.create(dict(self.cfg.gym_config))))
-            paths.append(self._inline_path)
-        try:
-            self.gym = GymIntegration(
-                "policy", [UNSET_POLICY_URL], paths, head_server_port=self.cfg.head_server_port,
-                overrides=self.cfg.overrides, extra_servers=extra_servers,
-                check_endpoints=False,  # the placeholder endpoint is never called
-            )
-        except BaseException:
-            self._remove_inline()
-            raise
+        sources = [*self.cfg.config_paths, *([dict(self.cfg.gym_config)] if self.cfg.gym_config else [])]
+        self.gym = GymIntegration(
+            "policy", [UNSET_POLICY_URL], sources, head_server_port=self.cfg.head_server_port,
+            overrides=self.cfg.overrides, extra_servers=extra_servers,
+            check_endpoints=False,  # the placeholder endpoint is never called
+        )
         self._resource_servers = self.gym.config.names_of("resources_servers")
         if self.cfg.verifier is not None and self.cfg.verifier not in self._resource_servers:
             self.shutdown()
@@ -426,15 +412,6 @@ class GymEnvironment:
                 gym.run_on_servers_loop(self._transport.close())
                 self._transport = None
             gym.shutdown()
-        self._remove_inline()
-
-    def _remove_inline(self) -> None:
-        if self._inline_path is not None:
-            try:
-                os.unlink(self._inline_path)
-            except OSError:
-                pass
-            self._inline_path = None
 
     def __enter__(self) -> "GymEnvironment":
         return self

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Sequence
@@ -289,7 +287,6 @@ class NemoGymDropIn:
         self.gym: Any = None
         self._tokenizer: Any = None
         self._options = DropInOptions()
-        self._inline_path: str | None = None
         self._policy_ready = False
         self._shut_down = False
         self._policy_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
@@ -314,26 +311,16 @@ class NemoGymDropIn:
         self.gym = await asyncio.to_thread(self._start_gym, paths, inline)
 
     def _start_gym(self, paths: list[str], inline: dict) -> Any:
-        from omegaconf import OmegaConf
-
         from gym_plugin.integration import GymIntegration  # heavy (aiohttp servers): not at module import
 
-        if inline:
-            fd, self._inline_path = tempfile.mkstemp(prefix="nemo_gym_dropin_", suffix=".yaml")
-            with os.fdopen(fd, "w") as f:
-                f.write(OmegaConf.to_yaml(OmegaConf.create(inline)))
-            paths = [*paths, self._inline_path]
-        if not paths:
+        sources = [*paths, *([inline] if inline else [])]
+        if not sources:
             raise ConfigError("env.nemo_gym: no Gym config: name gym_plugin YAML files in config_paths (e.g. "
                               "[conf/gym/math.yaml]) or write the server sections inline")
-        try:
-            return GymIntegration(
-                self.cfg["model_name"], list(self.cfg["base_urls"]), paths, head_server_port=0,
-                check_endpoints=False,  # vLLM may still be loading: run_rollouts waits for it
-            )
-        except BaseException:
-            self._remove_inline()
-            raise
+        return GymIntegration(
+            self.cfg["model_name"], list(self.cfg["base_urls"]), sources, head_server_port=0,
+            check_endpoints=False,  # vLLM may still be loading: run_rollouts waits for it
+        )
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Install the tokenizer ``run_rollouts`` decodes ``prompt_str`` / ``generation_str`` with (once, at
@@ -378,15 +365,6 @@ class NemoGymDropIn:
         if gym is not None:
             self._shut_down = True
             await asyncio.to_thread(gym.shutdown)
-        self._remove_inline()
-
-    def _remove_inline(self) -> None:
-        if self._inline_path is not None:
-            try:
-                os.unlink(self._inline_path)
-            except OSError:
-                pass
-            self._inline_path = None
 
     # ---- the policy endpoints -----------------------------------------------------------------------------------
     async def _wait_for_policy(self) -> None:

@@ -115,3 +115,18 @@ def test_policy_endpoint_options_are_checked_with_did_you_mean():
     assert "policy_endpoint.modle" in str(err.value) and "Did you mean 'model'" in str(err.value)
     with pytest.raises(ConfigError, match="policy_endpoint.defualt.*Did you mean 'default'"):
         load_config(ROOT / "conf/gym/exact_match.yaml", ["policy_endpoint.impl=fake_openai", "policy_endpoint.defualt=4"])
+
+
+def test_inline_mappings_merge_with_files_in_order(tmp_path, monkeypatch):
+    # A trainer's own config section (the recipe's env.gym, NeMo-RL's initial_global_config_dict) goes in as a
+    # mapping, merged after the files before it, with the same interpolation and validation as a file.
+    monkeypatch.setenv("POLICY_MODEL_NAME", "m")
+    monkeypatch.setenv("POLICY_BASE_URL", "http://127.0.0.1:8000/v1")
+    inline = {"math_agent": {"responses_api_agents": {"simple_agent": {"max_turns": 5}}},
+              "extra": {"resources_servers": {"exact_match": {}}}, "policy_api_key": "${policy_model_name}-key"}
+    cfg = load_config([write(tmp_path, ENV_YAML), inline])
+    assert cfg.servers["math_agent"].params["max_turns"] == 5  # the mapping wins over the file before it
+    assert cfg.servers["extra"].impl == "exact_match" and cfg.data["policy_api_key"] == "m-key"
+    with pytest.raises(ConfigError, match=r"max_turnz: unknown parameter"):
+        load_config([write(tmp_path, ENV_YAML), {"math_agent": {"responses_api_agents": {"simple_agent": {
+            "max_turnz": 5}}}}])

@@ -257,16 +257,8 @@ class PolicyModelServer(Server):
                 tok, _ = await tokenize_task
                 prompt_ids = tok.get("tokens") if isinstance(tok, Mapping) else None
             token_fields = self._token_fields(completion, choice, base_url, prompt_ids)
-            version = completion.get("policy_version")
-            if version is None:
-                version = await self.backends.call_version(idx, version_before)
-            if version is not None:
-                token_fields[POLICY_VERSION_KEY] = version
-            if constrained:
-                token_fields[CONSTRAINED_KEY] = True
-        output = choice_to_output_items(choice, token_fields)
-        incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
-        return self._response(body, output, completion.get("usage"), incomplete)
+            await self._mark_call(token_fields, completion, idx, version_before, constrained)
+        return self._call_response(body, choice, token_fields, completion)
 
     async def _responses_completions(self, body: Mapping[str, Any], chat: dict, idx: int, constrained: bool) -> dict:
         """Token-in/token-out: the prompt as ids to /completions (see the module docstring)."""
@@ -301,18 +293,29 @@ class PolicyModelServer(Server):
         parse_tools = bool(tools) and chat.get("tool_choice") != "none"
         choice, token_fields, _ = completion_message(completion, base_url, parse_tools, forced is not None,
                                                      forced_name)
-        version = completion.get("policy_version") if isinstance(completion, Mapping) else None
+        await self._mark_call(token_fields, completion, idx, version_before, constrained)
+        return self._call_response(body, choice, token_fields, completion)
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    async def _mark_call(self, token_fields: dict, completion: Mapping[str, Any], idx: int,
+                         version_before: int | None, constrained: bool) -> None:
+        """Add the call's policy version (the backend's reply, else asked of it) and the constrained flag to the
+        token fields of its last output item."""
+        version = completion.get("policy_version")
         if version is None:
             version = await self.backends.call_version(idx, version_before)
         if version is not None:
             token_fields[POLICY_VERSION_KEY] = version
         if constrained:
             token_fields[CONSTRAINED_KEY] = True
+
+    def _call_response(self, body: Mapping[str, Any], choice: Mapping[str, Any], token_fields: dict | None,
+                       completion: Mapping[str, Any]) -> dict:
+        """The Responses object of one model call (incomplete when it stopped at max tokens)."""
         output = choice_to_output_items(choice, token_fields)
         incomplete = {"reason": "max_output_tokens"} if choice.get("finish_reason") == "length" else None
         return self._response(body, output, completion.get("usage"), incomplete)
 
-    # ---- helpers --------------------------------------------------------------------------------------------
     async def _post_backend(self, idx: int, path: str | None, payload: Any, url: str | None = None):
         base_url = self.base_urls[idx]
         url = url or f"{base_url}{path}"
