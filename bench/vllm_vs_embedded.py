@@ -1,7 +1,7 @@
 """Benchmark: vLLM's CPU build vs gym_plugin's embedded server on the same model, same machine, one sitting.
 
-    flock /tmp/heavy.lock env PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/vllm.py            # SmolLM2-135M, ~5 min
-    PYTHONPATH=. python bench/vllm.py --vllm-root http://127.0.0.1:8000   # a vLLM server you started yourself
+    flock /tmp/heavy.lock env PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/vllm_vs_embedded.py            # SmolLM2-135M, ~5 min
+    PYTHONPATH=. python bench/vllm_vs_embedded.py --vllm-root http://127.0.0.1:8000   # a vLLM server you started yourself
 
 1. vLLM startup: spawn ``python -m vllm.entrypoints.openai.api_server`` with the flags ``gym-plugin vllm-args
    --model smollm2 --cpu`` prints, time until ``GET /health`` answers (skipped with ``--vllm-root``).
