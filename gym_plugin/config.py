@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -154,7 +154,7 @@ def _load_yaml(path: Path) -> DictConfig:
     return OmegaConf.create(_seed_env_refs(text, probe.keys()))
 
 
-ConfigSource = typing.Union[str, Path, Mapping[str, Any]]
+ConfigSource = Union[str, Path, Mapping[str, Any]]
 """A YAML file's path, or the same content given inline as a mapping (e.g. a trainer's own config section)."""
 
 
