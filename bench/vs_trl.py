@@ -1,14 +1,15 @@
 """Our recipe vs TRL's GRPOTrainer on the same setting, alternating, one process per run: s/step split into
 collection and training, peak RSS, and the reward per step.
 
-    flock /tmp/heavy.lock python bench/vs_trl.py --steps 10 --rounds 2          # ~30 min on a quiet 2-core CPU
+    flock /tmp/heavy.lock python bench/vs_trl.py --steps 10 --rounds 2          # ~27 min on a quiet 2-core CPU
     python bench/vs_trl.py --steps 2 --rounds 1 --max-new-tokens 8              # sanity check of the bench
 
 Setting: SmolLM2-135M-Instruct fp32 on CPU, the capital-city task (gym_plugin.tasks), 8 prompts x 4 samples per
 step, up to 48 new tokens at temperature 1.0, lr 1e-5 constant, one optimizer step per batch, no KL. Ours is
-``python recipes/grpo.py`` (the default config) with those values and no eval; TRL's is bench/trl_grpo.py run
-with ``--trl-python`` (a venv with trl; see that file for its config). Runs alternate (ours, TRL, ours, ...)
-so a slow period of the machine hits both.
+``python recipes/grpo.py`` (the default config: AdamW) with those values and no eval, and ``ours_lowmem`` the
+same plus LOW_MEMORY (Adafactor stepped inside backward); TRL's is bench/trl_grpo.py run with ``--trl-python`` (a
+venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
+of the machine hits every side.
 
 Collection = our ``perf/collect_time_s`` (rollouts from the embedded server through the Gym servers) vs TRL's
 ``_generate_and_score_completions``; training = the rest of the step (ours: process_rollouts, grpo_step, weight
@@ -40,11 +41,15 @@ def run(cmd: list[str], log: Path, env: dict) -> tuple[int, float, float]:
     return proc.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
-def ours(args, run_dir: Path, env: dict) -> dict:
+LOW_MEMORY = ["train.optimizer=adafactor", "train.optimizer_in_backward=true", "step.max_grad_norm=null"]
+"""``ours_lowmem``: Adafactor (factored second moment, no momentum) stepped inside backward (gym_plugin/optim.py)."""
+
+
+def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, "recipes/grpo.py", f"train.steps={args.steps}", "train.prompts_per_step=8",
            "train.group_size=4", f"policy.max_output_tokens={args.max_new_tokens}", "train.lr=1e-5",
            "eval.at_start=false", "eval.at_end=false", "logging.progress=false", "logging.plot=false",
-           f"run_dir={run_dir}", *args.ours_overrides]
+           f"run_dir={run_dir}", *extra, *args.ours_overrides]
     rc, wall, rss = run(cmd, run_dir.with_suffix(".log"), env)
     if rc != 0:
         sys.exit(f"our recipe failed (rc {rc}); see {run_dir.with_suffix('.log')}")
@@ -85,38 +90,48 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
     parser.add_argument("--out-dir", default="runs/bench_vs_trl")
-    parser.add_argument("--only", choices=["ours", "trl"], help="run one side only (bench development)")
+    parser.add_argument("--sides", default="ours,ours_lowmem,trl",
+                        help="comma-separated, run in this order each round: ours (the default recipe: AdamW), "
+                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), trl")
     parser.add_argument("ours_overrides", nargs="*", help="extra Hydra overrides for our recipe")
     args = parser.parse_args()
     out_dir = (ROOT / args.out_dir) if not os.path.isabs(args.out_dir) else Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    order = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = sorted(set(order) - {"ours", "ours_lowmem", "trl"})
+    if unknown:
+        sys.exit(f"--sides: unknown {unknown}; known: ours, ours_lowmem, trl")
+    results: dict[str, list[dict]] = {side: [] for side in order}
     for r in range(args.rounds):
-        for side in ("ours", "trl"):
-            if args.only and side != args.only:
-                continue
+        for side in order:
             stamp = time.strftime("%H%M%S")
-            res = ours(args, out_dir / f"ours_r{r}_{stamp}", env) if side == "ours" else \
-                trl(args, out_dir / f"trl_r{r}_{stamp}.json", env)
+            if side == "trl":
+                res = trl(args, out_dir / f"trl_r{r}_{stamp}.json", env)
+            else:
+                res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, LOW_MEMORY if side == "ours_lowmem" else [])
             results[side].append(res)
             s = summary([res])
-            print(f"round {r + 1} {side:4}: {s['step_s_2..N']:.1f} s/step (collect {s['collect_s_2..N']:.1f} + train "
+            print(f"round {r + 1} {side:11}: {s['step_s_2..N']:.1f} s/step (collect {s['collect_s_2..N']:.1f} + train "
                   f"{s['train_s_2..N']:.1f}), peak RSS {res['peak_rss_mb']:.0f} MB, rewards "
                   f"{[round(x, 2) for x in s['reward_by_step']]}", flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     sides = {k: summary(v) for k, v in results.items() if v}
-    print(f"\n{'':6} {'s/step':>8} {'collect':>8} {'train':>8} {'(all steps)':>11} {'peak RSS MB':>12}  reward by step")
+    print(f"\n{'':11} {'s/step':>8} {'collect':>8} {'train':>8} {'(all steps)':>11} {'peak RSS MB':>12}  reward by step")
     for side, s in sides.items():
-        print(f"{side:6} {s['step_s_2..N']:8.1f} {s['collect_s_2..N']:8.1f} {s['train_s_2..N']:8.1f} "
+        print(f"{side:11} {s['step_s_2..N']:8.1f} {s['collect_s_2..N']:8.1f} {s['train_s_2..N']:8.1f} "
               f"{s['step_s_all']:11.1f} {s['peak_rss_mb']:12.0f}  {[round(x, 2) for x in s['reward_by_step']]}")
-    if len(sides) == 2:
-        o, t = sides["ours"], sides["trl"]
-        print(f"ratio  {o['step_s_2..N'] / t['step_s_2..N']:8.2f} {o['collect_s_2..N'] / t['collect_s_2..N']:8.2f} "
-              f"{o['train_s_2..N'] / t['train_s_2..N']:8.2f} {o['step_s_all'] / t['step_s_all']:11.2f} "
-              f"{o['peak_rss_mb'] / t['peak_rss_mb']:12.2f}   (ours / TRL; targets: s/step <= 0.5, RSS <= 0.3)")
-        half = len(o["reward_by_step"]) // 2 or 1
+    if "trl" in sides and len(sides) > 1:
+        t = sides["trl"]
+        for name, o in sides.items():
+            if name == "trl":
+                continue
+            print(f"{name + '/trl':11} {o['step_s_2..N'] / t['step_s_2..N']:8.2f} "
+                  f"{o['collect_s_2..N'] / t['collect_s_2..N']:8.2f} {o['train_s_2..N'] / t['train_s_2..N']:8.2f} "
+                  f"{o['step_s_all'] / t['step_s_all']:11.2f} {o['peak_rss_mb'] / t['peak_rss_mb']:12.2f}")
+        print("(ratios: ours / TRL; targets: s/step <= 0.5, peak RSS <= 0.3)")
+        half = len(t["reward_by_step"]) // 2 or 1
         for side, s in sides.items():
             rw = s["reward_by_step"]
             print(f"{side}: reward first half {statistics.mean(rw[:half]):.3f} -> second half "

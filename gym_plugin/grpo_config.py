@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from gym_plugin import schema
 from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.loss import LossConfig
+from gym_plugin.optim import OPTIMIZERS
 from gym_plugin.step import StepConfig
 from gym_plugin.weight_sync import WEIGHT_SYNC_KINDS, WeightSyncConfig
 
@@ -31,9 +32,17 @@ class TrainConfig:
     group_size: int = 4
     """Rollouts per prompt (G)."""
     lr: float = 1e-5
-    """AdamW learning rate."""
+    """Learning rate (an absolute step size for both optimizers)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Decoupled weight decay."""
+    optimizer: str = "adamw"
+    """'adamw' (fused torch AdamW: two moments, 2x the model's size in state) | 'adafactor' (transformers'
+    Adafactor with an absolute lr, no momentum and a factored second moment: state ~0.1% of the model's size,
+    -1.03 GB for SmolLM2-135M fp32; updates clipped to RMS 1; not with distributed.strategy=fsdp)."""
+    optimizer_in_backward: bool = False
+    """Step each parameter inside backward as soon as its gradient is ready and free that gradient (one
+    parameter's gradient alive at a time: -517 MB for SmolLM2-135M fp32). Needs step.max_grad_norm=null, one
+    micro-batch per update (step.micro_batch_size >= rows per mini-batch) and a single rank."""
     overlap: bool = False
     """Collect step k+1 while step k trains (rollouts one policy version old, corrected by loss.tis_level). With
     policy=embedded this costs a second copy of the weights (the server cannot sample from the module being
@@ -44,7 +53,8 @@ class TrainConfig:
     """Save a checkpoint every this many steps (0: only at the end). Only the newest is kept (checkpoints/last)."""
     save_optimizer: bool = False
     """Also save the optimizer state with each checkpoint (AdamW's moments: twice the model's size, 1.08 GB for
-    SmolLM2-135M), so ``resume=true`` continues them exactly; without it a resume restarts them."""
+    SmolLM2-135M; Adafactor's: ~1 MB), so ``resume=true`` continues them exactly; without it a resume restarts
+    them."""
     seed: int = 0
     """Seed of the prompt order and of torch."""
 
@@ -203,6 +213,17 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
                         "set train.group_size >= 2.")
     if t.lr <= 0:
         problems.append(f"train.lr={t.lr} must be > 0.")
+    if t.optimizer not in OPTIMIZERS:
+        problems.append(f"train.optimizer={t.optimizer!r} is not one of {list(OPTIMIZERS)}."
+                        f"{did_you_mean(str(t.optimizer), OPTIMIZERS)}")
+    if t.optimizer_in_backward and cfg.step.max_grad_norm is not None:
+        problems.append(f"train.optimizer_in_backward=true cannot clip the global gradient norm "
+                        f"(step.max_grad_norm={cfg.step.max_grad_norm}): each parameter steps before the others' "
+                        "gradients exist; set step.max_grad_norm=null (Adafactor clips each update to RMS 1).")
+    if t.optimizer == "adafactor" and cfg.distributed.strategy == "fsdp":
+        problems.append("train.optimizer=adafactor with distributed.strategy=fsdp is not supported: transformers' "
+                        "Adafactor keeps its factored moments as plain tensors, which FSDP's sharded (DTensor) "
+                        "parameters refuse; use train.optimizer=adamw with fsdp, or distributed.strategy=ddp.")
     if t.max_staleness < 0:
         problems.append(f"train.max_staleness={t.max_staleness} must be >= 0.")
     if t.overlap and cfg.loss.tis_level is None:

@@ -16,6 +16,11 @@ over the batch, each as ``mini_batches`` optimizer steps. The old log-probs are 
 update: the first mini-batch takes them from its own first forward (detached, no extra pass), the others from
 one no-grad pass. With one pass and one mini-batch the ratio is exactly 1 and the clip never binds.
 
+Optimizer in backward (``gym_plugin.optim.InBackwardOptimizer``): each parameter is stepped as soon as its
+gradient is complete and the gradient freed, so the gradients never coexist (-517 MB for SmolLM2 fp32); this
+needs one micro-batch per update, no global clipping and one rank (checked, ConfigError with the fix). The
+reported ``perf/grad_norm`` is then the norm of the gradients the parameters were stepped with.
+
 Normalization: each loss is normalized by its mini-batch's trained-token (and sequence) count summed over all
 ranks, so the gradient is the same whatever the micro-batch size and the number of ranks (DDP and FSDP average
 gradients over ranks, which the step undoes by scaling each loss by the world size).
@@ -42,6 +47,7 @@ from gym_plugin import schema
 from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.logprobs import PACKING_MODES, compute_token_logprobs, resolve_packing
 from gym_plugin.loss import LossConfig, policy_loss
+from gym_plugin.optim import InBackwardOptimizer
 from gym_plugin.process import RolloutBatch
 
 __all__ = ["StepConfig", "StepProgress", "accumulate_gradients", "compute_token_logprobs", "grpo_step"]
@@ -478,6 +484,28 @@ def _check_kl(loss_cfg: LossConfig, ref_model: torch.nn.Module | None) -> None:
         raise ConfigError(f"loss.kl_coef={loss_cfg.kl_coef} needs a reference model: pass ref_model=... or set kl_coef=0.")
 
 
+def _check_in_backward(plan: _Plan, step_cfg: StepConfig) -> None:
+    """An InBackwardOptimizer steps each parameter as soon as its gradient is ready: nothing may need the whole
+    gradient afterwards (global clipping), a second micro-batch (accumulation) or another rank (reduction)."""
+    problems = []
+    if step_cfg.max_grad_norm is not None:
+        problems.append(f"step.max_grad_norm={step_cfg.max_grad_norm} clips the global gradient norm, which an "
+                        "optimizer stepped in backward never sees whole; set step.max_grad_norm=null (Adafactor "
+                        "clips each update to RMS 1) or train.optimizer_in_backward=false.")
+    if plan.world > 1:
+        problems.append(f"{plan.world} ranks: DDP/FSDP reduce gradients after the in-backward step would have used "
+                        "them; set train.optimizer_in_backward=false for distributed runs.")
+    many = [u for u in plan.updates if u.num_micro > 1]
+    if many:
+        rows = max(int(u.rows.numel()) for u in many)
+        problems.append(f"an update of {rows} rows needs {max(u.num_micro for u in many)} micro-batches of "
+                        f"step.micro_batch_size={step_cfg.micro_batch_size}, and in-backward stepping cannot "
+                        f"accumulate gradients over them; set step.micro_batch_size>={rows} (or more "
+                        "step.mini_batches) or train.optimizer_in_backward=false.")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _grad_norm_value(norm: torch.Tensor) -> float:
     full = getattr(norm, "full_tensor", None)  # FSDP2 returns a replicated DTensor
     return float(full() if callable(full) else norm)
@@ -521,6 +549,9 @@ def grpo_step(
         if tokens == 0:
             metrics["perf/skipped"] = 1.0
             return metrics
+        in_backward = isinstance(optimizer, InBackwardOptimizer)
+        if in_backward:
+            _check_in_backward(plan, step_cfg)
         n_iter = step_cfg.num_iterations
         reuse = n_iter > 1 or len(plan.updates) > 1
         old_full, record_old = old_logprobs, None
@@ -550,12 +581,16 @@ def grpo_step(
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 first = it == 0 and m == 0
-                _run_update(
-                    model, batch, update, plan, step_cfg, loss_cfg, ref_model=ref_model,
-                    old_full=None if (first and old_logprobs is None) else old_full,
-                    record_old=record_old if first else None, acc=acc,
-                    iter_prefix=f"iter{it + 1}/" if n_iter > 1 else "", progress=progress,
-                )
+                with optimizer.stepping() if in_backward else contextlib.nullcontext():
+                    _run_update(
+                        model, batch, update, plan, step_cfg, loss_cfg, ref_model=ref_model,
+                        old_full=None if (first and old_logprobs is None) else old_full,
+                        record_old=record_old if first else None, acc=acc,
+                        iter_prefix=f"iter{it + 1}/" if n_iter > 1 else "", progress=progress,
+                    )
+                if in_backward:  # every parameter stepped during backward; its gradient is already freed
+                    norms.append(optimizer.grad_norm())
+                    continue
                 params = [p for p in model.parameters() if p.grad is not None]
                 max_norm = step_cfg.max_grad_norm if step_cfg.max_grad_norm is not None else math.inf
                 norms.append(_grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))

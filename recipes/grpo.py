@@ -22,7 +22,8 @@ collection (distributed.timeout_s bounds every wait).
 
 Memory: with policy=embedded the server samples from the trainer's own module (collection and training take
 turns; the step holds the weights), so there is one copy of the model, not two; train.overlap=true or FSDP need a
-second copy for the server. No reference model unless loss.kl_coef > 0. AdamW runs fused (no temporary copies).
+second copy for the server. No reference model unless loss.kl_coef > 0. AdamW runs fused (no temporary copies);
+train.optimizer=adafactor and train.optimizer_in_backward=true shrink the step's memory (gym_plugin/optim.py).
 
 Start vs end on the same prompts: eval.at_start / eval.every / eval.at_end sample eval.samples rollouts of the
 task's first eval.num_prompts prompts with the current policy (no update) into eval.jsonl and the PNG.
@@ -54,6 +55,7 @@ from gym_plugin.integration import GymIntegration  # noqa: E402
 from gym_plugin.memory import peak_rss_mb, return_freed_memory_to_os  # noqa: E402
 from gym_plugin.models import load_policy_model, quiet_hf_progress  # noqa: E402
 from gym_plugin.net import free_port  # noqa: E402
+from gym_plugin.optim import build_optimizer  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts, reward_metrics  # noqa: E402
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollouts  # noqa: E402
@@ -192,12 +194,13 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     full_copy = (policy_server.model if policy_server is not None else copy.deepcopy(model)) \
         if sharded and info.is_main else None
     train_model = dist_utils.wrap_model(model, info, cfg.distributed.strategy)
-    optimizer = build_optimizer(train_model, cfg)
+    optimizer = build_optimizer(train_model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
+                                in_backward=cfg.train.optimizer_in_backward)
     resume_note = ""
     if cfg.resume and (ckpt / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=info.device))
     elif cfg.resume:
-        resume_note = " (no optimizer state in it: AdamW's moments start fresh; train.save_optimizer=true keeps them)"
+        resume_note = " (no optimizer state in it: the optimizer's state starts fresh; train.save_optimizer=true keeps them)"
     # checks its routes on every replica now, not after the first step
     weight_sync = await open_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls,
                                          run_dir=run_dir) if info.is_main else None
@@ -327,16 +330,6 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         gym.shutdown()
     if info.is_main:
         print(run_summary(run_dir, time.perf_counter() - started), file=sys.stderr, flush=True)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: GRPOConfig) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel for the parameters (CPU and CUDA float tensors): one pass over
-    each tensor and no temporary copies (the for-each version holds several model-sized temporaries at peak)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # e.g. a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False)
 
 
 def plot_curve(run_dir: Path) -> None:

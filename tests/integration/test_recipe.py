@@ -142,6 +142,26 @@ def test_two_steps_then_resume(tmp_path):
     assert steps3 == {3.0}
 
 
+def test_low_memory_optimizer_trains_and_resumes(tmp_path):
+    """train.optimizer=adafactor stepped in backward: the weights move, and its per-parameter state is saved and
+    continued by resume."""
+    run_dir = tmp_path / "run"
+    low = ["train.optimizer=adafactor", "train.optimizer_in_backward=true", "step.max_grad_norm=null",
+           "train.save_optimizer=true", "eval.at_start=false", "eval.at_end=false", "logging.plot=false"]
+    run_recipe(SMOKE + low + ["train.steps=2"], run_dir)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert_finite_steps(rows, [1, 2])
+    ckpt = run_dir / "checkpoints" / "last"
+    start, trained = initial_params(), checkpoint_params(ckpt)
+    assert sum(not torch.equal(start[k], trained[k]) for k in start) >= len(start) // 2
+    state = torch.load(ckpt / "optimizer.pt")
+    assert len(state["per_param"]) == len(start)  # one Adafactor per parameter (the tiny model is untied)
+    assert {s["state"][0]["step"] for s in state["per_param"]} == {2}
+    run_recipe(SMOKE + low + ["train.steps=3", "resume=true"], run_dir)
+    assert_finite_steps(read_jsonl(run_dir / "metrics.jsonl"), [1, 2, 3])
+    assert {s["state"][0]["step"] for s in torch.load(ckpt / "optimizer.pt")["per_param"]} == {3}
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(RECIPE), *SMOKE, "resume=true", f"run_dir={tmp_path / 'empty'}"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
