@@ -141,6 +141,10 @@ class RunState:
 
 async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> None:
     # ---- build ---------------------------------------------------------------------------------------------
+    if cfg.train.optimizer_in_backward and info.world_size > 1:  # before anything is loaded, on every rank
+        raise ConfigError(f"train.optimizer_in_backward=true with {info.world_size} ranks: DDP/FSDP reduce the "
+                          "gradients after the in-backward step would have used them; set "
+                          "train.optimizer_in_backward=false (train.optimizer=adafactor still saves its state).")
     run_dir = Path(dist_utils.broadcast_object(cfg.run_dir))  # ${now:...} may differ by a second across ranks
     run_dir.mkdir(parents=True, exist_ok=True)
     state.run_dir = run_dir

@@ -79,6 +79,23 @@ def test_recipe_unreachable_endpoint_names_the_url_and_leaves_no_run_dir(tmp_pat
     assert "removed" in out and not run_dir.exists()
 
 
+def test_optimizer_in_backward_under_torchrun_is_refused_before_loading(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+           f"--master_port={closed_port()}", str(ROOT / "recipes/grpo.py"), *TINY, "train.optimizer_in_backward=true",
+           "step.max_grad_norm=null", f"run_dir={run_dir}"]
+    proc = run(cmd)
+    out = proc.stdout + proc.stderr
+    # torchrun itself ends with its own ChildFailedError traceback; the ranks print none
+    assert proc.returncode != 0 and "ChildFailedError" in out and "exitcode  : 2" in out, out[-3000:]
+    traceback = out[out.find("Traceback"):] if "Traceback" in out else ""
+    assert 'grpo.py", line' not in traceback and "/gym_plugin/" not in traceback, out[-3000:]
+    # each rank prints the block (torchrun shows both ranks' output)
+    assert out.count("train.optimizer_in_backward=true with 2 ranks") == 2, out[-3000:]
+    assert "set train.optimizer_in_backward=false" in out
+    assert not run_dir.exists()
+
+
 def test_recipe_traceback_when_asked_for(tmp_path):
     proc = run(RECIPE + TINY + ["policy.kind=endpont", f"run_dir={tmp_path / 'run'}"],
                env={**ENV, "HYDRA_FULL_ERROR": "1"})
