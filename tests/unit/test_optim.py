@@ -43,16 +43,18 @@ def test_adafactor_keeps_a_row_and_a_column_per_matrix():
     assert state_numel(adamw) == 2 * 88_448  # two moments per parameter
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor"])
-@pytest.mark.parametrize("tied", [True, False])
-def test_stepping_in_backward_gives_the_plain_step(name, tied):
+@pytest.mark.parametrize("name,tied,checkpointing", [("adamw", True, False), ("adamw", False, False),
+                                                     ("adafactor", True, False), ("adafactor", False, False),
+                                                     ("adafactor", True, True)])  # the recipe's setting
+def test_stepping_in_backward_gives_the_plain_step(name, tied, checkpointing):
     plain, fused = tiny(tied), tiny(tied)
     opt_plain = build_optimizer(plain, name, lr=1e-3)
     opt_fused = build_optimizer(fused, name, lr=1e-3, in_backward=True)
     for step in range(2):  # the second step also uses the optimizers' state
         batch = random_batch(seed=step)
-        m_plain = grpo_step(plain, opt_plain, batch, micro_batch_size=8, max_grad_norm=None)
-        m_fused = grpo_step(fused, opt_fused, batch, micro_batch_size=8, max_grad_norm=None)
+        kw = {"micro_batch_size": 8, "max_grad_norm": None, "activation_checkpointing": checkpointing}
+        m_plain = grpo_step(plain, opt_plain, batch, **kw)
+        m_fused = grpo_step(fused, opt_fused, batch, **kw)
         assert opt_fused.steps_taken == len(list(fused.parameters()))  # every parameter, once (tied: once)
         assert m_fused["perf/grad_norm"] == pytest.approx(m_plain["perf/grad_norm"], rel=1e-5)
         assert m_fused["loss/total"] == pytest.approx(m_plain["loss/total"], abs=1e-7)
