@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a fresh clone runs without `pip install -e .`
 
 from gym_plugin import distributed as dist_utils  # noqa: E402
+from gym_plugin.checkpoint import last_checkpoint, load_optimizer_state, read_trainer_state, save_checkpoint  # noqa: E402,E501
 from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, exit_on_user_error, format_user_error  # noqa: E402,E501
 from gym_plugin.grpo_config import GRPOConfig, check_overrides, parse_grpo_config  # noqa: E402
 from gym_plugin.integration import GymIntegration  # noqa: E402
@@ -62,7 +63,7 @@ from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollout
 from gym_plugin.run_logging import RunLogger, read_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
-from gym_plugin.weight_sync import open_weight_sync, unwrap_model  # noqa: E402
+from gym_plugin.weight_sync import open_weight_sync  # noqa: E402
 
 
 def load_rows(cfg: GRPOConfig) -> list[dict]:
@@ -109,26 +110,6 @@ async def collect(gym: GymIntegration, rows: list[dict], repeats: int, log: RunL
     return records
 
 
-def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int, run_dir: Path,
-                    save_optimizer: bool) -> Path:
-    """HF folder (loadable with model.spec=<dir>) + step (+ the optimizer state when ``save_optimizer``: AdamW's
-    moments are twice the model's size), swapped in atomically as checkpoints/last; the previous one is removed."""
-    final = run_dir / "checkpoints" / "last"
-    tmp = run_dir / "checkpoints" / f"tmp-{step}"
-    with quiet_hf_progress():
-        unwrap_model(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if save_optimizer:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": policy_version}))
-    if final.exists():
-        final.rename(run_dir / "checkpoints" / f"old-{step}")
-    tmp.rename(final)
-    for old in (run_dir / "checkpoints").glob("old-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 class RunState:
     """What ``main`` needs to know when ``train`` stops early: where it wrote, how far it got, and whether the
     folder holds earlier work (a resumed run, or a run_dir that existed before)."""
@@ -149,13 +130,11 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     state.run_dir = run_dir
     started = time.perf_counter()
-    ckpt = run_dir / "checkpoints" / "last"
+    ckpt = last_checkpoint(run_dir)
     start_step, start_version = 0, 0
     if cfg.resume:
-        if not (ckpt / "trainer_state.json").is_file():
-            raise ConfigError(f"resume=true but {ckpt} holds no checkpoint; run without resume or fix run_dir.")
-        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
-        start_step, start_version = trainer_state["step"], trainer_state.get("policy_version", trainer_state["step"])
+        resumed = read_trainer_state(ckpt)
+        start_step, start_version = resumed.step, resumed.policy_version
     torch.manual_seed(cfg.train.seed)
     with quiet_hf_progress():
         model, tokenizer = load_policy_model(str(ckpt) if cfg.resume else cfg.model.spec, cfg.model.dtype)
@@ -201,10 +180,8 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     optimizer = build_optimizer(train_model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
                                 in_backward=cfg.train.optimizer_in_backward)
     resume_note = ""
-    if cfg.resume and (ckpt / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=info.device))
-    elif cfg.resume:
-        resume_note = " (no optimizer state in it: the optimizer's state starts fresh; train.save_optimizer=true keeps them)"
+    if cfg.resume and not load_optimizer_state(ckpt, optimizer, info.device):
+        resume_note = " (no optimizer state in it: it starts fresh; train.save_optimizer=true keeps it)"
     # checks its routes on every replica now, not after the first step
     weight_sync = await open_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls,
                                          run_dir=run_dir) if info.is_main else None
