@@ -7,7 +7,7 @@ collection and training, peak RSS, and the reward per step.
 Setting: SmolLM2-135M-Instruct fp32 on CPU, the capital-city task (gym_plugin.tasks), 8 prompts x 4 samples per
 step, up to 48 new tokens at temperature 1.0, lr 1e-5 constant, one optimizer step per batch, no KL. Ours is
 ``python recipes/grpo.py`` (the default config: AdamW) with those values and no eval, and ``ours_lowmem`` the
-same plus LOW_MEMORY (Adafactor stepped inside backward); TRL's is bench/trl_grpo.py run with ``--trl-python`` (a
+same plus LOW_MEMORY (memory=low); TRL's is bench/trl_grpo.py run with ``--trl-python`` (a
 venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
 of the machine hits every side.
 
@@ -41,8 +41,9 @@ def run(cmd: list[str], log: Path, env: dict) -> tuple[int, float, float]:
     return proc.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
-LOW_MEMORY = ["train.optimizer=adafactor", "train.optimizer_in_backward=true", "step.max_grad_norm=null"]
-"""``ours_lowmem``: Adafactor (factored second moment, no momentum) stepped inside backward (gym_plugin/optim.py)."""
+LOW_MEMORY = ["memory=low"]
+"""``ours_lowmem``: conf/memory/low.yaml: Adafactor stepped inside backward (gym_plugin/optim.py) and the LM head
+in chunks (gym_plugin/logprobs.py)."""
 
 
 def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:

@@ -220,6 +220,10 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
         problems.append(f"train.optimizer_in_backward=true cannot clip the global gradient norm "
                         f"(step.max_grad_norm={cfg.step.max_grad_norm}): each parameter steps before the others' "
                         "gradients exist; set step.max_grad_norm=null (Adafactor clips each update to RMS 1).")
+    if cfg.step.chunked_lm_head and cfg.distributed.strategy == "fsdp":
+        problems.append("step.chunked_lm_head=true with distributed.strategy=fsdp is not supported: the LM head "
+                        "runs outside the model's forward, where FSDP keeps its parameters sharded; set "
+                        "step.chunked_lm_head=false or distributed.strategy=ddp.")
     if t.optimizer == "adafactor" and cfg.distributed.strategy == "fsdp":
         problems.append("train.optimizer=adafactor with distributed.strategy=fsdp is not supported: transformers' "
                         "Adafactor keeps its factored moments as plain tensors, which FSDP's sharded (DTensor) "

@@ -113,6 +113,7 @@ def compute_token_logprobs(
     compute_entropy: bool = False,
     packing: str = "auto",
     trim_padding: bool = True,
+    chunked_head: bool = False,
     stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of ``input_ids`` under ``model`` where ``positions`` asks for them.
@@ -127,6 +128,10 @@ def compute_token_logprobs(
         compute_entropy: also return the entropy of the distribution that predicted each asked token.
         packing: ``"auto"``, ``"prefix"`` or ``"none"`` (module docstring).
         trim_padding: padded path only: run the model on the columns the rows use.
+        chunked_head: packed path, a model not sharded by FSDP: the model returns its last hidden states and the
+            LM head runs here, ``chunk_size`` positions at a time under checkpointing, so neither the [U, V]
+            logits nor their gradient exist at once (checked on every call against one row of the model's own
+            logits: a model whose logits are not ``lm_head(last hidden state)`` raises ConfigError).
         stats: if given, ``stats["forward_tokens"]`` is increased by the tokens the model ran on (packed nodes,
             or padded rows x columns).
 
@@ -143,7 +148,8 @@ def compute_token_logprobs(
     targets = input_ids[rows, cols]  # [K]
     mode = resolve_packing(model, packing)
     if mode == "prefix" and rows.numel():
-        lp_k, ent_k, ran = _packed(model, input_ids, real, rows, cols, targets, chunk_size, compute_entropy)
+        lp_k, ent_k, ran = _packed(model, input_ids, real, rows, cols, targets, chunk_size, compute_entropy,
+                                   chunked_head)
     else:
         lp_k, ent_k, ran = _padded(model, input_ids, real, rows, cols, targets, chunk_size, compute_entropy,
                                    trim_padding)
@@ -158,7 +164,7 @@ def compute_token_logprobs(
     return logprobs, entropy
 
 
-def _packed(model, input_ids, real, rows, cols, targets, chunk_size, want_entropy):
+def _packed(model, input_ids, real, rows, cols, targets, chunk_size, want_entropy, chunked_head=False):
     """Prefix-tree path: one forward of the packed rows, LM head on the nodes that predict an asked token."""
     device = input_ids.device
     lengths = real.sum(dim=1)  # [B]
@@ -172,15 +178,82 @@ def _packed(model, input_ids, real, rows, cols, targets, chunk_size, want_entrop
     predictor = packed.node_of.to(device)[rows, token_index - 1]  # [K] node whose next token is asked
     keep, index = torch.unique(predictor, return_inverse=True)  # [U], [K]
     dtype = next(_inner(model).parameters()).dtype
+    head = _output_head(model) if chunked_head else None
     out = model(
         input_ids=packed.input_ids.to(device),
         position_ids=packed.position_ids.to(device),
         attention_mask=packed.additive_mask(dtype, device),
-        logits_to_keep=keep,
+        logits_to_keep=keep if head is None else keep[:1],  # chunked: one row, to check the head against
         use_cache=False,
+        output_hidden_states=head is not None,
     )
+    if head is not None:
+        hidden = out.hidden_states[-1][0, keep]  # [U, H] the final (normed) hidden state of each kept node
+        _check_head(head, hidden[:1], out.logits[0, :1])
+        return (*_gather_logprobs_from_hidden(hidden, head, index, targets, chunk_size, want_entropy),
+                packed.num_nodes)
     logits = out.logits[0]  # [U, V]
     return (*_gather_logprobs(logits, index, targets, chunk_size, want_entropy), packed.num_nodes)
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's LM head as a Linear, for the chunked path (ConfigError where it cannot be used)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    if any(isinstance(m, FSDPModule) for m in (model, _inner(model))):
+        raise ConfigError("step.chunked_lm_head=true does not work with distributed.strategy=fsdp (the LM head's "
+                          "parameters are sharded outside the model's forward); set step.chunked_lm_head=false.")
+    inner = _inner(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"step.chunked_lm_head=true needs a Hugging Face causal LM whose output embedding is a "
+                          f"Linear; {type(inner).__name__} has {type(head).__name__}. Set step.chunked_lm_head=false.")
+    return head
+
+
+def _check_head(head: torch.nn.Linear, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    """``head(hidden)`` [1, V] must be the model's own ``logits`` [1, V] (no soft-capping, scaling, ...)."""
+    with torch.no_grad():
+        mine = head(hidden).float()
+        theirs = logits.detach().float()
+        tol = 1e-3 * float(theirs.abs().max()) + 1e-4
+        if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol:
+            raise ConfigError("step.chunked_lm_head=true: this model's logits are not its LM head applied to its "
+                              "last hidden state (e.g. soft-capped or scaled logits), so the head cannot run in "
+                              "chunks here; set step.chunked_lm_head=false.")
+
+
+def _lse_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _lse_chunk(torch.nn.functional.linear(h, weight, bias))  # [C]
+
+
+def _gather_logprobs_from_hidden(
+    hidden: torch.Tensor, head: torch.nn.Linear, index: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+    want_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_gather_logprobs`` with the LM head inside: ``hidden`` [U, H] -> log-probs [K] and entropy [K] or None.
+    The logit of each target is a dot product (no [U, V] block); the log-normalizer runs per chunk of positions,
+    recomputed in backward, so at most one [chunk, V] block of logits (and its gradient) exists at a time."""
+    weight, bias = head.weight, head.bias
+    use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    lse_parts, ent_parts = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start : start + chunk_size]  # [C, H]
+        lse = checkpoint(_lse_from_hidden, h, weight, bias, use_reentrant=False) if use_checkpoint \
+            else _lse_from_hidden(h, weight, bias)  # [C]
+        lse_parts.append(lse)
+        if want_entropy:
+            with torch.no_grad():  # reported only
+                x = torch.nn.functional.linear(h, weight, bias).to(lse.dtype)  # [C, V]
+                ent_parts.append(lse.detach() - (torch.exp(x - lse.detach()[:, None]) * x).sum(dim=-1))  # [C]
+    lse_all = torch.cat(lse_parts) if lse_parts else hidden.new_zeros(0, dtype=torch.float32)  # [U]
+    picked = (hidden[index] * weight[targets]).sum(dim=-1)  # [K] the targets' logits
+    if bias is not None:
+        picked = picked + bias[targets]
+    entropy = torch.cat(ent_parts)[index] if want_entropy and ent_parts else None  # [K]
+    return picked.to(lse_all.dtype) - lse_all[index], entropy
 
 
 def _padded(model, input_ids, real, rows, cols, targets, chunk_size, want_entropy, trim_padding):

@@ -68,6 +68,10 @@ class StepConfig:
     ``"none"``: padded rows; ``"auto"``: prefix for Hugging Face models with SDPA/eager attention, else none."""
     trim_padding: bool = True
     """Padded rows only (``packing=none``): cut each micro-batch to the columns its rows use."""
+    chunked_lm_head: bool = False
+    """Packed rows only: run the LM head here, ``logprob_chunk_size`` positions at a time, recomputed in backward,
+    instead of taking the model's [U, V] logits (no [U, V] logits or logits gradient at once). Not with FSDP;
+    checked against the model's own logits on every call."""
     compute_entropy: bool = True
     """Report the policy's mean token entropy (``loss/entropy``); costs one extra pass over the kept logits."""
     num_iterations: int = 1
@@ -284,7 +288,8 @@ def _dummy(batch: RolloutBatch, device: torch.device) -> _Micro:
 def _micro_logprobs(model, mb: _Micro, step_cfg: StepConfig, entropy: bool, stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     return compute_token_logprobs(
         model, mb.input_ids, mb.attention_mask, positions=mb.positions, chunk_size=step_cfg.logprob_chunk_size,
-        compute_entropy=entropy, packing=step_cfg.packing, trim_padding=step_cfg.trim_padding, stats=stats,
+        compute_entropy=entropy, packing=step_cfg.packing, trim_padding=step_cfg.trim_padding,
+        chunked_head=step_cfg.chunked_lm_head, stats=stats,
     )
 
 

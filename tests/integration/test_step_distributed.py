@@ -28,6 +28,8 @@ SCENARIOS = {
     "fsdp_uneven": ("fsdp", {"packing": "prefix"}, "grouped"),
     "fsdp_empty": ("fsdp", {"packing": "none", "trim_padding": True}, "empty"),
     "ddp_adafactor": ("ddp", {"packing": "prefix"}, "grouped"),
+    # the LM head runs outside DDP's forward: its gradient must still be reduced over the ranks
+    "ddp_chunked_head": ("ddp", {"packing": "prefix", "chunked_lm_head": True, "logprob_chunk_size": 4}, "grouped"),
 }
 ADAFACTOR = {"ddp_adafactor"}
 """Scenarios stepped with train.optimizer=adafactor (not under FSDP: the recipe refuses that combination)."""
@@ -83,6 +85,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             full = getattr(p, "full_tensor", None)
             params[pname.removeprefix("module.")] = (full() if callable(full) else p).detach().clone()
         results[name] = {"digest": params_digest(model), "params": params, "metrics": metrics}
+    # FSDP shards the LM head outside the model's forward: the chunked head is refused before any collective
+    from gym_plugin.errors import ConfigError
+
+    try:
+        grpo_step(wrap_model(tiny_model(), info, "fsdp"), torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                  rank_batch(rank, "grouped"), **STEP, packing="prefix", chunked_lm_head=True)
+        results["fsdp_chunked_head"] = "no error"
+    except ConfigError as exc:
+        results["fsdp_chunked_head"] = str(exc)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -121,3 +132,9 @@ def test_two_ranks_end_identical_and_equal_to_one_process(two_rank_results, name
     for key in ("perf/num_trained_tokens", "perf/num_trained_seqs", "loss/total", "loss/clip_frac", "loss/entropy"):
         assert r0["metrics"][key] == pytest.approx(want_metrics[key], rel=1e-4, abs=1e-6), key
         assert r1["metrics"][key] == r0["metrics"][key], key
+
+
+def test_chunked_lm_head_under_fsdp_is_refused(two_rank_results):
+    for rank in (0, 1):
+        assert "step.chunked_lm_head=true does not work with distributed.strategy=fsdp" in \
+            two_rank_results[rank]["fsdp_chunked_head"]

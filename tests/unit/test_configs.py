@@ -24,7 +24,7 @@ from gym_plugin.errors import ConfigError
 from gym_plugin.grpo_config import GRPOConfig, parse_grpo_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("env", "policy", "model", "loss", "weight_sync")
+GROUPS = ("env", "policy", "model", "loss", "weight_sync", "memory")
 """The config groups of conf/grpo.yaml (its defaults list)."""
 GYM_DIR = CONF / "gym"
 """Gym environment configs (gym-plugin serve / GymIntegration), not recipe groups."""
@@ -104,6 +104,9 @@ def test_group_option_composes_and_validates(group, option):
         assert cfg.weight_sync.kind == option
     elif group == "model":
         assert cfg.model.spec and cfg.model.name
+    elif group == "memory":  # applied after grpo.yaml's own values (defaults list: after _self_)
+        assert (cfg.train.optimizer, cfg.train.optimizer_in_backward, cfg.step.max_grad_norm,
+                cfg.step.chunked_lm_head) == ("adafactor", True, None, True)
 
 
 @pytest.mark.parametrize("path", sorted(GYM_DIR.glob("*.yaml")), ids=lambda p: p.name)

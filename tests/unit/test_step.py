@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -367,3 +368,44 @@ def test_step_restores_eval_mode_and_checkpointing_gives_the_same_gradient():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     grpo_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, activation_checkpointing=True)
     assert not model.training and not model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_lm_head_gives_the_reference_gradient_and_entropy(tied):
+    """step.chunked_lm_head: the head runs on hidden states in chunks of 3 positions; same gradient as the plain
+    full-logits reference, same entropy as the model's own logits."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=tied,
+    ))
+    batch = process_rollouts(grouped_rollouts(), pad_token_id=0)
+    kw = {"aggregation": "token-mean", "tis_level": "token"}
+    want, want_loss = reference_grads(model, batch, **kw)
+    got, m = grads_for(model, batch, micro_batch_size=12, packing="prefix", chunked_lm_head=True,
+                       logprob_chunk_size=3, **kw)
+    assert m["loss/total"] == pytest.approx(want_loss, abs=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ids, mask = batch.input_ids, batch.attention_mask
+    lp_c, ent_c = compute_token_logprobs(model, ids, mask, packing="prefix", chunked_head=True, chunk_size=3,
+                                         compute_entropy=True)
+    lp, ent = compute_token_logprobs(model, ids, mask, packing="prefix", compute_entropy=True)
+    torch.testing.assert_close(lp_c, lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_c, ent, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_lm_head_refuses_a_model_whose_logits_are_not_its_head():
+    model = tiny_model()
+    batch = random_batch()
+    original = model.forward
+
+    @functools.wraps(original)  # same signature: the model still packs
+    def scaled(*args, **kwargs):  # e.g. a model that scales its logits after the head
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = scaled
+    with pytest.raises(ConfigError, match="logits are not its LM head applied to its last hidden state"):
+        compute_token_logprobs(model, batch.input_ids, batch.attention_mask, packing="prefix", chunked_head=True)
