@@ -6,7 +6,8 @@ on, and the process's peak RSS (model + AdamW state + gradients + activations).
     PYTHONPATH=. python bench/step.py --rollouts runs/grpo-.../rollouts/step_000001.jsonl
     PYTHONPATH=. python bench/step.py --rollouts ... --settings none:8 prefix:8 prefix:32 prefix:32:ckpt
 
-A setting is ``packing:micro_batch_size[:ckpt]``. The rollouts are any recipe run's ``rollouts/step_*.jsonl``
+A setting is ``packing:micro_batch_size[:ckpt][:lowmem][:head]`` (ckpt: activation checkpointing; lowmem:
+Adafactor stepped in backward; head: the chunked LM head, 128 positions per chunk). The rollouts are any recipe run's ``rollouts/step_*.jsonl``
 (the default recipe's: SmolLM2, 8 capital prompts x 4 samples). CPU seconds are less sensitive than wall
 seconds to other processes on a shared machine (both are printed).
 """
@@ -31,6 +32,7 @@ def run_one(args: argparse.Namespace) -> None:
     import torch
 
     from gym_plugin.models import load_policy_model
+    from gym_plugin.optim import build_optimizer
     from gym_plugin.process import process_rollouts
     from gym_plugin.step import grpo_step
 
@@ -41,12 +43,18 @@ def run_one(args: argparse.Namespace) -> None:
     model, tokenizer = load_policy_model(args.model)
     records = [json.loads(line) for line in open(args.rollouts) if line.strip()]
     batch = process_rollouts(records, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, foreach=False)
+    if "lowmem" in rest:  # memory=low's optimizer: Adafactor stepped in backward (no global clipping)
+        optimizer = build_optimizer(model, "adafactor", lr=args.lr, in_backward=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, foreach=False)
+    extra = {"max_grad_norm": None} if "lowmem" in rest else {}
+    if "head" in rest:  # the chunked LM head, 128 positions per chunk (memory=low's)
+        extra.update(chunked_lm_head=True, logprob_chunk_size=128)
     walls, cpus, metrics = [], [], {}
     for _ in range(args.steps):
         w0, c0 = time.perf_counter(), time.process_time()
         metrics = grpo_step(model, optimizer, batch, micro_batch_size=int(mbs), packing=packing,
-                            activation_checkpointing="ckpt" in rest, compute_entropy=False)
+                            activation_checkpointing="ckpt" in rest, compute_entropy=False, **extra)
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
     print(json.dumps({
