@@ -1,7 +1,8 @@
 """The packed step's gradient on the real default model (SmolLM2-135M fp32) matches the plain computation (each
 row alone, full [T, V] logits, one loss) for one GRPO batch: 2 capital prompts x 4 answers in SmolLM2's chat
 template (the system prompt shared by all rows, each prompt by its group, some answers sharing first tokens,
-one group with equal rewards) as closely as the padded computation did (float32 summation order). Slow:
+one group with equal rewards) as closely as the padded computation did (float32 summation order), also with the
+LM head in chunks (step.chunked_lm_head). Slow:
 ``-m slow``."""
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def test_smollm2_packed_gradient_equals_full_logits_reference():
     kw = {"aggregation": "token-mean", "tis_level": "token"}
     want, _ = reference_grads(model, batch, **kw)
     errors = {}
-    for packing in ("prefix", "none"):
+    for packing in ("prefix", "none", "prefix+chunked_head"):
         model.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(model, batch, micro_batch_size=4, packing=packing, **kw)
+        chunked = {"chunked_lm_head": True, "logprob_chunk_size": 16} if packing.endswith("chunked_head") else {}
+        metrics = accumulate_gradients(model, batch, micro_batch_size=4, packing=packing.split("+")[0], **chunked,
+                                       **kw)
         got = [p.grad for p in model.parameters()]
         # relative error over the whole gradient, and the worst tensor (largest difference / largest entry)
         errors[packing] = (
@@ -49,7 +52,7 @@ def test_smollm2_packed_gradient_equals_full_logits_reference():
             max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(got, want)),
         )
         assert metrics["perf/num_skipped_rows"] == 4  # Japan: equal rewards, advantage 0
-        if packing == "prefix":
+        if packing.startswith("prefix"):
             # 4 France rows of ~45 prompt tokens: packed, the system prompt and the prompt are computed once
             assert metrics["perf/num_forward_tokens"] < 0.5 * float(batch.attention_mask[:4].sum())
     print(f"gradient vs the row-by-row reference (relative, worst tensor): {errors}")
@@ -58,3 +61,6 @@ def test_smollm2_packed_gradient_equals_full_logits_reference():
     # the packed computation must be as close
     assert errors["prefix"][0] < 1e-4 and errors["prefix"][1] < 1e-3
     assert errors["prefix"][0] <= 1.5 * errors["none"][0] + 1e-7
+    # the LM head in chunks of 16 positions on the hidden states (memory=low): the same gradient (SmolLM2 ties its
+    # LM head to the embedding, so both uses meet in one gradient)
+    assert errors["prefix+chunked_head"][0] <= 1.5 * errors["none"][0] + 1e-7 and errors["prefix+chunked_head"][1] < 1e-3
