@@ -81,26 +81,45 @@ def _lse_chunk(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32)).logsumexp(dim=-1)  # [C]
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _lse_of_block(x: torch.Tensor, to_logits, *params: torch.Tensor | None) -> torch.Tensor:
+    return _lse_chunk(to_logits(x, *params))  # [C]
+
+
+def _chunked_lse(
+    rows: torch.Tensor, to_logits, params: tuple, chunk_size: int, want_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rows`` [U, D] -> the log-normalizer [U] (float32 or wider) of ``to_logits(rows, *params)`` [U, V] and the
+    entropy [U] of those distributions (no grad) or None, ``chunk_size`` rows at a time. Each chunk's float32
+    block is recomputed in backward instead of kept, so at most one [chunk, V] block exists at a time (beyond
+    ``rows`` themselves, which are the logits when ``to_logits`` is the identity)."""
+    use_checkpoint = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, *params))
+    lse_parts, ent_parts = [], []
+    for start in range(0, rows.shape[0], chunk_size):
+        x = rows[start : start + chunk_size]  # [C, D]
+        lse = checkpoint(_lse_of_block, x, to_logits, *params, use_reentrant=False) if use_checkpoint \
+            else _lse_of_block(x, to_logits, *params)  # [C]
+        lse_parts.append(lse)
+        if want_entropy:
+            with torch.no_grad():  # reported only
+                logits = to_logits(x.detach(), *params).to(lse.dtype)  # [C, V]
+                ent_parts.append(lse.detach() - (torch.exp(logits - lse.detach()[:, None]) * logits).sum(dim=-1))
+    lse_all = torch.cat(lse_parts) if lse_parts else rows.new_zeros(0, dtype=torch.float32)  # [U]
+    return lse_all, (torch.cat(ent_parts) if want_entropy and ent_parts else None)
+
+
 def _gather_logprobs(
     logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, chunk_size: int, want_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``logits`` [U, V] (rows that predict), ``index`` [K] (which row predicts each target), ``targets`` [K]
     -> log-probs [K] (float32 or wider) and the entropy [K] of the predicting distributions (no grad) or None."""
-    use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
-    lse_parts, ent_parts = [], []
-    for start in range(0, logits.shape[0], chunk_size):
-        piece = logits[start : start + chunk_size]  # [C, V]
-        # recompute the float32 block in backward instead of keeping one per chunk
-        lse = checkpoint(_lse_chunk, piece, use_reentrant=False) if use_checkpoint else _lse_chunk(piece)  # [C]
-        lse_parts.append(lse)
-        if want_entropy:
-            with torch.no_grad():  # reported only
-                x = piece.detach().to(lse.dtype)  # [C, V]
-                ent_parts.append(lse.detach() - (torch.exp(x - lse.detach()[:, None]) * x).sum(dim=-1))  # [C]
-    lse_all = torch.cat(lse_parts) if lse_parts else logits.new_zeros(0, dtype=torch.float32)  # [U]
+    lse_all, ent = _chunked_lse(logits, _identity, (), chunk_size, want_entropy)  # [U], [U]
     picked = logits[index, targets].to(lse_all.dtype)  # [K]
-    entropy = torch.cat(ent_parts)[index] if want_entropy and ent_parts else None  # [K]
-    return picked - lse_all[index], entropy
+    return picked - lse_all[index], (ent[index] if ent is not None else None)
 
 
 def compute_token_logprobs(
@@ -225,35 +244,19 @@ def _check_head(head: torch.nn.Linear, hidden: torch.Tensor, logits: torch.Tenso
                               "chunks here; set step.chunked_lm_head=false.")
 
 
-def _lse_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _lse_chunk(torch.nn.functional.linear(h, weight, bias))  # [C]
-
-
 def _gather_logprobs_from_hidden(
     hidden: torch.Tensor, head: torch.nn.Linear, index: torch.Tensor, targets: torch.Tensor, chunk_size: int,
     want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``_gather_logprobs`` with the LM head inside: ``hidden`` [U, H] -> log-probs [K] and entropy [K] or None.
     The logit of each target is a dot product (no [U, V] block); the log-normalizer runs per chunk of positions,
-    recomputed in backward, so at most one [chunk, V] block of logits (and its gradient) exists at a time."""
+    head included, recomputed in backward, so at most one [chunk, V] block of logits (and its gradient) exists."""
     weight, bias = head.weight, head.bias
-    use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    lse_parts, ent_parts = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h = hidden[start : start + chunk_size]  # [C, H]
-        lse = checkpoint(_lse_from_hidden, h, weight, bias, use_reentrant=False) if use_checkpoint \
-            else _lse_from_hidden(h, weight, bias)  # [C]
-        lse_parts.append(lse)
-        if want_entropy:
-            with torch.no_grad():  # reported only
-                x = torch.nn.functional.linear(h, weight, bias).to(lse.dtype)  # [C, V]
-                ent_parts.append(lse.detach() - (torch.exp(x - lse.detach()[:, None]) * x).sum(dim=-1))  # [C]
-    lse_all = torch.cat(lse_parts) if lse_parts else hidden.new_zeros(0, dtype=torch.float32)  # [U]
+    lse_all, ent = _chunked_lse(hidden, torch.nn.functional.linear, (weight, bias), chunk_size, want_entropy)
     picked = (hidden[index] * weight[targets]).sum(dim=-1)  # [K] the targets' logits
     if bias is not None:
         picked = picked + bias[targets]
-    entropy = torch.cat(ent_parts)[index] if want_entropy and ent_parts else None  # [K]
-    return picked.to(lse_all.dtype) - lse_all[index], entropy
+    return picked.to(lse_all.dtype) - lse_all[index], (ent[index] if ent is not None else None)
 
 
 def _padded(model, input_ids, real, rows, cols, targets, chunk_size, want_entropy, trim_padding):
