@@ -47,6 +47,7 @@ from gym_plugin.errors import (
     truncate,
 )
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, post_with_retries
+from gym_plugin.nemo_rl.actors import ray_actor_class
 from gym_plugin.protocol import MASK_SAMPLE_KEY, agent_name, is_reward
 from gym_plugin.responses import content_text, next_id
 
@@ -439,26 +440,16 @@ def _pass_rate_per_prompt(text: Any, correct: torch.Tensor, keep: torch.Tensor) 
 
 
 # ---- NeMo-RL registration (lazy: ray / nemo_rl only imported when asked) ---------------------------------------
-_ACTOR_CLASS: Any = None
 ACTOR_FQN = "gym_plugin.nemo_rl.env.GymEnvironmentActor"
 """What NeMo-RL's registries name: ``ray.remote(GymEnvironment)``, created on first access."""
 
 
 def __getattr__(name: str) -> Any:
     if name == "GymEnvironmentActor":
-        global _ACTOR_CLASS
-        if _ACTOR_CLASS is None:
-            try:
-                import ray
-            except ImportError as e:
-                raise GymPluginError(
-                    "gym_plugin.nemo_rl.env.GymEnvironmentActor needs ray (NeMo-RL's actor framework), which is not "
-                    "installed. Install NeMo-RL (it brings ray), or use GymEnvironment directly without actors."
-                ) from e
-            # max_concurrency: step and run_rollouts block on the Gym loop thread; let calls overlap as NeMo-RL's
-            # own environments do.
-            _ACTOR_CLASS = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64)(GymEnvironment)
-        return _ACTOR_CLASS
+        # max_concurrency: step and run_rollouts block on the Gym loop thread; let calls overlap as NeMo-RL's
+        # own environments do.
+        return ray_actor_class(GymEnvironment, ACTOR_FQN, "use GymEnvironment directly without actors",
+                               max_restarts=-1, max_task_retries=-1, max_concurrency=64)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

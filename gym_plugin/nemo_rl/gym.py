@@ -54,6 +54,7 @@ from gym_plugin.errors import (
     ProtocolError,
     truncate,
 )
+from gym_plugin.nemo_rl.actors import ray_actor_class
 from gym_plugin.net import url_problems
 from gym_plugin.protocol import (
     DRIFT,
@@ -499,22 +500,14 @@ class NemoGymDropIn:
 
 
 # ---- NeMo-RL wiring (lazy: ray / nemo_rl only imported when asked) ----------------------------------------------
-_ACTOR_CLASS: Any = None
 _ORIGINAL: Any = None
 
 
 def __getattr__(name: str) -> Any:
     if name == "NemoGymActor":
-        global _ACTOR_CLASS
-        if _ACTOR_CLASS is None:
-            try:
-                import ray
-            except ImportError as e:
-                raise GymPluginError("gym_plugin.nemo_rl.gym.NemoGymActor needs ray (NeMo-RL's actor framework); "
-                                     "install NeMo-RL, or use NemoGymDropIn directly") from e
-            # Same restart policy as NeMo-RL's NemoGym. Async methods make it an asyncio actor: calls overlap.
-            _ACTOR_CLASS = ray.remote(max_restarts=-1, max_task_retries=-1)(NemoGymDropIn)
-        return _ACTOR_CLASS
+        # Same restart policy as NeMo-RL's NemoGym. Async methods make it an asyncio actor: calls overlap.
+        return ray_actor_class(NemoGymDropIn, "gym_plugin.nemo_rl.gym.NemoGymActor", "use NemoGymDropIn directly",
+                               max_restarts=-1, max_task_retries=-1)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
