@@ -8,8 +8,7 @@ The names users reach for are importable from the package root; they load lazily
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gym_plugin.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -33,14 +32,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gym_plugin' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

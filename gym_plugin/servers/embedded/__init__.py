@@ -10,8 +10,7 @@ The names below load lazily: importing the package (or its torch-free ``config``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gym_plugin.lazy import lazy_exports
 
 _EXPORTS = {
     "ChatRequest": "gym_plugin.servers.embedded.app",
@@ -27,14 +26,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gym_plugin.servers.embedded' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
