@@ -44,6 +44,7 @@ from aiohttp import web
 from gym_plugin.collect import CollectorConfig, RolloutCollector
 from gym_plugin.servers.base import Directory
 from gym_plugin.http import HTTPStatusError, Transport
+from gym_plugin.net import free_port
 from gym_plugin.protocol import is_failure
 from gym_plugin.servers.agent import AgentConfig, AgentServer
 from gym_plugin.servers.base import Server
@@ -265,12 +266,6 @@ async def main(port, delay_s):
 
 asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class BackendProcess:

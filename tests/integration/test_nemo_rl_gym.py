@@ -13,7 +13,6 @@ prompt is ``[1, 5]``, a generation is its words + ``[2]``, and the log-prob of g
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import zlib
@@ -35,6 +34,7 @@ from gym_plugin.servers.resources.calculator import calculator_row
 from gym_plugin.testing.background import BackgroundServer
 from gym_plugin.testing.fake_openai import Behaviour, FakeOpenAIServer, ToolCall, Turn
 from gym_plugin.models.tiny import build_tiny_tokenizer
+from gym_plugin.net import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,12 +55,6 @@ def words(text: str) -> list[int]:
 
 def logprob(t: int) -> float:
     return -0.1 * (t % 7 + 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CALC_SCRIPT = Behaviour(turns=[

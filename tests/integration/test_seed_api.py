@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from gym_plugin.errors import ConfigError, EndpointUnreachableError, UnknownAgen
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, is_failure
 from gym_plugin.servers.resources.calculator import calculator_row
 from gym_plugin.testing.fake_openai import LOG_PROBS, Behaviour, FakeOpenAIServer, ToolCall, Turn
+from gym_plugin.net import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,12 +58,6 @@ def sum_row(question: str, answer: str, agent: str = "exact_match_agent") -> dic
         "agent_ref": agent,  # the seed's string form; {"name": ...} works too
         "expected_answer": answer,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_collect_rollouts_async_for_as_in_the_seed():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from contextlib import asynccontextmanager
 
@@ -31,6 +30,7 @@ from gym_plugin.servers.resources.calculator import CalculatorResourceServer, ca
 from gym_plugin.servers.resources.exact_match import ExactMatchResourceServer
 from gym_plugin.servers.resources.math_verify import MathVerifyResourceServer
 from gym_plugin.testing.fake_openai import LOG_PROBS, Behaviour, FakeOpenAIServer, ToolCall, Turn
+from gym_plugin.net import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -325,12 +325,6 @@ def test_5xx_burst_longer_than_retries_fails_naming_the_backend():
         assert "after 2 attempt(s)" in str(ei.value)
 
     asyncio.run(body())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @BOTH_PATHS

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import sys
 import tarfile
 import tempfile
@@ -22,12 +21,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 SNAPSHOT = Path(os.environ.get("NEMO_RL_SNAPSHOT", ROOT.parent / "shared" / "peers" / "nemo_rl-7ea279a.tar.gz"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ from gym_plugin.servers.resources.calculator import calculator_row
 from gym_plugin.testing.background import BackgroundServer
 from gym_plugin.testing.fake_openai import Behaviour, FakeOpenAIServer, ToolCall, Turn
 from gym_plugin.models.tiny import build_tiny_tokenizer
-from tests.peers.nemo_rl.conftest import ROOT, free_port
+from gym_plugin.net import free_port
+from tests.peers.nemo_rl.conftest import ROOT
 
 pytestmark = [pytest.mark.nemo_rl, pytest.mark.timeout(300)]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import sys
 import time
 import urllib.request
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from gym_plugin.net import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCK_PATH = "/tmp/heavy.lock"
@@ -65,12 +66,6 @@ class VLLMServer:
     def get(self, path: str, timeout: float = 60.0):
         with urllib.request.urlopen(self.root + path, timeout=timeout) as resp:
             return json.loads(resp.read())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _take_lock(timeout_s: float):
