@@ -6,7 +6,8 @@ the actor after `use_in_nemo_rl`; ``run_nemo_gym_rollout_sync`` (GRPO's sync loo
 policy. The policy is the scripted fake OpenAI endpoint on its own loop, reached over HTTP (like vLLM); the
 "generation" object handed to NeMo-RL only carries the vLLM config NeMo-RL reads (``cfg.vllm_cfg.max_model_len``).
 
-Token ids follow the fake's documented rules (gym_plugin/testing/fake_openai.py), vocabulary 600: a message is
+Token ids follow the fake's documented rules (gym_plugin/testing/fake_openai.py; the helpers that spell them are
+tests/integration/test_nemo_rl_gym.py's), vocabulary 600: a message is
 ``[1, role] + crc32(word) % 600 + 16 per word + [2]``, the generation prompt ``[1, 5]``, a generation its words
 + ``[2]``, log-prob of generated id t = -0.1 * (t % 7 + 1).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import zlib
 
 import pytest
 import torch
@@ -26,13 +26,11 @@ from gym_plugin.testing.background import BackgroundServer
 from gym_plugin.testing.fake_openai import Behaviour, FakeOpenAIServer, ToolCall, Turn
 from gym_plugin.models.tiny import build_tiny_tokenizer
 from gym_plugin.net import free_port
+from tests.integration.test_nemo_rl_gym import GEN_PROMPT, IM_END, IM_START, TOOL, USER, VOCAB, logprob, wid, words
 from tests.peers.nemo_rl.conftest import ROOT
 
 pytestmark = [pytest.mark.nemo_rl, pytest.mark.timeout(300)]
 
-VOCAB = 600
-IM_START, IM_END, USER, TOOL = 1, 2, 4, 6
-GEN_PROMPT = [1, 5]
 SCRIPT = [
     ("Compute", Behaviour(turns=[
         Turn(tool_calls=[ToolCall("multiply", {"a": 3, "b": 4})]),
@@ -45,18 +43,6 @@ SCRIPT = [
 ]
 GEN_CONFIG = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "top_k": None,
               "stop_strings": None, "stop_token_ids": None}
-
-
-def wid(word: str) -> int:
-    return zlib.crc32(word.encode()) % VOCAB + 16
-
-
-def words(text: str) -> list[int]:
-    return [wid(w) for w in text.split()]
-
-
-def logprob(t: int) -> float:
-    return -0.1 * (t % 7 + 1)
 
 
 class VllmConfigOnly:
