@@ -87,10 +87,6 @@ class InBackwardOptimizer:
         for p in self.params:
             p.grad = None
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
     def state_dict(self) -> dict:
         return {"in_backward": self.name, "per_param": [opt.state_dict() for opt in self.optimizers]}
 
