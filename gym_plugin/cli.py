@@ -3,6 +3,8 @@
   gym-plugin serve   --config env.yaml [key=value ...] [--process-per-server]
   gym-plugin collect --config env.yaml --input rows.jsonl --output out.jsonl [--repeats N] [--resume]
   gym-plugin collect --head-url http://127.0.0.1:11000 --input rows.jsonl --output out.jsonl
+  gym-plugin prepare --input rows.jsonl [--config env.yaml | --agent NAME] [--output out.jsonl]
+                     [--val-output val.jsonl --val-fraction 0.1] [--tokenizer smollm2]   (check, split, stats)
   gym-plugin embedded --model smollm2 --port 8000          (OpenAI-compatible embedded policy)
   gym-plugin vllm-args --model smollm2 --cpu               (the vLLM server command gym_plugin needs)
   gym-plugin fake-openai --port 8000                       (scripted fake endpoint, for trying things out)
@@ -288,6 +290,80 @@ async def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- prepare --------------------------------------------------------------------------------------------
+def _row_sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``(name, RowSource)`` for each source the command line names: every --input file (JSONL / Parquet).
+    A generator of rows plugs in here as one more ``(name, iterable of (origin, row))`` entry."""
+    from gym_plugin.datasets import file_rows
+
+    return [(path, file_rows(path)) for path in args.input or ()]
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import itertools
+
+    from gym_plugin.datasets import check_rows, row_stats, split_rows, write_jsonl
+
+    sources = _row_sources(args)
+    if not sources:
+        raise ConfigError("prepare needs rows: --input rows.jsonl (repeatable; .parquet too)")
+    splitting = args.val_fraction is not None or args.val_size is not None
+    if splitting and not args.val_output and args.output:
+        raise ConfigError("--val-fraction/--val-size split off validation rows: name their file with --val-output "
+                          "(and the training rows' with --output)")
+    if args.val_output and not splitting:
+        raise ConfigError("--val-output needs --val-fraction or --val-size (how many rows to split off)")
+    if args.overrides and not args.config:
+        raise ConfigError(f"overrides {args.overrides} need a --config to apply to")
+    agents = None
+    if args.config:
+        from gym_plugin.config import configured_agents
+
+        agents = configured_agents(args.config, args.overrides)
+        if not agents:
+            raise ConfigError(f"--config {args.config} names no agent (no section with responses_api_agents): "
+                              "rows are routed to agents; give the config that defines them")
+    names = ", ".join(name for name, _ in sources)
+    checked = check_rows(itertools.chain.from_iterable(rows for _, rows in sources), agents=agents,
+                         agent=args.agent)
+    print(f"read {checked.read} rows from {names}")
+    if checked.problems and args.drop_invalid and checked.rows:
+        kinds = ", ".join(f"{k} {n}" for k, n in checked.kinds.most_common())
+        print(f"dropped {checked.invalid} unusable rows ({kinds}) (--drop-invalid); the first ones:")
+        for origin, message in checked.problems[:5]:
+            print(f"  - {origin}: {message}")
+    else:
+        checked.raise_if_invalid(names, "Fix these rows, or pass --drop-invalid to leave them out (they are "
+                                 "counted).")
+    rows = checked.rows
+    for had, n in checked.agent_replaced.most_common():
+        print(f"agent_ref set to {args.agent!r} on {n} rows that named {had!r} (--agent)")
+    tokenizer = None
+    if args.tokenizer:
+        from gym_plugin.models import quiet_hf_progress
+        from gym_plugin.models.chat_template import load_tokenizer
+
+        with quiet_hf_progress():
+            tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
+    stats = row_stats(rows, tokenizer)
+    print(f"{stats.rows} usable rows")
+    for line in stats.lines(args.tokenizer):
+        print(line)
+    train, val = (split_rows(rows, val_fraction=args.val_fraction, val_size=args.val_size, seed=args.seed)
+                  if splitting else (list(range(len(rows))), []))
+    if splitting:
+        print(f"split (seed {args.seed}): {len(train)} train, {len(val)} validation rows (rows with the same prompt "
+              "kept on one side)")
+    if not args.output:
+        print("checked only: pass --output to write the rows")
+        return 0
+    for path, idx in ((args.output, train), (args.val_output, val)):
+        if path:
+            write_jsonl(path, (rows[i] for i in idx))
+            print(f"wrote {len(idx)} rows -> {path}")
+    return 0
+
+
 # ---- embedded -----------------------------------------------------------------------------------------
 def _check_port_free(host: str, port: int) -> None:
     """ConfigError naming the port when ``host:port`` cannot be bound (in use, or not allowed)."""
@@ -463,6 +539,29 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_prepare_parser(sub) -> None:
+    r = sub.add_parser("prepare", help="check example rows, set agent_ref, split train/validation, print stats",
+                       description="Read example rows (JSONL or Parquet), check every row (all problems at once, "
+                       "with file:line), route them to an agent (--agent) or check their agent_ref against a config's "
+                       "agents (--config), split off validation rows, print stats (rows per agent, prompt tokens "
+                       "with --tokenizer, duplicate prompts) and write the outputs. Exit 2 when rows are unusable.")
+    r.add_argument("--input", action="append", default=None, metavar="FILE",
+                   help="rows: .jsonl, or .parquet with pyarrow (repeatable, read in order)")
+    r.add_argument("--config", action="append", default=None,
+                   help="Gym config YAML whose agents the rows' agent_ref must name (repeatable, merged in order)")
+    r.add_argument("--agent", default=None, help="route every row to this agent (sets agent_ref)")
+    r.add_argument("--output", default=None,
+                   help="JSONL file for the checked rows (the training rows when splitting)")
+    r.add_argument("--val-output", default=None, help="JSONL file for the validation rows")
+    r.add_argument("--val-fraction", type=float, default=None, help="share of rows for validation, e.g. 0.1")
+    r.add_argument("--val-size", type=int, default=None, help="number of rows for validation")
+    r.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    r.add_argument("--tokenizer", default=None,
+                   help="count prompt tokens with this model's tokenizer: smollm2 | tiny | a Hugging Face folder")
+    r.add_argument("--drop-invalid", action="store_true", help="leave unusable rows out (counted) instead of failing")
+    r.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value of the --config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gym-plugin", description="NeMo-Gym-style environments for RL training.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -504,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token of servers started with auth_token (default: $GYM_PLUGIN_AUTH_TOKEN)")
     c.add_argument("overrides", nargs="*", help="dotlist overrides key.sub=value of the --config")
 
+    _add_prepare_parser(sub)
     _add_embedded_parser(sub)
     _add_vllm_args_parser(sub)
     f = sub.add_parser("fake-openai", help="serve the scripted fake OpenAI-compatible endpoint")
@@ -535,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.config and not args.head_url:
                 raise GymPluginError("collect needs --config (start servers here) or --head-url (running servers)")
             return asyncio.run(_collect(args))
+        if args.command == "prepare":
+            return _prepare(args)
         if args.command == "embedded":
             return _embedded(args)
         if args.command == "vllm-args":

@@ -33,7 +33,6 @@ from gym_plugin.errors import (
     MalformedResponseError,
     ProtocolError,
     UnknownAgentError,
-    did_you_mean,
     truncate,
 )
 from gym_plugin.http import HTTPStatusError, RetryPolicy, Transport, bearer_headers, post_with_retries
@@ -47,6 +46,7 @@ from gym_plugin.protocol import (
     failure_record,
     is_failure,
     is_reward,
+    unknown_agent_message,
     validate_example,
 )
 
@@ -199,10 +199,7 @@ class RolloutCollector:
         try:
             return self.routes[name]
         except KeyError:
-            raise UnknownAgentError(
-                f"agent_ref {name!r} is not a configured agent. Configured agents: {sorted(self.agent_urls)}."
-                f"{did_you_mean(name, self.agent_urls)} Fix the row's agent_ref or add the agent to your config."
-            ) from None
+            raise UnknownAgentError(unknown_agent_message(name, self.agent_urls)) from None
 
     def check_rows(self, rows: Iterable[Any]) -> None:
         """Validate every row up front (shape and agent_ref): fail before any compute is spent."""

@@ -24,9 +24,12 @@ from gym_plugin.collect import CollectorConfig
 from gym_plugin.envservers import ENVIRONMENT_SERVERS, EnvironmentServerSpec
 from gym_plugin.errors import ConfigError, did_you_mean, truncate
 from gym_plugin.net import free_port, url_list, url_problems
-from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class, known
+from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class, import_server_modules, known
 
 HEAD_SERVER_KEY_NAME = "head_server"
+IMPORT_MODULES_KEY = "import_modules"
+"""Global key: modules (``my_pkg.my_env``) or Python files (``my_env.py``, relative to the YAML file that names
+it) that register servers of your own (`gym_plugin.servers.registry.register`), imported before validation."""
 ALL_SERVER_TYPES = (*SERVER_TYPES, ENVIRONMENT_SERVERS)
 """Server types a config may name: the ones gym_plugin starts, and ``environment_servers`` entries (see
 gym_plugin.envservers)."""
@@ -40,6 +43,7 @@ GLOBAL_KEYS = {
     "collector": "collector settings (concurrency, timeout_s, max_attempts, ...)",
     "auth_token": "optional shared-secret bearer token between collector and servers",
     "policy_endpoint": "optional OpenAI-compatible endpoint served in this process: {impl: embedded|fake_openai, ...}",
+    IMPORT_MODULES_KEY: "modules or .py files imported before the servers are built (your own @register servers)",
 }
 # Keys NeMo Gym puts in a server section that we accept and ignore (they describe NeMo Gym's launcher).
 LAUNCHER_KEYS = {"entrypoint", "host", "port", "datasets", "domain", "verified", "description", "value", "license"}
@@ -151,7 +155,12 @@ def _load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}. Fix the syntax there.") from e
     if not isinstance(probe, DictConfig):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got a list.")
-    return OmegaConf.create(_seed_env_refs(text, probe.keys()))
+    cfg = OmegaConf.create(_seed_env_refs(text, probe.keys()))
+    modules = cfg.get(IMPORT_MODULES_KEY)
+    if isinstance(modules, ListConfig):  # a .py file is found next to the YAML that names it, wherever one runs
+        cfg[IMPORT_MODULES_KEY] = [str((path.parent / m).resolve()) if isinstance(m, str) and m.endswith(".py")
+                                   and not Path(m).is_absolute() else m for m in modules]
+    return cfg
 
 
 ConfigSource = Union[str, Path, Mapping[str, Any]]
@@ -334,7 +343,18 @@ def load_config(
     problems: list[str] = []
     _place_local_endpoint(cfg, problems)
     data = envservers.with_environment_servers(with_default_policy_server(_resolve_all(cfg, problems)))
+    import_server_modules(data.get(IMPORT_MODULES_KEY), problems)
     return validate(data, problems)
+
+
+def configured_agents(
+    config_paths: Sequence[ConfigSource] | ConfigSource | None = None, overrides: Sequence[str] = ()
+) -> list[str]:
+    """The agent instances a config names (top-level sections with ``responses_api_agents``), without resolving or
+    validating the rest (an unset ``policy_base_url`` does not matter for checking rows against it)."""
+    data = OmegaConf.to_container(compose(config_paths, overrides), resolve=False)
+    return sorted(name for name, section in data.items()
+                  if isinstance(section, dict) and "responses_api_agents" in section)
 
 
 def _is_interpolation(value: Any) -> bool:

@@ -65,6 +65,20 @@ class ProtocolError(GymPluginError):
     """A row, request or server reply does not have the shape the wire protocol requires."""
 
 
+class DataError(ProtocolError):
+    """Example rows read from a file (or generated) are unusable. ``problems`` holds every one as
+    ``(origin, message)``, origin being e.g. 'rows.jsonl:12'; the message lists them (the first 50) and the fix."""
+
+    SHOWN = 50
+
+    def __init__(self, summary: str, problems: list[tuple[str, str]] = (), fix: str = ""):
+        self.problems = list(problems)
+        lines = [f"  - {origin}: {message}" for origin, message in self.problems[: self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
+        super().__init__("\n".join([summary, *lines, *([fix] if fix else [])]))
+
+
 class MalformedResponseError(ProtocolError):
     """A server replied with something that cannot be parsed (payload truncated in the message)."""
 

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # a fresh clone runs without `pip install -e .`
 
 from gym_plugin import distributed as dist_utils  # noqa: E402
 from gym_plugin.checkpoint import last_checkpoint, load_optimizer_state, read_trainer_state, save_checkpoint  # noqa: E402,E501
+from gym_plugin.datasets import load_rows as read_rows  # noqa: E402
 from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, exit_on_user_error, format_user_error  # noqa: E402,E501
 from gym_plugin.grpo_config import GRPOConfig, check_overrides, parse_grpo_config  # noqa: E402
 from gym_plugin.integration import GymIntegration  # noqa: E402
@@ -68,23 +69,24 @@ from gym_plugin.weight_sync import open_weight_sync  # noqa: E402
 
 def load_rows(cfg: GRPOConfig) -> list[dict]:
     """The task's example rows, routed to ``env.agent_name`` and carrying the policy's sampling params."""
-    if cfg.env.data_path:
+    if cfg.env.data_path:  # every row checked as `gym-plugin prepare` checks it: one error naming each bad line
         path = Path(cfg.env.data_path)
-        rows = [json.loads(line) for line in (path if path.is_absolute() else ROOT / path).read_text().splitlines()
-                if line.strip()]
+        rows = read_rows(path if path.is_absolute() else ROOT / path, agent=cfg.env.agent_name,
+                         fix=f"Fix these rows of env.data_path={cfg.env.data_path} (`gym-plugin prepare --input "
+                             "FILE` checks a file, and --drop-invalid writes the usable rows).")
     else:
         rows = task_rows(cfg.env.task, cfg.env.agent_name)
     sampling = {"temperature": cfg.policy.temperature, "top_p": cfg.policy.top_p,
                 "max_output_tokens": cfg.policy.max_output_tokens}
     for row in rows:
-        row["agent_ref"] = {"name": cfg.env.agent_name}
         row["responses_create_params"] = {**sampling, **row["responses_create_params"]}
     return rows
 
 
 def start_environment(cfg: GRPOConfig, policy_server, base_urls: list[str]) -> GymIntegration:
     """Start the env's servers (agents, verifiers, the policy model server; plus the embedded policy on rank 0)."""
-    sources = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg.env.config_paths] + [cfg.env.gym]
+    sources = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg.env.config_paths]
+    sources += [cfg.env.gym] if cfg.env.gym else []
     return GymIntegration(
         cfg.policy.model_name or cfg.model.name, base_urls, sources, head_server_port=0,
         policy_api_key=cfg.policy.api_key, extra_servers=[policy_server] if policy_server is not None else [],
@@ -126,6 +128,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         raise ConfigError(f"train.optimizer_in_backward=true with {info.world_size} ranks: DDP/FSDP reduce the "
                           "gradients after the in-backward step would have used them; set "
                           "train.optimizer_in_backward=false (train.optimizer=adafactor still saves its state).")
+    rows = load_rows(cfg)  # a bad data file stops the run before anything loads
     run_dir = Path(dist_utils.broadcast_object(cfg.run_dir))  # ${now:...} may differ by a second across ranks
     run_dir.mkdir(parents=True, exist_ok=True)
     state.run_dir = run_dir
@@ -185,7 +188,6 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     # checks its routes on every replica now, not after the first step
     weight_sync = await open_weight_sync(cfg.weight_sync, server=policy_server, base_urls=base_urls,
                                          run_dir=run_dir) if info.is_main else None
-    rows = load_rows(cfg)
     batches = prompt_batches(len(rows), cfg.train.prompts_per_step, cfg.train.seed)
     for _ in range(start_step):  # resume: the same prompt order as an uninterrupted run
         next(batches)

@@ -4,13 +4,17 @@ local ``policy_endpoint: {impl: ...}``.
 Servers register themselves: ``@register("resources_servers", "math_verify")`` on the class. A lookup imports
 the module that defines a built-in implementation (`BUILTIN_MODULES`, module names only: nothing is imported
 until a config names it), so this module imports no server; a server of your own registers when its module is
-imported (e.g. listed in the NeMo-RL drop-in's ``gym_plugin.import_modules``).
+imported: list it under a config's ``import_modules`` (a module name or a ``.py`` file; `import_server_modules`)
+or the NeMo-RL drop-in's ``gym_plugin.import_modules``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, TypeVar
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from gym_plugin.errors import ConfigError, did_you_mean
 
@@ -85,3 +89,58 @@ def get_server_class(kind: str, impl: str) -> type:
         f"{kind}: implementation {impl!r} is unknown; known: {names}.{did_you_mean(impl, names)} "
         "Fix the name in your config."
     )
+
+
+def import_server_modules(modules: Any, problems: list[str], key: str = "import_modules") -> None:
+    """Import each module name (``my_pkg.my_env``) or Python file (``/path/my_env.py``) of ``modules`` (a list, or
+    one string), so that the servers they `register` can be built. What cannot be imported is appended to
+    ``problems`` with the fix (a missing file or module, or the error the module raised)."""
+    if modules is None:
+        return
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, (list, tuple)):
+        problems.append(f"{key}: {modules!r} must be a list of module names or .py files")
+        return
+    for i, module in enumerate(modules):
+        where = f"{key}[{i}]"
+        if not isinstance(module, str) or not module:
+            problems.append(f"{where}: {module!r} must be a module name (my_pkg.my_env) or a .py file")
+            continue
+        try:
+            if module.endswith(".py"):
+                _import_file(Path(module))
+            else:
+                importlib.import_module(module)
+        except FileNotFoundError:
+            problems.append(f"{where}: the file {module!r} does not exist. Fix the path (a relative one is taken "
+                            "from the folder of the YAML file that names it).")
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                problems.append(f"{where}: no module named {module!r} can be imported from here. Install its "
+                                "package, add its folder to PYTHONPATH, or give the .py file's path instead.")
+            else:
+                problems.append(f"{where}: importing {module!r} failed: ModuleNotFoundError: {e}. Install what "
+                                "it imports.")
+        except Exception as e:  # noqa: BLE001 - the user's module raised: say which, and what
+            problems.append(f"{where}: importing {module!r} raised {type(e).__name__}: {e}. Fix the module "
+                            "(GYM_PLUGIN_DEBUG=1 python -c 'import ...' shows where).")
+
+
+def _import_file(path: Path) -> None:
+    """Import a .py file once per path, as module ``gym_plugin_user_<stem>`` (kept in sys.modules)."""
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    name = f"gym_plugin_user_{path.stem}"
+    current = sys.modules.get(name)
+    if current is not None and Path(getattr(current, "__file__", "")).resolve() == path:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
