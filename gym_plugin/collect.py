@@ -46,9 +46,8 @@ from gym_plugin.protocol import (
     failure_record,
     is_failure,
     is_reward,
-    unknown_agent_message,
-    validate_example,
 )
+from gym_plugin.rows import unknown_agent_message, validate_example
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ The one reader behind ``gym-plugin prepare`` and the recipe's ``env.data_path``:
   messages ('rows.jsonl:12', 'rows.parquet#12', 'reasoning_gym:chain_sum#12'). `file_rows` reads JSONL (a line
   that is not JSON becomes a `NotJSON` row, reported with its line number) or Parquet (needs pyarrow: the
   ``parquet`` extra); a generator of rows is a source as it is;
-- `check_rows` applies `gym_plugin.protocol.row_problems` (the check behind the collector's ``invalid_row``
+- `check_rows` applies `gym_plugin.rows.row_problems` (the check behind the collector's ``invalid_row``
   records) to every row and keeps every problem; `CheckedRows.raise_if_invalid` makes them one `DataError`;
 - `split_rows` draws a seeded validation split that keeps rows with the same prompt on one side;
 - `row_stats` counts rows per agent, duplicate prompts and, given a tokenizer, the prompt tokens the policy sees.
@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Mapping, NamedTuple
 
 from gym_plugin.errors import ConfigError, DataError, did_you_mean, truncate
-from gym_plugin.protocol import agent_name, row_problems
+from gym_plugin.protocol import agent_name
+from gym_plugin.responses import create_params_to_chat, input_to_messages
+from gym_plugin.rows import row_problems
 
 RowSource = Iterable[tuple[str, Any]]
 """``(origin, row)`` pairs: where the row came from (for messages) and the row as parsed."""
@@ -173,8 +175,6 @@ def load_rows(path: str | Path, *, agent: str | None = None, agents: Collection[
 def prompt_key(row: Mapping[str, Any]) -> str:
     """What the policy is asked, as one string: the chat messages the input becomes (a string input and the same
     text as one user message are the same prompt) plus the tools. Rows with equal keys are duplicate prompts."""
-    from gym_plugin.responses import input_to_messages
-
     params = row["responses_create_params"]
     messages = input_to_messages(params["input"], params.get("instructions"), carry_tokens=False)
     return json.dumps([messages, params.get("tools")], sort_keys=True, default=str)
@@ -253,7 +253,6 @@ def prompt_token_counts(rows: Iterable[Mapping[str, Any]], tokenizer) -> list[in
     """Tokens of each row's prompt rendered as the policy model server renders it in token mode (the chat template
     with the row's tools and the generation prompt; `gym_plugin.models.chat_template.ChatRenderer`)."""
     from gym_plugin.models.chat_template import ChatRenderer
-    from gym_plugin.responses import create_params_to_chat
 
     renderer = ChatRenderer(tokenizer)
     counts = []

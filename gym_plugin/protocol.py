@@ -2,8 +2,8 @@
 
 An example row is a dict with ``responses_create_params`` (OpenAI Responses API create params: ``input`` is a
 string or a list of input items) and ``agent_ref`` (``{"name": ...}`` or a bare string). Extra keys travel to
-the verifier. The collector yields success records (the agent's reply) and failure records (see
-docs/architecture.md); `is_failure` is the one test for the latter.
+the verifier; `gym_plugin.rows` checks a row. The collector yields success records (the agent's reply) and failure
+records (see docs/architecture.md); `is_failure` is the one test for the latter.
 
 A record that training reads is parsed here, once, into a typed `Rollout`: its reward, failure, verifier mask,
 task / rollout index and one `ModelCall` per model call (the token fields of the call's last output item: the
@@ -14,9 +14,9 @@ the wire field names; the raw record stays on the `Rollout` for writing back.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
-from gym_plugin.errors import ProtocolError, did_you_mean, truncate
+from gym_plugin.errors import ProtocolError, truncate
 
 TASK_INDEX_KEY = "_ng_task_index"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
@@ -94,87 +94,19 @@ def first_difference(prompt: Sequence[int], prev_prompt: Sequence[int], prev_gen
     return min(len(prompt), len(seen))
 
 
+AGENT_REF_FIX = ('no usable \'agent_ref\' (got {got}); add "agent_ref": {{"name": "<agent instance name from '
+                  'your config>"}} to the row')
+"""The message for a row without a usable agent_ref (``{got}``: what it has)."""
+
+
 def agent_name(row: Mapping[str, Any], where: str = "example row") -> str:
     """The agent a row is routed to: ``agent_ref`` as ``{"name": ...}`` or a string."""
     ref = row.get("agent_ref")
     if isinstance(ref, Mapping):
         ref = ref.get("name")
     if not isinstance(ref, str) or not ref:
-        raise ProtocolError(f"{where}: {_AGENT_REF_FIX.format(got=truncate(row.get('agent_ref'), 100))}")
+        raise ProtocolError(f"{where}: {AGENT_REF_FIX.format(got=truncate(row.get('agent_ref'), 100))}")
     return ref
-
-
-_AGENT_REF_FIX = ('no usable \'agent_ref\' (got {got}); add "agent_ref": {{"name": "<agent instance name from '
-                  'your config>"}} to the row')
-_INPUT_EXAMPLE = '[{"role": "user", "content": "..."}]'
-
-
-def unknown_agent_message(name: str, agents: Collection[str]) -> str:
-    """The message for an ``agent_ref`` that names none of ``agents`` (the configured agent instances)."""
-    return (f"agent_ref {name!r} is not a configured agent. Configured agents: {sorted(agents)}."
-            f"{did_you_mean(name, agents)} Fix the row's agent_ref or add the agent to your config.")
-
-
-def row_problems(row: Any, agents: Collection[str] | None = None) -> list[tuple[str, str]]:
-    """Every reason a row cannot be run, as ``(field, message)`` pairs (empty for a usable row): the one row
-    check behind the collector's ``invalid_row`` records, `validate_example` and ``gym-plugin prepare``.
-
-    ``field`` says what is wrong ('row', 'responses_create_params', 'responses_create_params.input',
-    'responses_create_params.input[i]', 'agent_ref'); each message names the bad value and the fix. Input items
-    are checked by the conversion the policy model server applies to them (`gym_plugin.responses`), so a row
-    that passes here is one the server can render. ``agents``: the configured agent names, when known; then
-    ``agent_ref`` must name one of them.
-    """
-    if not isinstance(row, Mapping):
-        return [("row", f"the row is a {type(row).__name__}, not a JSON object: {truncate(row, 200)}; write one "
-                        f'object per row, e.g. {{"responses_create_params": {{"input": {_INPUT_EXAMPLE}}}}}')]
-    from gym_plugin.responses import input_to_messages, tools_to_chat  # they import this module
-
-    problems: list[tuple[str, str]] = []
-    params = row.get("responses_create_params")
-    inp = params.get("input") if isinstance(params, Mapping) else None
-    if not isinstance(params, Mapping):
-        problems.append(("responses_create_params",
-                         f"no 'responses_create_params' object (got {truncate(params, 100)}); expected e.g. "
-                         f'{{"responses_create_params": {{"input": {_INPUT_EXAMPLE}}}}}'))
-    elif not isinstance(inp, (str, list)) or not inp or (isinstance(inp, str) and not inp.strip()):
-        problems.append(("responses_create_params.input",
-                         f"responses_create_params.input must be a non-empty string or list of items, got "
-                         f"{truncate(repr(inp), 100)}; give the prompt, e.g. {_INPUT_EXAMPLE}"))
-    elif isinstance(inp, list):
-        for i, item in enumerate(inp):
-            try:
-                input_to_messages([item], carry_tokens=False)
-            except ProtocolError as e:  # the item alone: every bad item is named, not only the first
-                field = f"responses_create_params.input[{i}]"
-                problems.append((field, f"{field}: {str(e).replace('input item 0 ', '', 1)}; an item is e.g. "
-                                 '{"role": "user", "content": "..."}'))
-    tools = params.get("tools") if isinstance(params, Mapping) else None
-    if tools is not None:
-        try:
-            if not isinstance(tools, list):
-                raise ProtocolError(f"tools must be a list of function tools, got {truncate(tools, 100)}")
-            tools_to_chat(tools)
-        except ProtocolError as e:
-            problems.append(("responses_create_params.tools", f"responses_create_params.{e}; a tool is e.g. "
-                             '{"type": "function", "name": "add", "parameters": {"type": "object", ...}}'))
-    ref = row.get("agent_ref")
-    name = ref.get("name") if isinstance(ref, Mapping) else ref
-    if not isinstance(name, str) or not name:
-        problems.append(("agent_ref", _AGENT_REF_FIX.format(got=truncate(ref, 100))))
-    elif agents is not None and name not in agents:
-        problems.append(("agent_ref", unknown_agent_message(name, agents)))
-    return problems
-
-
-def validate_example(row: Any, index: int | None = None) -> dict:
-    """Check a row has the shape the agents need (`row_problems`); returns it (as a dict). Raises ProtocolError
-    naming the row and every problem."""
-    problems = row_problems(row)
-    if problems:
-        where = f"example row {index}" if index is not None else "example row"
-        raise ProtocolError(f"{where}: " + "; ".join(message for _, message in problems))
-    return dict(row)
 
 
 def is_failure(record: Mapping[str, Any]) -> bool:

@@ -1,5 +1,5 @@
 """gym_plugin.datasets (the reader behind `gym-plugin prepare` and the recipe's env.data_path) and the row check it
-shares with the collector (gym_plugin.protocol.row_problems); config import_modules."""
+shares with the collector (gym_plugin.rows.row_problems); config import_modules."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from gym_plugin.datasets import (
     split_rows,
 )
 from gym_plugin.errors import ConfigError, DataError
-from gym_plugin.protocol import row_problems, validate_example
+from gym_plugin.rows import row_problems, validate_example
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from gym_plugin.servers.base import Directory
 from gym_plugin.errors import ProtocolError
-from gym_plugin.protocol import agent_name, validate_example
+from gym_plugin.protocol import agent_name
+from gym_plugin.rows import validate_example
 from gym_plugin.servers.agent import AgentConfig, AgentServer
 from gym_plugin.servers.policy.config import PolicyModelConfig
 from gym_plugin.servers.policy.server import PolicyModelServer
