@@ -66,7 +66,8 @@ class EnvConfig:
     task: str | None = "capitals"
     """A built-in task of gym_plugin.tasks (capitals | add_digits | letters), or None with ``data_path``."""
     data_path: str | None = None
-    """A JSONL file of example rows (used instead of ``task``)."""
+    """A JSONL (or Parquet) file of example rows (used instead of ``task``), relative to the working directory or
+    else to the repository root; checked as ``gym-plugin prepare`` checks it."""
     agent_name: str = "capitals_agent"
     """Agent the rows are routed to (their ``agent_ref`` is set to it)."""
     gym: dict = field(default_factory=dict)

@@ -71,7 +71,7 @@ def load_rows(cfg: GRPOConfig) -> list[dict]:
     """The task's example rows, routed to ``env.agent_name`` and carrying the policy's sampling params."""
     if cfg.env.data_path:  # every row checked as `gym-plugin prepare` checks it: one error naming each bad line
         path = Path(cfg.env.data_path)
-        rows = read_rows(path if path.is_absolute() else ROOT / path, agent=cfg.env.agent_name,
+        rows = read_rows(path if path.is_absolute() or path.exists() else ROOT / path, agent=cfg.env.agent_name,
                          fix=f"Fix these rows of env.data_path={cfg.env.data_path} (`gym-plugin prepare --input "
                              "FILE` checks a file, and --drop-invalid writes the usable rows).")
     else:
