@@ -150,15 +150,14 @@ def _wait_healthy(children: list, config: list, overrides: list[str], timeout_s:
 def _read_jsonl(path: Path) -> Iterator[Any]:
     """Example rows of a jsonl file. A line that is not JSON is passed on as its text, so the collector files
     it as one ``invalid_row`` failure record (with the text) and every other row still runs."""
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                logger.warning("%s:%d is not valid JSON (%s): recorded as an invalid_row failure", path, lineno, e.msg)
-                yield f"{path}:{lineno}: not valid JSON ({e.msg}): {line.strip()[:200]}"
+    from gym_plugin.datasets import NotJSON, jsonl_rows  # the reader of `gym-plugin prepare`
+
+    for origin, row in jsonl_rows(path):
+        if isinstance(row, NotJSON):
+            logger.warning("%s is not valid JSON (%s): recorded as an invalid_row failure", origin, row.error)
+            yield f"{origin}: not valid JSON ({row.error}): {row.text.strip()[:200]}"
+        else:
+            yield row
 
 
 def _cut_partial_tail(path: Path) -> int:
