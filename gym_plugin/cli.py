@@ -292,7 +292,8 @@ async def _collect(args: argparse.Namespace) -> int:
 # ---- prepare --------------------------------------------------------------------------------------------
 def _row_sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """``(name, RowSource)`` for each source the command line names: every --input file (JSONL / Parquet).
-    A generator of rows plugs in here as one more ``(name, iterable of (origin, row))`` entry."""
+    Generated rows plug in here as one more entry: ``(name, datasets.numbered_rows(name, rows))`` names each row
+    '<name>#<i>' in messages (an option for them goes in `_add_prepare_parser`)."""
     from gym_plugin.datasets import file_rows
 
     return [(path, file_rows(path)) for path in args.input or ()]

@@ -82,8 +82,14 @@ def parquet_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}). Check the file, or give "
                         "the rows as JSONL.") from e
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}#{i}", row
+    yield from numbered_rows(str(path), table.to_pylist())
+
+
+def numbered_rows(name: str, rows: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    """A row source from plain rows: ``('<name>#<i>', row)``, i from 0 (e.g. generated rows:
+    ``numbered_rows('reasoning_gym:chain_sum', rows)`` names row 12 'reasoning_gym:chain_sum#12')."""
+    for i, row in enumerate(rows):
+        yield f"{name}#{i}", row
 
 
 def file_rows(path: str | Path) -> Iterator[tuple[str, Any]]:

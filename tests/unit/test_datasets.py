@@ -13,6 +13,7 @@ from gym_plugin.datasets import (
     check_rows,
     file_rows,
     load_rows,
+    numbered_rows,
     prompt_key,
     row_stats,
     split_rows,
@@ -204,3 +205,10 @@ def test_import_modules_problems_name_the_entry_and_the_fix(tmp_path):
 
 def test_configured_agents_needs_no_policy_url():
     assert configured_agents(ROOT / "conf/gym/math.yaml") == ["math_agent"]  # policy_base_url unset: still readable
+
+
+def test_generated_rows_are_a_source_named_by_index():
+    rows = [row("a"), {"responses_create_params": {"input": "b"}}, row("c")]
+    checked = check_rows(numbered_rows("gen:task", rows), agents=["math_agent"])
+    assert checked.origins == ["gen:task#0", "gen:task#2"]
+    assert [origin for origin, _ in checked.problems] == ["gen:task#1"]  # no agent_ref
