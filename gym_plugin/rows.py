@@ -24,7 +24,7 @@ def unknown_agent_message(name: str, agents: Collection[str]) -> str:
             f"{did_you_mean(name, agents)} Fix the row's agent_ref or add the agent to your config.")
 
 
-def row_problems(row: Any, agents: Collection[str] | None = None) -> list[tuple[str, str]]:
+def row_problems(row: Any, agents: Collection[str] | None = None, *, render: bool = True) -> list[tuple[str, str]]:
     """Every reason a row cannot be run, as ``(field, message)`` pairs (empty for a usable row): the one row
     check behind the collector's ``invalid_row`` records, `validate_example` and ``gym-plugin prepare``.
 
@@ -32,7 +32,9 @@ def row_problems(row: Any, agents: Collection[str] | None = None) -> list[tuple[
     'responses_create_params.input[i]', 'agent_ref'); each message names the bad value and the fix. Input items
     are checked by the conversion the policy model server applies to them (`gym_plugin.responses`), so a row
     that passes here is one the server can render. ``agents``: the configured agent names, when known; then
-    ``agent_ref`` must name one of them.
+    ``agent_ref`` must name one of them. ``render=False`` checks the shape only (object, create params, non-empty
+    input, agent_ref) and leaves items and tools to the receiver: the collector's setting, since a NeMo Gym
+    deployment may accept item types (``item_reference``, images, ...) that our own policy server does not render.
     """
     if not isinstance(row, Mapping):
         return [("row", f"the row is a {type(row).__name__}, not a JSON object: {truncate(row, 200)}; write one "
@@ -48,7 +50,7 @@ def row_problems(row: Any, agents: Collection[str] | None = None) -> list[tuple[
         problems.append(("responses_create_params.input",
                          f"responses_create_params.input must be a non-empty string or list of items, got "
                          f"{truncate(repr(inp), 100)}; give the prompt, e.g. {_INPUT_EXAMPLE}"))
-    elif isinstance(inp, list):
+    elif isinstance(inp, list) and render:
         for i, item in enumerate(inp):
             try:
                 input_to_messages([item], carry_tokens=False)
@@ -57,7 +59,7 @@ def row_problems(row: Any, agents: Collection[str] | None = None) -> list[tuple[
                 problems.append((field, f"{field}: {str(e).replace('input item 0 ', '', 1)}; an item is e.g. "
                                  '{"role": "user", "content": "..."}'))
     tools = params.get("tools") if isinstance(params, Mapping) else None
-    if tools is not None:
+    if tools is not None and render:
         try:
             if not isinstance(tools, list):
                 raise ProtocolError(f"tools must be a list of function tools, got {truncate(tools, 100)}")
@@ -74,10 +76,11 @@ def row_problems(row: Any, agents: Collection[str] | None = None) -> list[tuple[
     return problems
 
 
-def validate_example(row: Any, index: int | None = None) -> dict:
-    """Check a row has the shape the agents need (`row_problems`); returns it (as a dict). Raises ProtocolError
-    naming the row and every problem."""
-    problems = row_problems(row)
+def validate_example(row: Any, index: int | None = None, *, render: bool = False) -> dict:
+    """Check a row has the shape the agents need (`row_problems`; items and tools too with ``render=True``);
+    returns it (as a dict). Raises ProtocolError naming the row and every problem. The collector calls it with
+    the default (shape only), so rows for a NeMo Gym deployment are not refused for item types we do not render."""
+    problems = row_problems(row, render=render)
     if problems:
         where = f"example row {index}" if index is not None else "example row"
         raise ProtocolError(f"{where}: " + "; ".join(message for _, message in problems))

@@ -58,6 +58,15 @@ def test_validate_example_joins_every_problem_of_the_row():
         validate_example({"responses_create_params": {"input": []}}, 3)
 
 
+def test_collector_check_is_shape_only():
+    # an item type our policy server does not render (NeMo Gym's item_reference) is the receiver's business: the
+    # collector (render=False) passes it on, prepare and the recipe (render=True) name it
+    ref = {"responses_create_params": {"input": [{"type": "item_reference", "id": "msg_1"}]}, "agent_ref": "a"}
+    assert validate_example(ref, 0) == ref
+    assert [f for f, _ in row_problems(ref)] == ["responses_create_params.input[0]"]
+    assert row_problems(ref, render=False) == []
+
+
 # ---- reading and checking --------------------------------------------------------------------------------------
 def test_check_rows_reports_every_bad_row_with_its_line(tmp_path):
     path = write(tmp_path / "rows.jsonl", [
