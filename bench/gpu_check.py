@@ -56,7 +56,7 @@ RUNS = [
 ]
 DRY_SIZES = {"smollm2-135m": "llama-tiny", "qwen2.5-0.5b": "qwen2-tiny"}
 
-FULL = {"steps": 4, "prompts": 16, "group": 8, "max_tokens": 128, "device": "cuda", "budget_s": 540.0,
+FULL = {"steps": 4, "prompts": 16, "group": 8, "max_tokens": 128, "device": "cuda", "budget_s": 510.0,
         "timeouts": {"env": 90, "pytest": 240, "recipe": 150}}
 DRY = {"steps": 2, "prompts": 4, "group": 4, "max_tokens": 16, "device": "cpu", "budget_s": 420.0,
        "timeouts": {"env": 60, "pytest": 240, "recipe": 120}}  # generous: CI machines are slow and shared
