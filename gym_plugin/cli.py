@@ -387,7 +387,7 @@ def _embedded(args: argparse.Namespace) -> int:
 
     cfg = EmbeddedPolicyConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-        dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
     )
@@ -434,6 +434,7 @@ def _add_embedded_parser(sub) -> None:
     e.add_argument("--port", type=int, default=8000, help="TCP port (checked before the model loads)")
     e.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (float32: exact log-probs)")
+    e.add_argument("--device", default=d.device, help="auto (a CUDA GPU when torch sees one) | cpu | cuda | cuda:N")
     e.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="most rows generated together in one batch")
     e.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,

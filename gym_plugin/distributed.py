@@ -16,6 +16,7 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from gym_plugin.devices import resolve_device
 from gym_plugin.errors import ConfigError, GymPluginError
 
 T = TypeVar("T")
@@ -32,7 +33,7 @@ class DistInfo:
     local_rank: int
     """Rank on this host (picks the GPU)."""
     device: torch.device
-    """cuda:<local_rank> with the nccl backend, else cpu."""
+    """Where this rank's model runs (``model.device``): cuda:<local_rank> on a GPU, else cpu."""
 
     @property
     def is_main(self) -> bool:
@@ -44,27 +45,37 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0, device: str = "auto") -> DistInfo:
     """Join the torchrun job described by the environment, or return a single-process DistInfo.
 
-    ``backend``: "auto" (nccl when CUDA is available, else gloo), "gloo" or "nccl". ``timeout_s`` bounds
+    ``backend``: "auto" (nccl when the model runs on CUDA, else gloo), "gloo" or "nccl". ``timeout_s`` bounds
     every collective (a rank that dies makes the others fail after this long instead of hanging forever).
+    ``device`` (the recipe's ``model.device``, gym_plugin.devices): "auto" (a GPU when torch sees one and the
+    backend is not gloo), "cpu", "cuda" (``cuda:<LOCAL_RANK>``) or "cuda:N" (one process only).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"distributed.backend={backend!r} must be 'auto', 'gloo' or 'nccl'.")
+    if world > 1 and device.startswith("cuda:"):
+        raise ConfigError(f"model.device={device} under torchrun ({world} ranks) would put every rank on one GPU; "
+                          "set model.device=cuda (each rank takes cuda:<LOCAL_RANK>) or auto.")
+    # an explicit gloo backend with device=auto keeps its old meaning: train on the CPU
+    torch_device = resolve_device("cpu" if backend == "gloo" and device == "auto" else device, local_rank,
+                                  key="model.device")
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("distributed.backend=nccl needs CUDA GPUs; use distributed.backend=gloo on CPU.")
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl" and torch_device.type != "cuda":
+        raise ConfigError(f"distributed.backend=nccl with model.device={device}: NCCL reduces CUDA tensors only; "
+                          "set model.device=cuda (or auto), or distributed.backend=gloo to train on the CPU.")
     if world > 1 and not dist.is_initialized():
-        if backend == "nccl":
-            torch.cuda.set_device(device)
+        if torch_device.type == "cuda":
+            torch.cuda.set_device(torch_device)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=torch_device)
 
 
 def shutdown_distributed() -> None:

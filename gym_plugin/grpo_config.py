@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from gym_plugin import schema
+from gym_plugin.devices import check_device
 from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.loss import LossConfig
 from gym_plugin.optim import OPTIMIZERS
@@ -113,9 +114,14 @@ class ModelConfig:
     """``model``: the trained model (and the embedded policy's starting weights)."""
 
     spec: str = "smollm2"
-    """'smollm2' | 'tiny' | a local Hugging Face folder."""
+    """'smollm2' | 'tiny' | 'random:<name>' (gym_plugin.models.random_init: random weights at a real model's size)
+    | a local Hugging Face folder."""
     dtype: str = "float32"
     """Training dtype (float32 on CPU)."""
+    device: str = "auto"
+    """Where the trained model (and the embedded policy sampling from it) runs: 'auto' (a CUDA GPU when torch sees
+    one, else the CPU; the CPU with distributed.backend=gloo) | 'cpu' | 'cuda' (cuda:<LOCAL_RANK> under
+    torchrun) | 'cuda:N'. Asking for CUDA where there is none is an error, not a fall back to the CPU."""
     name: str = "SmolLM2-135M-Instruct"
     """Name shown in logs and sent as ``model`` to endpoints when policy.model_name is unset."""
 
@@ -240,6 +246,7 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
         problems.append("resume=true with distributed.strategy=fsdp is not supported: the optimizer state is sharded "
                         "over the ranks and the checkpoint holds rank 0's shard only. Resume with "
                         "distributed.strategy=ddp (the model checkpoint is whole), or start a new run.")
+    problems.extend(check_device(cfg.model.device, "model.device"))
     if p.kind not in POLICY_KINDS:
         problems.append(f"policy.kind={p.kind!r} is not one of {list(POLICY_KINDS)}.{did_you_mean(p.kind, POLICY_KINDS)}")
     if p.kind == "endpoints" and not p.base_urls:

@@ -193,7 +193,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         next(batches)
     log = RunLogger(run_dir, cfg.train.steps, enabled=info.is_main, start_step=start_step,
                     progress=cfg.logging.progress)
-    log.info(f"run dir {run_dir} | {cfg.model.name} | task {cfg.env.task or cfg.env.data_path} | "
+    log.info(f"run dir {run_dir} | {cfg.model.name} ({cfg.model.dtype}, {info.device}) | task {cfg.env.task or cfg.env.data_path} | "
              f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
              + (f" | resumed at step {start_step} from {ckpt} (params sha256 {dist_utils.params_digest(model)})"
                 + resume_note if cfg.resume else ""))
@@ -289,6 +289,8 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
                             "policy/staleness": staleness, "policy/num_too_stale": len(records) - len(fresh),
                             # where the peak comes from: it grew during this step's collection or after it
                             "perf/peak_rss_after_collect_mb": rss_collect, "perf/peak_rss_mb": peak_rss_mb()})
+            if info.device.type == "cuda":  # the peak since the run started (collection and training)
+                metrics["perf/peak_gpu_mb"] = torch.cuda.max_memory_allocated(info.device) / 2**20
             log.log_step(step, metrics)
             if cfg.logging.save_rollouts:
                 log.write_rollouts(step, all_records)
@@ -343,7 +345,7 @@ def main(raw: DictConfig) -> None:
     try:
         cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
         return_freed_memory_to_os()  # freed activations leave the process (gym_plugin/memory.py: -430 MB peak)
-        info = dist_utils.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+        info = dist_utils.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.model.device)
         try:
             asyncio.run(train(cfg, info, state))
         finally:

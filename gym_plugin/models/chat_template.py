@@ -66,6 +66,10 @@ def load_tokenizer(spec: str, key: str = "tokenizer"):
             from gym_plugin.models.tiny import build_tiny_tokenizer
 
             return build_tiny_tokenizer()
+        if spec.startswith("random:"):
+            from gym_plugin.models.random_init import random_tokenizer
+
+            return random_tokenizer(spec)
         if spec == "smollm2":
             from gym_plugin.models import ensure_smollm2
 

@@ -69,16 +69,18 @@ def _trained_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(tokenizer_json: str | None = None):
     """A byte-level BPE ChatML tokenizer (``PreTrainedTokenizerFast``), built in code, offline, in ~0.1 s.
 
     eos = ``<|im_end|>`` (the end of an assistant turn), pad = ``<|endoftext|>``, no bos. The chat template
     renders ``tools``, assistant ``tool_calls`` and ``role: tool`` messages (Hermes/Qwen style).
+    ``tokenizer_json``: another backend with the same special tokens (gym_plugin.models.random_init pads the
+    vocabulary).
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer.from_str(_trained_tokenizer_json())
+    backend = Tokenizer.from_str(tokenizer_json or _trained_tokenizer_json())
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",

@@ -242,7 +242,11 @@ class EmbeddedPolicyServer(Server):
         if not given:
             from gym_plugin.models import load_policy_model
 
+            from gym_plugin.devices import resolve_device
+
+            device = resolve_device(cfg.device, key="device")  # before the load: a wrong device fails at once
             model, tokenizer = load_policy_model(cfg.model, cfg.dtype)
+            model.to(device)
         self.model = model
         self.tokenizer = tokenizer
         self.renderer = PromptRenderer(tokenizer)

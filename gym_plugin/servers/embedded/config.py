@@ -22,6 +22,9 @@ class EmbeddedPolicyConfig:
     """TCP port; 0 picks a free one (``start()`` returns it)."""
     dtype: str = "float32"
     """Weights dtype: float32 (exact log-probs), bfloat16 or float16."""
+    device: str = "auto"
+    """Where the model it loads runs: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N
+    (gym_plugin.devices). A model handed to the server stays where it is."""
     max_batch_size: int = 32
     """Most rows (requests x n) generated together in one batch."""
     batch_wait_ms: float = 5.0
