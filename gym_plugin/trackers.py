@@ -40,6 +40,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,8 @@ def sample_rollouts(step: int, records: Sequence[Mapping[str, Any]], k: int) -> 
     n = len(records)
     if n == 0 or k <= 0:
         return []
-    picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+    m = min(k, n)
+    picks = sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
     out = []
     for i in picks:
         r = records[i]
@@ -249,10 +251,11 @@ class WandbTracker(Tracker):
         # with training for CPU), no history dump at the end; each is W&B's WANDB_* variable when that is set.
         defaults = {"console": "off", "x_disable_stats": True, "quiet": True}
         settings = wandb.Settings(**{k: v for k, v in defaults.items() if f"WANDB_{k.upper()}" not in os.environ})
-        try:
-            self.run = wandb.init(project=project, entity=entity, name=run_name, dir=str(directory),
-                                  id=run_id, resume="allow" if run_id else None, config=dict(config),
-                                  settings=settings, reinit="create_new")
+        try:  # W&B records the command line: secrets given there are masked as in the config
+            with _argv(redact_args(sys.argv)):
+                self.run = wandb.init(project=project, entity=entity, name=run_name, dir=str(directory),
+                                      id=run_id, resume="allow" if run_id else None, config=dict(config),
+                                      settings=settings, reinit="create_new")
         except Exception as e:  # no key, no network, a bad entity: wandb raises several types
             raise TrackerError(f"logging.backends has 'wandb' but W&B could not start a run ({type(e).__name__}: "
                                f"{e}); log in (wandb login, or WANDB_API_KEY), or run offline with "
@@ -271,11 +274,36 @@ class WandbTracker(Tracker):
         self.run.log({name: self.wandb.Image(str(path))}, step=step)
 
     def log_facts(self, facts: Mapping[str, Any]) -> None:
-        self.run.config.update({"run": dict(facts)}, allow_val_change=True)
+        merged = {**dict(self.run.config.get("run") or {}), **facts}  # W&B replaces a key's whole value
+        self.run.config.update({"run": merged}, allow_val_change=True)
         self.run.summary.update({f"run/{k}": v for k, v in facts.items() if isinstance(v, (int, float))})
 
     def close(self, finished: bool) -> None:
         self.run.finish(exit_code=0 if finished else 1)
+
+
+def redact_args(argv: Sequence[str]) -> list[str]:
+    """A command line with the values of secret-like ``key=value`` overrides (``policy.api_key=sk-..``) and URL
+    passwords masked (gym_plugin.redact's rules)."""
+    from gym_plugin.redact import REDACTED, is_secret_key, redact_url
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        secret = sep and value and is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1])
+        out.append(f"{key}={REDACTED}" if secret else redact_url(arg))
+    return out
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]):
+    """sys.argv replaced for the block only."""
+    old = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = old
 
 
 @contextlib.contextmanager
@@ -307,8 +335,8 @@ class MlflowTracker(Tracker):
 
         if "://" not in tracking_uri or tracking_uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)  # raises for a scheme MLflow does not know
             # the first request answers whether the URI works: fail fast (MLflow retries ~7 times otherwise)
             with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="15"):
                 exp = self.client.get_experiment_by_name(experiment)
@@ -368,7 +396,7 @@ class Trackers:
     def __init__(self, trackers: Sequence[Tracker] = (), on_error: Callable[[str], None] | None = None,
                  rollouts_per_step: int = 4):
         self.trackers = list(trackers)
-        self.on_error = on_error or (lambda message: print(message, flush=True, file=__import__("sys").stderr))
+        self.on_error = on_error or (lambda message: print(message, flush=True, file=sys.stderr))
         self.rollouts_per_step = rollouts_per_step
         self.failed: dict[str, str] = {}
         """Tracker name -> the error that stopped it."""
