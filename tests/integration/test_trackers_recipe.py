@@ -159,3 +159,24 @@ def test_recipe_sends_every_metric_to_each_tracker_and_resume_continues_their_ru
     for folder in ("tensorboard", "wandb", "mlruns"):  # the key given on the command line reached no tracker
         for path in (run_dir / folder).rglob("*"):
             assert not path.is_file() or b"sk-must-not-leak" not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_logs(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    run_dir = tmp_path / "run"
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environ.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(ROOT / "recipes" / "grpo.py"), *TINY, "train.steps=2",
+         "logging.backends=[tensorboard,mlflow]", f"run_dir={run_dir}"],
+        cwd=ROOT, env=environ, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
+    [meta] = (run_dir / "mlruns").glob("*/*/meta.yaml")  # one MLflow run
+    tb = tensorboard_events(run_dir / "tensorboard")
+    want = logged_series(run_dir)
+    assert_same_series(tb["scalars"], want, cast=float32)  # each step once, with rank 0's metrics.jsonl values
+    assert "- ranks: 2" in tb["texts"]["run/facts/text_summary"][0][1]
