@@ -192,6 +192,15 @@ def test_mlflow_file_store_reads_back_and_resume_continues_the_run(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def wandb_teardown() -> None:
+    """Stop W&B's service process: it may still hold a finished run's records in its write buffer after
+    ``finish`` returns (seen: a .wandb file without its run record; a recipe run's process exit stops it too), and
+    it keeps the first run's settings (WANDB_MODE) for every later run of this process."""
+    import wandb
+
+    wandb.teardown()
+
+
 def test_wandb_offline_run_files_read_back_and_resume_keeps_the_id(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -200,6 +209,7 @@ def test_wandb_offline_run_files_read_back_and_resume_keeps_the_id(tmp_path, mon
                              project="p", run_name="r1")
     log_run(trackers)
     trackers.close(image=curve(tmp_path), facts={"peak_rss_mb": 512.5})
+    wandb_teardown()
     [run] = wandb_offline_runs(tmp_path)
     assert run["id"] == trackers.ids()["wandb"]
     history: dict[str, list[tuple[int, float]]] = {}
@@ -221,6 +231,7 @@ def test_wandb_offline_run_files_read_back_and_resume_keeps_the_id(tmp_path, mon
     resumed = Trackers.open(["wandb"], tmp_path, config=CONFIG, resume_ids=trackers.ids(), resume_step=2)
     resumed.log_metrics(3, {"rollout/reward_mean": 1.0})
     resumed.close()
+    wandb_teardown()
     first, second = wandb_offline_runs(tmp_path)  # wandb sync appends the second to the same run id
     assert second["id"] == first["id"] == trackers.ids()["wandb"]
     assert [(r["_step"], r["rollout/reward_mean"]) for r in second["history"]] == [(3, 1.0)]
@@ -244,3 +255,14 @@ def test_a_tracker_failing_mid_run_is_reported_once_and_the_others_go_on(tmp_pat
     assert "training goes on" in reports[0] and set(trackers.failed) == {"mlflow"}
     got = tensorboard_events(tmp_path / "tensorboard")
     assert got["scalars"]["rollout/reward_mean"] == [(1, 0.25), (2, 0.5), (3, 0.75)]
+
+
+def test_wandb_online_without_a_key_is_one_error_naming_the_fixes(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    wandb_teardown()  # a fresh W&B setup that reads this environment
+    with pytest.raises(TrackerError, match=r"W&B could not start a run .*WANDB_MODE=offline"):
+        Trackers.open(["wandb"], tmp_path, config=CONFIG)
