@@ -30,7 +30,8 @@ from gym_plugin.trackers import TRACKER_BACKENDS, Trackers  # noqa: E402
 
 def metrics_row() -> dict[str, float]:
     """A metrics.jsonl row of the recipe's shape: ~70 namespaced floats."""
-    keys = [f"rollout/m{i}" for i in range(35)] + [f"loss/m{i}" for i in range(15)] + [f"perf/m{i}" for i in range(20)]
+    keys = ([f"rollout/m{i}" for i in range(35)] + [f"loss/m{i}" for i in range(15)]
+            + [f"perf/m{i}" for i in range(20)])
     return {k: 0.1 * i for i, k in enumerate(keys)}
 
 

@@ -176,7 +176,7 @@ class LoggingConfig:
     backends: list[str] = field(default_factory=list)
     """Experiment trackers that also get the run (any of 'tensorboard', 'wandb', 'mlflow'; each needs its extra,
     e.g. pip install 'gym_plugin[tensorboard]'): metrics, eval reward, config, sampled rollouts, the reward
-    curve, run facts (gym_plugin/trackers.py). Only rank 0 logs."""
+    curve, run facts (gym_plugin/trackers/). Only rank 0 logs."""
     tracker_rollouts: int = 4
     """Rollouts per step sent to the trackers (spread over the step's prompts); 0: none."""
     project: str = "gym_plugin"
