@@ -91,8 +91,8 @@ class Trackers:
             for name in backends:
                 rid = resume_ids.get(name) if resume_step is not None else None
                 if name == "tensorboard":
-                    opened.append(TensorBoardTracker(Path(rid) if rid else run_dir / "tensorboard", config,
-                                                     resume_step if rid else None))
+                    # always the run's own folder (a moved run_dir stays whole); the id only says it was used
+                    opened.append(TensorBoardTracker(run_dir / "tensorboard", config, resume_step if rid else None))
                 elif name == "wandb":
                     opened.append(WandbTracker(run_dir, project, run_name, config, wandb_entity, rid))
                 else:
