@@ -69,6 +69,8 @@ class RunLogger:
                  progress: bool = True, trackers: "Trackers | None" = None):
         self.run_dir = Path(run_dir)
         self.trackers = trackers if enabled else None
+        if self.trackers is not None:
+            self.trackers.on_error = self.info  # a failing tracker's one report goes above the bars
         self._last_step = start_step
         self.total_steps = total_steps
         self.enabled = enabled
@@ -195,7 +197,8 @@ class RunLogger:
         if self.trackers is not None:
             from gym_plugin.memory import peak_rss_mb
 
-            self.trackers.close(image=self.run_dir / "reward_curve.png", facts={"peak_rss_mb": round(peak_rss_mb(), 1)},
+            self.trackers.close(image=self.run_dir / "reward_curve.png",
+                                facts={"peak_rss_mb": round(peak_rss_mb(), 1)},
                                 finished=self._last_step >= self.total_steps)
         if self._step_bar is not None:
             self._step_bar.close()

@@ -60,8 +60,8 @@ from gym_plugin.net import free_port  # noqa: E402
 from gym_plugin.optim import build_optimizer  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts, reward_metrics  # noqa: E402
-from gym_plugin.redact import redact  # noqa: E402
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollouts  # noqa: E402
+from gym_plugin.redact import redact  # noqa: E402
 from gym_plugin.run_logging import RunLogger, read_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
