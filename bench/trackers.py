@@ -6,8 +6,8 @@
 The per-step mode replays a real metrics row (the recipe's ~70 metrics) and 32 collector records through each
 backend (W&B offline, MLflow on a file store under a temporary folder) and reports the opening time and the
 median time per step, which does not depend on the machine's load the way a whole run does. The recipe mode
-runs ``python recipes/grpo.py`` (plus ``--extra`` overrides) with each setting in turn and reports wall time
-and the sum of perf/iteration_time_s; run it under ``flock /tmp/heavy.lock`` on a shared machine.
+runs ``python recipes/grpo.py`` (plus ``--extra`` overrides) with each setting in turn and reports wall time, CPU
+time (user + system, less sensitive to other jobs than wall time) and the sum of perf/iteration_time_s; run it under ``flock /tmp/heavy.lock`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,28 +67,32 @@ def per_step(steps: int) -> None:
 
 def recipe(runs: int, settings: list[str], extra: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, list[tuple[float, float]]] = {s: [] for s in settings}
+    results: dict[str, list[tuple[float, float, float]]] = {s: [] for s in settings}
     for i in range(runs):
         for setting in settings:  # alternate, so slow drifts of the machine's load hit both alike
             with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
                 run_dir = Path(tmp) / "run"
                 load = os.getloadavg()[0]
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "grpo.py"), f"run_dir={run_dir}",
                                        "logging.progress=false", f"logging.backends={setting}", *extra],
                                       cwd=ROOT, env=env, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 if proc.returncode != 0:
                     sys.exit(f"run failed: {(proc.stdout + proc.stderr)[-3000:]}")
                 rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 iters = sum(r["perf/iteration_time_s"] for r in rows)
-                results[setting].append((wall, iters))
-                print(f"run {i + 1} backends={setting}: wall {wall:.1f} s, sum perf/iteration_time_s {iters:.1f} s "
-                      f"(load before {load:.2f})", flush=True)
-    base = statistics.mean(w for w, _ in results[settings[0]])
+                results[setting].append((wall, iters, cpu))
+                print(f"run {i + 1} backends={setting}: wall {wall:.1f} s, CPU {cpu:.1f} s, sum "
+                      f"perf/iteration_time_s {iters:.1f} s (load before {load:.2f})", flush=True)
+    base = [statistics.mean(r[j] for r in results[settings[0]]) for j in (0, 2)]
     for setting in settings:
-        wall = statistics.mean(w for w, _ in results[setting])
-        print(f"backends={setting}: mean wall {wall:.1f} s ({100 * (wall / base - 1):+.1f}% vs {settings[0]})")
+        wall, cpu = (statistics.mean(r[j] for r in results[setting]) for j in (0, 2))
+        print(f"backends={setting}: mean wall {wall:.1f} s ({100 * (wall / base[0] - 1):+.1f}%), mean CPU {cpu:.1f} s "
+              f"({100 * (cpu / base[1] - 1):+.1f}%) vs {settings[0]}")
 
 
 def main() -> None:
