@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ class TrainerState:
     """Steps finished when the checkpoint was written."""
     policy_version: int
     """The served policy's version then (rollouts and metrics go on counting from it)."""
+    trackers: dict = field(default_factory=dict)
+    """Tracker backend -> its run id (gym_plugin.trackers), so that a resumed run continues the same runs."""
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -35,7 +37,8 @@ def read_trainer_state(ckpt: Path) -> TrainerState:
     if not path.is_file():
         raise ConfigError(f"resume=true but {ckpt} holds no checkpoint; run without resume or fix run_dir.")
     state = json.loads(path.read_text())
-    return TrainerState(step=state["step"], policy_version=state.get("policy_version", state["step"]))
+    return TrainerState(step=state["step"], policy_version=state.get("policy_version", state["step"]),
+                        trackers=state.get("trackers", {}))
 
 
 def load_optimizer_state(ckpt: Path, optimizer, device: torch.device) -> bool:
@@ -48,9 +51,10 @@ def load_optimizer_state(ckpt: Path, optimizer, device: torch.device) -> bool:
 
 
 def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int, run_dir: Path,
-                    save_optimizer: bool) -> Path:
+                    save_optimizer: bool, trackers: dict | None = None) -> Path:
     """HF folder + trainer state (+ the optimizer state when ``save_optimizer``: AdamW's moments are twice the
-    model's size), swapped in atomically as checkpoints/last; the previous one is removed."""
+    model's size; + ``trackers``, the tracker run ids a resume continues), swapped in atomically as
+    checkpoints/last; the previous one is removed."""
     final = last_checkpoint(run_dir)
     tmp = run_dir / "checkpoints" / f"tmp-{step}"
     with quiet_hf_progress():
@@ -58,7 +62,8 @@ def save_checkpoint(model, tokenizer, optimizer, step: int, policy_version: int,
     tokenizer.save_pretrained(tmp)
     if save_optimizer:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": policy_version}))
+    state = {"step": step, "policy_version": policy_version, "trackers": trackers or {}}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
     if final.exists():
         final.rename(run_dir / "checkpoints" / f"old-{step}")
     tmp.rename(final)

@@ -117,6 +117,10 @@ class SandboxError(GymPluginError):
     so the rollout is a failure, never reward 0."""
 
 
+class TrackerError(GymPluginError):
+    """An experiment tracker (TensorBoard, W&B, MLflow) is not installed or cannot start a run."""
+
+
 def debug_enabled() -> bool:
     """True when the user asked for tracebacks (``GYM_PLUGIN_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``)."""
     return any(os.environ.get(name, "").strip() not in ("", "0", "false") for name in DEBUG_ENV_VARS)

@@ -17,6 +17,7 @@ from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.loss import LossConfig
 from gym_plugin.optim import OPTIMIZERS
 from gym_plugin.step import StepConfig
+from gym_plugin.trackers import backend_problems
 from gym_plugin.weight_sync import WEIGHT_SYNC_KINDS, WeightSyncConfig
 
 POLICY_KINDS = ("embedded", "endpoints")
@@ -179,6 +180,21 @@ class LoggingConfig:
     """Write reward_curve.png into the run directory after each step."""
     save_rollouts: bool = True
     """Write every step's records to rollouts/step_XXXXXX.jsonl."""
+    backends: list[str] = field(default_factory=list)
+    """Experiment trackers that also get the run (any of 'tensorboard', 'wandb', 'mlflow'; each needs its extra,
+    e.g. pip install 'gym_plugin[tensorboard]'): metrics, eval reward, config, sampled rollouts, the reward
+    curve, run facts (gym_plugin/trackers/). Only rank 0 logs."""
+    tracker_rollouts: int = 4
+    """Rollouts per step sent to the trackers (spread over the step's prompts); 0: none."""
+    project: str = "gym_plugin"
+    """The W&B project and the MLflow experiment."""
+    run_name: str | None = None
+    """The tracker runs' name (default: run_dir's folder name)."""
+    wandb_entity: str | None = None
+    """The W&B team or user (default: the key's default entity)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:/path); default $MLFLOW_TRACKING_URI,
+    else the file store <run_dir>/mlruns."""
 
 
 @dataclass
@@ -280,6 +296,9 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
     if cfg.env.task is None and not cfg.env.data_path:
         problems.append("env.task is null and env.data_path is unset: set one (env.task=capitals or "
                         "env.data_path=rows.jsonl).")
+    problems += backend_problems(cfg.logging.backends)
+    if not isinstance(cfg.logging.tracker_rollouts, int) or cfg.logging.tracker_rollouts < 0:
+        problems.append(f"logging.tracker_rollouts={cfg.logging.tracker_rollouts!r} must be an integer >= 0.")
     if cfg.advantage_mode not in ("grpo", "dr_grpo", "rloo"):
         problems.append(f"advantage_mode={cfg.advantage_mode!r} is not one of ['grpo', 'dr_grpo', 'rloo'].")
     if problems:

@@ -8,6 +8,10 @@ recipe calls it unconditionally. Files in the run directory:
 - ``eval.jsonl``: one JSON object per evaluation (``step`` plus ``eval/...`` metrics over a fixed prompt set);
 - ``rollouts/step_000001.jsonl``: the step's collector records (rollouts and failure records), one per line;
 - ``reward_curve.png``: written by ``gym_plugin.plotting`` from metrics.jsonl.
+
+With ``trackers`` (a ``gym_plugin.trackers.Trackers``: TensorBoard, W&B, MLflow) every step's and evaluation's
+metrics go to them too (same names, same step), ``log_rollouts`` sends them a few sampled rollouts per step, and
+``close`` sends the reward curve and the peak RSS and ends their runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from gym_plugin.trackers import Trackers
 
 STEP_LINE_KEYS = (
     ("rollout/reward_mean", "reward {:.3f}"),
@@ -59,8 +66,12 @@ class RunLogger:
     """Progress bars and files of one run (rank 0 only; a no-op elsewhere)."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, start_step: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, trackers: "Trackers | None" = None):
         self.run_dir = Path(run_dir)
+        self.trackers = trackers if enabled else None
+        if self.trackers is not None:
+            self.trackers.on_error = self.info  # a failing tracker's one report goes above the bars
+        self._last_step = start_step
         self.total_steps = total_steps
         self.enabled = enabled
         self.progress = progress and enabled
@@ -144,6 +155,9 @@ class RunLogger:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
+        if self.trackers is not None:
+            self.trackers.log_metrics(step, metrics)
+        self._last_step = step
         self.info(format_step_line(step, self.total_steps, metrics))
         if self._step_bar is not None:
             self._step_bar.update(1)
@@ -156,6 +170,8 @@ class RunLogger:
         row = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.eval_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log_metrics(step, metrics)
         reward = metrics.get("eval/reward_mean")
         self.info(f"eval after step {step}: reward {float('nan') if reward is None else reward:.3f} over "
                   f"{metrics.get('eval/num_rollouts', 0):.0f} rollouts of {num_prompts} fixed prompts")
@@ -170,7 +186,20 @@ class RunLogger:
                 fh.write(json.dumps(r, default=str) + "\n")
         return path
 
+    def log_rollouts(self, step: int, records: Sequence[Mapping[str, Any]]) -> None:
+        """Send a few of the step's records (prompt, completion, reward) to the trackers, if any."""
+        if self.trackers is not None:
+            self.trackers.log_rollouts(step, records)
+
     def close(self) -> None:
+        """Close the bars; end the trackers' runs after sending them the reward curve and the peak RSS (a run
+        that stopped before its last step ends as failed where the tracker records that)."""
+        if self.trackers is not None:
+            from gym_plugin.memory import peak_rss_mb
+
+            self.trackers.close(image=self.run_dir / "reward_curve.png",
+                                facts={"peak_rss_mb": round(peak_rss_mb(), 1)},
+                                finished=self._last_step >= self.total_steps)
         if self._step_bar is not None:
             self._step_bar.close()
             self._step_bar = None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -61,9 +62,11 @@ from gym_plugin.optim import build_optimizer  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts, reward_metrics  # noqa: E402
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollouts  # noqa: E402
+from gym_plugin.redact import redact  # noqa: E402
 from gym_plugin.run_logging import RunLogger, read_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
+from gym_plugin.trackers import Trackers  # noqa: E402
 from gym_plugin.weight_sync import open_weight_sync  # noqa: E402
 
 
@@ -138,6 +141,15 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     if cfg.resume:
         resumed = read_trainer_state(ckpt)
         start_step, start_version = resumed.step, resumed.policy_version
+    # trackers on rank 0 (logging.backends): a missing package or a bad URI stops here, before any model loads
+    trackers, failure = None, None
+    if info.is_main:
+        try:
+            trackers = open_trackers(cfg, run_dir, info.world_size, resumed.trackers if cfg.resume else None,
+                                     start_step)
+        except Exception as e:
+            failure = e
+    dist_utils.raise_if_any_rank_failed(failure, "opening the trackers in logging.backends")
     torch.manual_seed(cfg.train.seed)
     with quiet_hf_progress():
         model, tokenizer = load_policy_model(str(ckpt) if cfg.resume else cfg.model.spec, cfg.model.dtype)
@@ -192,7 +204,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
     for _ in range(start_step):  # resume: the same prompt order as an uninterrupted run
         next(batches)
     log = RunLogger(run_dir, cfg.train.steps, enabled=info.is_main, start_step=start_step,
-                    progress=cfg.logging.progress)
+                    progress=cfg.logging.progress, trackers=trackers)
     log.info(f"run dir {run_dir} | {cfg.model.name} ({cfg.model.dtype}, {info.device}) | task {cfg.env.task or cfg.env.data_path} | "
              f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
              + (f" | resumed at step {start_step} from {ckpt} (params sha256 {dist_utils.params_digest(model)})"
@@ -292,13 +304,14 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             if info.device.type == "cuda":  # the peak since the run started (collection and training)
                 metrics["perf/peak_gpu_mb"] = torch.cuda.max_memory_allocated(info.device) / 2**20
             log.log_step(step, metrics)
+            log.log_rollouts(step, all_records)  # a few, to the trackers
             if cfg.logging.save_rollouts:
                 log.write_rollouts(step, all_records)
             # ---- checkpoint ------------------------------------------------------------------------------------
             if info.is_main and (step == cfg.train.steps or (cfg.train.checkpoint_every
                                                              and step % cfg.train.checkpoint_every == 0)):
                 save_checkpoint(full_copy if sharded else train_model, tokenizer, optimizer, step, policy_version,
-                                run_dir, cfg.train.save_optimizer)
+                                run_dir, cfg.train.save_optimizer, trackers.ids() if trackers else None)
             if info.is_main and cfg.logging.plot:
                 plot_curve(run_dir)
             state.steps_done = step
@@ -315,6 +328,19 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         gym.shutdown()
     if info.is_main:
         print(run_summary(run_dir, time.perf_counter() - started), file=sys.stderr, flush=True)
+
+
+def open_trackers(cfg: GRPOConfig, run_dir: Path, ranks: int, resume_ids: dict | None, start_step: int) -> Trackers:
+    """The trackers of logging.backends (none: an empty set), given the resolved config with its secrets
+    redacted (as `gym-plugin serve --print-config` shows it) and the run's facts; on resume the same tracker runs."""
+    lg = cfg.logging
+    facts = {"model": cfg.model.name, "model_spec": cfg.model.spec, "task": cfg.env.task or cfg.env.data_path,
+             "ranks": ranks, "policy": cfg.policy.kind, "start_step": start_step}
+    return Trackers.open(lg.backends, run_dir, config=redact(dataclasses.asdict(cfg)), facts=facts,
+                         project=lg.project, run_name=lg.run_name, mlflow_tracking_uri=lg.mlflow_tracking_uri,
+                         wandb_entity=lg.wandb_entity, resume_ids=resume_ids,
+                         resume_step=start_step if resume_ids is not None else None,
+                         rollouts_per_step=lg.tracker_rollouts)
 
 
 def plot_curve(run_dir: Path) -> None:
