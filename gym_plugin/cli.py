@@ -40,7 +40,7 @@ async def _serve(args: argparse.Namespace) -> None:
         # one server of a process-per-server launch: ports of all servers are fixed in the config
         from gym_plugin.launch import start_only
 
-        running = await start_only(cfg, args.only)
+        running = await start_only(cfg, args.only, getattr(args, "pids", None))
     else:
         running = await start_servers(cfg)
     for s in running.servers:
@@ -92,6 +92,7 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
         _wait_healthy(children, args.config, overrides)
         args.overrides = overrides
         args.only = "__head__"
+        args.pids = {name: child.pid for name, child in zip(names, children)}  # listed by /server_instances
         asyncio.run(_serve(args))
     except KeyboardInterrupt:
         pass

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ from gym_plugin.errors import (
 from gym_plugin.http import Transport
 from gym_plugin.net import local_host, url_list
 from gym_plugin.servers.base import Directory, Server
-from gym_plugin.servers.head import HeadServer
+from gym_plugin.servers.head import HeadServer, ServerInstance
 from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class
 
 logger = logging.getLogger(__name__)
@@ -119,7 +121,8 @@ async def start_servers(
         if start_head:
             head_cfg = data.setdefault(HEAD_SERVER_KEY_NAME, {})
             host, port = head_cfg.get("host", "127.0.0.1"), int(head_cfg.get("port", 11000))
-            head = HeadServer(data, host=host, port=port)
+            head = HeadServer(data, host=host, port=port,
+                              instances=server_instances(data, {}, time.time(), extra=running.servers[:len(extra)]))
             try:
                 await head.start(auth_token=token)
             except OSError as e:
@@ -204,15 +207,64 @@ def agent_routes(data: dict) -> dict[str, AgentRoute]:
     return routes
 
 
-async def start_only(cfg: GymConfig, name: str) -> RunningServers:
+def server_instances(data: dict, pids: dict[str, int], start_time: float, extra: list[Server] = ()  # type: ignore[assignment]
+                     ) -> list[ServerInstance]:
+    """The head server's /server_instances list: every server of a served config with its bound address (the
+    config's instances, each environment server entry at its agent's address and process, the local
+    ``policy_endpoint``), then the ``extra`` servers started with them. ``pids``: instance name -> serving process
+    (this process when absent); '__policy_endpoint__' for the local endpoint."""
+    own = os.getpid()
+    out: list[ServerInstance] = []
+
+    def add(name: str, stype: str, impl: str, params: dict, pid: int, entrypoint: str | None) -> None:
+        host, port = str(params.get("host", "127.0.0.1")), int(params["port"])
+        out.append(ServerInstance(process_name=name, server_type=stype, name=impl, host=host, port=port,
+                                  url=f"http://{local_host(host)}:{port}", pid=pid, start_time=start_time,
+                                  entrypoint=entrypoint, config_path=name))
+
+    def entrypoint(kind: str, impl: str) -> str:
+        cls = get_server_class(kind, impl)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    for name, section in data.items():
+        if not isinstance(section, dict) or len(section) != 1:
+            continue
+        (stype, impls), = section.items()
+        if stype not in SERVER_TYPES or not isinstance(impls, dict):
+            continue
+        for impl, params in impls.items():
+            if isinstance(params, dict) and params.get("port"):
+                add(name, stype, impl, params, pids.get(name, own), entrypoint(stype, impl))
+    for name, (impl, params) in envservers.entries(data).items():
+        agents = envservers.fronted_agents(params)
+        if params.get("port") and agents:  # no process of its own: served by its agent
+            agent_impls = envservers.agent_impls(data)
+            add(name, envservers.ENVIRONMENT_SERVERS, impl, params, pids.get(agents[0], own),
+                entrypoint("responses_api_agents", agent_impls[agents[0]]) if agents[0] in agent_impls else None)
+    endpoint = data.get(POLICY_ENDPOINT)
+    if isinstance(endpoint, dict) and endpoint.get("port"):
+        add(POLICY_ENDPOINT, POLICY_ENDPOINT, str(endpoint.get("impl")), endpoint,
+            pids.get("__policy_endpoint__", own), entrypoint(POLICY_ENDPOINT, str(endpoint.get("impl"))))
+    for server in extra:
+        if server.name != POLICY_ENDPOINT:
+            cls = type(server)
+            out.append(ServerInstance(process_name=server.name, server_type=server.server_type or POLICY_ENDPOINT,
+                                      name=cls.__name__, host=server.host, port=server.port, url=server.url, pid=own,
+                                      start_time=start_time, entrypoint=f"{cls.__module__}.{cls.__qualname__}"))
+    return out
+
+
+async def start_only(cfg: GymConfig, name: str, pids: dict[str, int] | None = None) -> RunningServers:
     """Start one server of a process-per-server launch (every port fixed in the config), or the head server
-    alone when ``name`` is '__head__'. The directory is filled from the configured ports."""
+    alone when ``name`` is '__head__' (``pids``: instance name -> the child process serving it, for its
+    /server_instances). The directory is filled from the configured ports."""
     directory, _ = directory_from_config(cfg.data)
     running = RunningServers(config=cfg, directory=directory)
     if name == "__head__":
         data = copy.deepcopy(cfg.data)
         envservers.place(data, cfg.environment_servers)  # every port is fixed in a process-per-server launch
-        head = HeadServer(data, host=cfg.head_host, port=cfg.head_port)
+        head = HeadServer(data, host=cfg.head_host, port=cfg.head_port,
+                          instances=server_instances(data, pids or {}, time.time()))
         await head.start(auth_token=cfg.data.get("auth_token") or None)
         running.servers.append(head)
         running.head = head
