@@ -29,7 +29,8 @@ from gym_plugin.errors import (
     truncate,
 )
 from gym_plugin.http import Transport
-from gym_plugin.net import local_host, url_list
+from gym_plugin.net import is_loopback, local_host, url_list
+from gym_plugin.servers.auth import ALLOW_KEY, exposure_problem
 from gym_plugin.servers.base import Directory, Server
 from gym_plugin.servers.head import HeadServer, ServerInstance
 from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class
@@ -51,6 +52,44 @@ def build_server(spec: ServerSpec, directory: Directory) -> Server:
     where = f"{spec.name}.{spec.server_type}.{spec.impl}"
     config = schema.build(cls.Config, spec.params, where, noun="parameter") if cls.Config is not None else spec.params
     return cls.from_config(spec.name, config, directory, host=spec.host, port=spec.port)
+
+
+def check_network_exposure(cfg: GymConfig, *, head: bool = True, only: str | None = None) -> None:
+    """Before anything binds: one ConfigError naming every server (and the head server when ``head``) a config puts
+    on an address other than loopback without ``auth_token``, with the two ways out; none when
+    ``allow_unauthenticated_network`` is true. ``only``: the one server of a process-per-server child."""
+    data = cfg.data
+    binds = [(f"server {name!r} ({name}.{spec.server_type}.{spec.impl}.host)", spec.host)
+             for name, spec in cfg.servers.items() if only in (None, name)]
+    if head and only in (None, "__head__"):
+        binds.append((f"the head server ({HEAD_SERVER_KEY_NAME}.host)", cfg.head_host))
+    endpoint = data.get(POLICY_ENDPOINT)
+    if isinstance(endpoint, dict) and only in (None, "__policy_endpoint__"):
+        binds.append((f"the local policy endpoint ({POLICY_ENDPOINT}.host)", str(endpoint.get("host", "127.0.0.1"))))
+    exposed = [(what, host) for what, host in binds if not is_loopback(host)]
+    token = data.get("auth_token") or None
+    if exposed and not token and not data.get(ALLOW_KEY):
+        raise ConfigError(exposure_problem(exposed))
+    if token and isinstance(endpoint, dict) and not is_loopback(str(endpoint.get("host", "127.0.0.1"))) \
+            and data.get("policy_api_key") != token:
+        raise ConfigError(
+            f"{POLICY_ENDPOINT}.host: {endpoint.get('host')!r} is reachable from other machines, so the local policy "
+            "endpoint requires auth_token, and the policy model server sends policy_api_key to it. Set "
+            "policy_api_key: ${auth_token} (or bind the endpoint to 127.0.0.1).")
+
+
+def bind_options(data: dict) -> dict:
+    """Server.start's ``auth_token`` / ``allow_unauthenticated_network`` for a server of config ``data``."""
+    return {"auth_token": data.get("auth_token") or None, "allow_unauthenticated_network": bool(data.get(ALLOW_KEY))}
+
+
+def extra_options(data: dict, host: str) -> dict:
+    """The same for the local policy endpoint and extra servers: they take the token only when reachable from the
+    network (on loopback they keep answering the policy model server, which sends policy_api_key, unchecked)."""
+    options = bind_options(data)
+    if is_loopback(host):
+        options["auth_token"] = None
+    return options
 
 
 @dataclass
@@ -90,21 +129,22 @@ async def start_servers(
     extra: list[Server] = (),  # type: ignore[assignment]
 ) -> RunningServers:
     """Start ``extra`` servers (e.g. an embedded policy), then every configured server, then the head."""
+    check_network_exposure(cfg, head=start_head)
     data = copy.deepcopy(cfg.data)
     directory = Directory()
     running = RunningServers(config=GymConfig(data=data, servers=cfg.servers,
                                               environment_servers=cfg.environment_servers), directory=directory)
+    options = bind_options(data)  # servers of the config require the token (401 without), collector sends it
     try:
         if data.get("policy_endpoint"):
             extra = [build_local_endpoint(data["policy_endpoint"]), *extra]
         for s in extra:
-            await s.start()
+            await s.start(**extra_options(data, s.host))
             running.servers.append(s)
-        token = data.get("auth_token") or None  # servers of the config require it (401 without), collector sends it
         for name, spec in cfg.servers.items():
             server = build_server(spec, directory)
             try:
-                await server.start(auth_token=token)
+                await server.start(**options)
             except OSError as e:
                 raise EndpointError(
                     f"server {name!r} could not bind {spec.host}:{spec.port}: {e}. Pick another port "
@@ -124,7 +164,7 @@ async def start_servers(
             head = HeadServer(data, host=host, port=port,
                               instances=server_instances(data, {}, time.time(), extra=running.servers[:len(extra)]))
             try:
-                await head.start(auth_token=token)
+                await head.start(**options)
             except OSError as e:
                 raise EndpointError(
                     f"head server could not bind {host}:{port}: {e}. Set head_server.port to a free port "
@@ -258,6 +298,7 @@ async def start_only(cfg: GymConfig, name: str, pids: dict[str, int] | None = No
     """Start one server of a process-per-server launch (every port fixed in the config), or the head server
     alone when ``name`` is '__head__' (``pids``: instance name -> the child process serving it, for its
     /server_instances). The directory is filled from the configured ports."""
+    check_network_exposure(cfg, only=name)
     directory, _ = directory_from_config(cfg.data)
     running = RunningServers(config=cfg, directory=directory)
     if name == "__head__":
@@ -265,19 +306,19 @@ async def start_only(cfg: GymConfig, name: str, pids: dict[str, int] | None = No
         envservers.place(data, cfg.environment_servers)  # every port is fixed in a process-per-server launch
         head = HeadServer(data, host=cfg.head_host, port=cfg.head_port,
                           instances=server_instances(data, pids or {}, time.time()))
-        await head.start(auth_token=cfg.data.get("auth_token") or None)
+        await head.start(**bind_options(cfg.data))
         running.servers.append(head)
         running.head = head
         return running
     if name == "__policy_endpoint__":
         endpoint = build_local_endpoint(cfg.data["policy_endpoint"])
-        await endpoint.start()
+        await endpoint.start(**extra_options(cfg.data, endpoint.host))
         running.servers.append(endpoint)
         return running
     if name not in cfg.servers:
         raise ConfigError(f"--only {name!r}: no such server. Configured: {sorted(cfg.servers)}")
     server = build_server(cfg.servers[name], directory)
-    await server.start(auth_token=cfg.data.get("auth_token") or None)
+    await server.start(**bind_options(cfg.data))
     running.servers.append(server)
     return running
 
