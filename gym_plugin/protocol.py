@@ -107,9 +107,10 @@ def agent_name(row: Mapping[str, Any], where: str = "example row") -> str:
     return ref
 
 
-def validate_example(row: Any, index: int | None = None) -> dict:
-    """Check a row has the shape the agents need; returns it (as a dict). Raises ProtocolError naming the row."""
-    where = f"example row {index}" if index is not None else "example row"
+def validate_row(row: Any, where: str = "example row") -> Mapping[str, Any]:
+    """The checks every receiver of a row applies (the collector before posting, an agent's /run on receipt): a JSON
+    object whose ``responses_create_params.input`` is a non-empty string or list. Returns the create params; raises
+    ProtocolError naming ``where``."""
     if not isinstance(row, Mapping):
         raise ProtocolError(f"{where} is a {type(row).__name__}, expected a JSON object: {truncate(row, 200)}")
     params = row.get("responses_create_params")
@@ -119,11 +120,19 @@ def validate_example(row: Any, index: int | None = None) -> dict:
             'expected e.g. {"responses_create_params": {"input": [{"role": "user", "content": "..."}]}}'
         )
     inp = params.get("input")
-    if not isinstance(inp, (str, list)) or (isinstance(inp, list) and not inp):
+    if not isinstance(inp, (str, list)) or not inp:
         raise ProtocolError(
             f"{where}: responses_create_params.input must be a non-empty string or list of items, "
             f"got {truncate(inp, 100)}"
         )
+    return params
+
+
+def validate_example(row: Any, index: int | None = None) -> dict:
+    """Check a row has the shape the agents need (`validate_row`) and names its agent; returns it (as a dict).
+    Raises ProtocolError naming the row."""
+    where = f"example row {index}" if index is not None else "example row"
+    validate_row(row, where)
     agent_name(row, where)
     return dict(row)
 

@@ -1,5 +1,6 @@
-"""NeMo Gym 0.7.0's ``ng_status`` against ``gym-plugin serve`` (one process, and one process per server): it finds
-our head server's /server_instances and lists every server we run as healthy."""
+"""NeMo Gym 0.7.0's command line against ``gym-plugin serve``: ``ng_status`` (one process, and one process per
+server) finds our head server's /server_instances and lists every server we run as healthy; ``ng_collect_rollouts``
+on a malformed row gets our agent's 400 and shows its body (in the failures sidecar)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.nemo_gym_peer import NG_ENV, ROOT, VENV, served_config
+from gym_plugin.testing.scripted_tasks import add_row
+from tests.peers.nemo_gym_peer import NG_ENV, ROOT, VENV, read_jsonl, served_config, write_jsonl
 from tests.peers.nemo_gym_peer import fake_endpoint, gym_plugin_deployment, nemo_gym_venv  # noqa: F401 (fixtures)
 from gym_plugin.testing import nemo_gym_peer as peer
 
@@ -68,3 +70,28 @@ def test_ng_status_against_serve_process_per_server(fake_endpoint, tmp_path):
     assert len({s["pid"] for s in servers.values()}) == 7
     for agent in ("exact_match", "math", "calculator"):
         assert servers[f"{agent}_environment_server"]["pid"] == servers[f"{agent}_agent"]["pid"]
+
+
+def test_ng_collect_rollouts_shows_our_agents_refusal_of_a_malformed_row(gym_plugin_deployment, tmp_path):
+    rows = [add_row(1, 2, "exact_match_agent"), add_row(3, 4, "exact_match_agent"), add_row(5, 6, "math_agent")]
+    rows[1]["responses_create_params"]["input"] = []  # our collector refuses it up front; the agent now does too
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+
+    def collect(out: Path, *flags: str) -> subprocess.CompletedProcess:
+        out.mkdir()
+        return subprocess.run([str(VENV / "bin" / "ng_collect_rollouts"), f"+input_jsonl_fpath={path}",
+                               f"+output_jsonl_fpath={out / 'rollouts.jsonl'}", "+head_server.host=127.0.0.1",
+                               f"+head_server.port={gym_plugin_deployment}", *flags],
+                              cwd=out, env=NG_ENV, capture_output=True, text=True, timeout=300)
+
+    aborted = collect(tmp_path / "plain")  # NeMo Gym's default: a failed /run ends the run
+    assert aborted.returncode != 0 and "/run failed status=400" in aborted.stdout, aborted.stdout[-2000:]
+    assert "ClientResponseError: 400" in aborted.stderr
+    routed = collect(tmp_path / "sidecar", "+route_failures_to_sidecar=true")
+    assert routed.returncode == 0, routed.stdout[-3000:] + routed.stderr[-3000:]
+    assert sorted(r["_ng_task_index"] for r in read_jsonl(tmp_path / "sidecar" / "rollouts.jsonl")) == [0, 2]
+    (failure,) = read_jsonl(tmp_path / "sidecar" / "rollouts_failures.jsonl")
+    assert (failure["_ng_task_index"], failure["_ng_failure_http_status"]) == (1, 400)
+    assert json.loads(failure["_ng_failure_response_body"])["error"]["message"] == (
+        "ProtocolError: exact_match_agent: the /run row: responses_create_params.input must be a non-empty string or "
+        "list of items, got []")
