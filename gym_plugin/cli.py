@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, format_user_error
-from gym_plugin.net import free_port
+from gym_plugin.net import free_port, is_loopback
 
 logger = logging.getLogger("gym_plugin")
 
@@ -42,7 +42,7 @@ async def _serve(args: argparse.Namespace) -> None:
         # one server of a process-per-server launch: ports of all servers are fixed in the config
         from gym_plugin.launch import start_only
 
-        running = await start_only(cfg, args.only)
+        running = await start_only(cfg, args.only, getattr(args, "pids", None))
     else:
         running = await start_servers(cfg)
     for s in running.servers:
@@ -69,7 +69,10 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
     """Fix a free port for every server, start one child process per server, then the head server here."""
     from gym_plugin.config import load_config
 
+    from gym_plugin.launch import check_network_exposure
+
     cfg = load_config(args.config, args.overrides)
+    check_network_exposure(cfg)  # every server at once, before any child starts
     port_overrides = []
     for name, spec in cfg.servers.items():
         port = spec.port or free_port(spec.host)
@@ -94,6 +97,7 @@ def _serve_process_per_server(args: argparse.Namespace) -> int:
         _wait_healthy(children, args.config, overrides)
         args.overrides = overrides
         args.only = "__head__"
+        args.pids = {name: child.pid for name, child in zip(names, children)}  # listed by /server_instances
         asyncio.run(_serve(args))
     except KeyboardInterrupt:
         pass
@@ -391,11 +395,21 @@ def _embedded(args: argparse.Namespace) -> int:
         batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
     )
+    token = args.auth_token or os.environ.get("GYM_PLUGIN_AUTH_TOKEN") or None
+    if not token and not args.allow_unauthenticated_network and not is_loopback(cfg.host):
+        from gym_plugin.servers.auth import exposure_problem
+
+        raise ConfigError(exposure_problem([("gym-plugin embedded", cfg.host)],
+                                           token_fix="pass --auth-token TOKEN (or set $GYM_PLUGIN_AUTH_TOKEN; clients "
+                                                     "send it as their API key)",
+                                           allow_fix="pass --allow-unauthenticated-network",
+                                           risk="generate with the model, and replace its weights from any path "
+                                                "on this machine"))
     _check_port_free(cfg.host, cfg.port)  # before the model loads: a busy port fails in a second, not a minute
     server = EmbeddedPolicyServer(cfg)
 
     async def serve() -> None:
-        port = await server.start()
+        port = await server.start(auth_token=token, allow_unauthenticated_network=args.allow_unauthenticated_network)
         print(f"embedded policy {server.served_model_name!r} at http://{cfg.host}:{port}/v1 "
               f"(policy_version {server.policy_version}); Ctrl-C to stop", flush=True)
         try:
@@ -430,7 +444,12 @@ def _add_embedded_parser(sub) -> None:
     e.add_argument("--served-model-name", default=None,
                    help="name clients put in 'model' (None: SmolLM2-135M-Instruct, tiny or the folder's name; "
                    "the --model value is accepted too)")
-    e.add_argument("--host", default=d.host, help="interface to bind")
+    e.add_argument("--host", default=d.host, help="interface to bind (other than loopback: needs --auth-token)")
+    e.add_argument("--auth-token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every route but /health (clients send it as their "
+                        "API key; default: $GYM_PLUGIN_AUTH_TOKEN)")
+    e.add_argument("--allow-unauthenticated-network", action="store_true",
+                   help="serve on a non-loopback --host without --auth-token anyway (logs a warning)")
     e.add_argument("--port", type=int, default=8000, help="TCP port (checked before the model loads)")
     e.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (float32: exact log-probs)")

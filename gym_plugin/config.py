@@ -42,6 +42,7 @@ GLOBAL_KEYS = {
     HEAD_SERVER_KEY_NAME: "{host, port} of the head server",
     "collector": "collector settings (concurrency, timeout_s, max_attempts, ...)",
     "auth_token": "optional shared-secret bearer token between collector and servers",
+    "allow_unauthenticated_network": "true: servers may listen on non-loopback addresses without auth_token",
     "policy_endpoint": "optional OpenAI-compatible endpoint served in this process: {impl: embedded|fake_openai, ...}",
     IMPORT_MODULES_KEY: "modules or .py files imported before the servers are built (your own @register servers)",
 }
@@ -249,6 +250,12 @@ def validate(data: dict, problems: list[str] | None = None) -> GymConfig:
         v = data.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             problems.append(f"{key}: {v!r} must be a non-negative integer (0 = unlimited)")
+    allow = data.get("allow_unauthenticated_network")
+    if allow is not None and not isinstance(allow, bool):
+        problems.append(f"allow_unauthenticated_network: {allow!r} must be true or false")
+    token = data.get("auth_token")
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        problems.append(f"auth_token: {truncate(token, 20)} must be a non-empty string (a shared secret), or unset")
     head = data.get(HEAD_SERVER_KEY_NAME)
     if head is not None:
         if not isinstance(head, dict):

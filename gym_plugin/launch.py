@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +29,10 @@ from gym_plugin.errors import (
     truncate,
 )
 from gym_plugin.http import Transport
-from gym_plugin.net import local_host, url_list
+from gym_plugin.net import is_loopback, local_host, url_list
+from gym_plugin.servers.auth import ALLOW_KEY, exposure_problem
 from gym_plugin.servers.base import Directory, Server
-from gym_plugin.servers.head import HeadServer
+from gym_plugin.servers.head import HeadServer, ServerInstance
 from gym_plugin.servers.registry import POLICY_ENDPOINT, SERVER_TYPES, get_server_class
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,44 @@ def build_server(spec: ServerSpec, directory: Directory) -> Server:
     where = f"{spec.name}.{spec.server_type}.{spec.impl}"
     config = schema.build(cls.Config, spec.params, where, noun="parameter") if cls.Config is not None else spec.params
     return cls.from_config(spec.name, config, directory, host=spec.host, port=spec.port)
+
+
+def check_network_exposure(cfg: GymConfig, *, head: bool = True, only: str | None = None) -> None:
+    """Before anything binds: one ConfigError naming every server (and the head server when ``head``) a config puts
+    on an address other than loopback without ``auth_token``, with the two ways out; none when
+    ``allow_unauthenticated_network`` is true. ``only``: the one server of a process-per-server child."""
+    data = cfg.data
+    binds = [(f"server {name!r} ({name}.{spec.server_type}.{spec.impl}.host)", spec.host)
+             for name, spec in cfg.servers.items() if only in (None, name)]
+    if head and only in (None, "__head__"):
+        binds.append((f"the head server ({HEAD_SERVER_KEY_NAME}.host)", cfg.head_host))
+    endpoint = data.get(POLICY_ENDPOINT)
+    if isinstance(endpoint, dict) and only in (None, "__policy_endpoint__"):
+        binds.append((f"the local policy endpoint ({POLICY_ENDPOINT}.host)", str(endpoint.get("host", "127.0.0.1"))))
+    exposed = [(what, host) for what, host in binds if not is_loopback(host)]
+    token = data.get("auth_token") or None
+    if exposed and not token and not data.get(ALLOW_KEY):
+        raise ConfigError(exposure_problem(exposed))
+    if token and isinstance(endpoint, dict) and not is_loopback(str(endpoint.get("host", "127.0.0.1"))) \
+            and data.get("policy_api_key") != token:
+        raise ConfigError(
+            f"{POLICY_ENDPOINT}.host: {endpoint.get('host')!r} is reachable from other machines, so the local policy "
+            "endpoint requires auth_token, and the policy model server sends policy_api_key to it. Set "
+            "policy_api_key: ${auth_token} (or bind the endpoint to 127.0.0.1).")
+
+
+def bind_options(data: dict) -> dict:
+    """Server.start's ``auth_token`` / ``allow_unauthenticated_network`` for a server of config ``data``."""
+    return {"auth_token": data.get("auth_token") or None, "allow_unauthenticated_network": bool(data.get(ALLOW_KEY))}
+
+
+def extra_options(data: dict, host: str) -> dict:
+    """The same for the local policy endpoint and extra servers: they take the token only when reachable from the
+    network (on loopback they keep answering the policy model server, which sends policy_api_key, unchecked)."""
+    options = bind_options(data)
+    if is_loopback(host):
+        options["auth_token"] = None
+    return options
 
 
 @dataclass
@@ -88,21 +129,22 @@ async def start_servers(
     extra: list[Server] = (),  # type: ignore[assignment]
 ) -> RunningServers:
     """Start ``extra`` servers (e.g. an embedded policy), then every configured server, then the head."""
+    check_network_exposure(cfg, head=start_head)
     data = copy.deepcopy(cfg.data)
     directory = Directory()
     running = RunningServers(config=GymConfig(data=data, servers=cfg.servers,
                                               environment_servers=cfg.environment_servers), directory=directory)
+    options = bind_options(data)  # servers of the config require the token (401 without), collector sends it
     try:
         if data.get("policy_endpoint"):
             extra = [build_local_endpoint(data["policy_endpoint"]), *extra]
         for s in extra:
-            await s.start()
+            await s.start(**extra_options(data, s.host))
             running.servers.append(s)
-        token = data.get("auth_token") or None  # servers of the config require it (401 without), collector sends it
         for name, spec in cfg.servers.items():
             server = build_server(spec, directory)
             try:
-                await server.start(auth_token=token)
+                await server.start(**options)
             except OSError as e:
                 raise EndpointError(
                     f"server {name!r} could not bind {spec.host}:{spec.port}: {e}. Pick another port "
@@ -119,9 +161,10 @@ async def start_servers(
         if start_head:
             head_cfg = data.setdefault(HEAD_SERVER_KEY_NAME, {})
             host, port = head_cfg.get("host", "127.0.0.1"), int(head_cfg.get("port", 11000))
-            head = HeadServer(data, host=host, port=port)
+            head = HeadServer(data, host=host, port=port,
+                              instances=server_instances(data, {}, time.time(), extra=running.servers[:len(extra)]))
             try:
-                await head.start(auth_token=token)
+                await head.start(**options)
             except OSError as e:
                 raise EndpointError(
                     f"head server could not bind {host}:{port}: {e}. Set head_server.port to a free port "
@@ -204,28 +247,78 @@ def agent_routes(data: dict) -> dict[str, AgentRoute]:
     return routes
 
 
-async def start_only(cfg: GymConfig, name: str) -> RunningServers:
+def server_instances(data: dict, pids: dict[str, int], start_time: float, extra: list[Server] = ()  # type: ignore[assignment]
+                     ) -> list[ServerInstance]:
+    """The head server's /server_instances list: every server of a served config with its bound address (the
+    config's instances, each environment server entry at its agent's address and process, the local
+    ``policy_endpoint``), then the ``extra`` servers started with them. ``pids``: instance name -> serving process
+    (this process when absent); '__policy_endpoint__' for the local endpoint."""
+    own = os.getpid()
+    out: list[ServerInstance] = []
+
+    def add(name: str, stype: str, impl: str, params: dict, pid: int, entrypoint: str | None) -> None:
+        host, port = str(params.get("host", "127.0.0.1")), int(params["port"])
+        out.append(ServerInstance(process_name=name, server_type=stype, name=impl, host=host, port=port,
+                                  url=f"http://{local_host(host)}:{port}", pid=pid, start_time=start_time,
+                                  entrypoint=entrypoint, config_path=name))
+
+    def entrypoint(kind: str, impl: str) -> str:
+        cls = get_server_class(kind, impl)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    for name, section in data.items():
+        if not isinstance(section, dict) or len(section) != 1:
+            continue
+        (stype, impls), = section.items()
+        if stype not in SERVER_TYPES or not isinstance(impls, dict):
+            continue
+        for impl, params in impls.items():
+            if isinstance(params, dict) and params.get("port"):
+                add(name, stype, impl, params, pids.get(name, own), entrypoint(stype, impl))
+    for name, (impl, params) in envservers.entries(data).items():
+        agents = envservers.fronted_agents(params)
+        if params.get("port") and agents:  # no process of its own: served by its agent
+            agent_impls = envservers.agent_impls(data)
+            add(name, envservers.ENVIRONMENT_SERVERS, impl, params, pids.get(agents[0], own),
+                entrypoint("responses_api_agents", agent_impls[agents[0]]) if agents[0] in agent_impls else None)
+    endpoint = data.get(POLICY_ENDPOINT)
+    if isinstance(endpoint, dict) and endpoint.get("port"):
+        add(POLICY_ENDPOINT, POLICY_ENDPOINT, str(endpoint.get("impl")), endpoint,
+            pids.get("__policy_endpoint__", own), entrypoint(POLICY_ENDPOINT, str(endpoint.get("impl"))))
+    for server in extra:
+        if server.name != POLICY_ENDPOINT:
+            cls = type(server)
+            out.append(ServerInstance(process_name=server.name, server_type=server.server_type or POLICY_ENDPOINT,
+                                      name=cls.__name__, host=server.host, port=server.port, url=server.url, pid=own,
+                                      start_time=start_time, entrypoint=f"{cls.__module__}.{cls.__qualname__}"))
+    return out
+
+
+async def start_only(cfg: GymConfig, name: str, pids: dict[str, int] | None = None) -> RunningServers:
     """Start one server of a process-per-server launch (every port fixed in the config), or the head server
-    alone when ``name`` is '__head__'. The directory is filled from the configured ports."""
+    alone when ``name`` is '__head__' (``pids``: instance name -> the child process serving it, for its
+    /server_instances). The directory is filled from the configured ports."""
+    check_network_exposure(cfg, only=name)
     directory, _ = directory_from_config(cfg.data)
     running = RunningServers(config=cfg, directory=directory)
     if name == "__head__":
         data = copy.deepcopy(cfg.data)
         envservers.place(data, cfg.environment_servers)  # every port is fixed in a process-per-server launch
-        head = HeadServer(data, host=cfg.head_host, port=cfg.head_port)
-        await head.start(auth_token=cfg.data.get("auth_token") or None)
+        head = HeadServer(data, host=cfg.head_host, port=cfg.head_port,
+                          instances=server_instances(data, pids or {}, time.time()))
+        await head.start(**bind_options(cfg.data))
         running.servers.append(head)
         running.head = head
         return running
     if name == "__policy_endpoint__":
         endpoint = build_local_endpoint(cfg.data["policy_endpoint"])
-        await endpoint.start()
+        await endpoint.start(**extra_options(cfg.data, endpoint.host))
         running.servers.append(endpoint)
         return running
     if name not in cfg.servers:
         raise ConfigError(f"--only {name!r}: no such server. Configured: {sorted(cfg.servers)}")
     server = build_server(cfg.servers[name], directory)
-    await server.start(auth_token=cfg.data.get("auth_token") or None)
+    await server.start(**bind_options(cfg.data))
     running.servers.append(server)
     return running
 

@@ -24,6 +24,24 @@ def local_host(host: str) -> str:
     return LOOPBACK if host in _THIS_MACHINE else host
 
 
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is reachable from this machine only: 'localhost', 127.0.0.0/8, ::1. A wildcard ('0.0.0.0',
+    '::', '') or any other address or name is reachable from the network."""
+    import ipaddress
+
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: loopback only if every address it resolves to is
+        try:
+            infos = socket.getaddrinfo(name, None)
+        except OSError:
+            return False
+        return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port nothing listens on right now (bound and released; a race with other processes is possible)."""
     with socket.socket() as sock:

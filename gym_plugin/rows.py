@@ -76,12 +76,20 @@ def row_problems(row: Any, agents: Collection[str] | None = None, *, render: boo
     return problems
 
 
+def check_row(row: Any, where: str = "example row", *, render: bool = False,
+              need_agent: bool = True) -> Mapping[str, Any]:
+    """`row_problems` as an exception: returns the row's create params, or raises ProtocolError naming ``where``
+    and every problem. ``need_agent=False`` for a receiver that is the agent already (an agent's /run)."""
+    problems = [message for field, message in row_problems(row, render=render)
+                if need_agent or field != "agent_ref"]
+    if problems:
+        raise ProtocolError(f"{where}: " + "; ".join(problems))
+    return row["responses_create_params"]
+
+
 def validate_example(row: Any, index: int | None = None, *, render: bool = False) -> dict:
     """Check a row has the shape the agents need (`row_problems`; items and tools too with ``render=True``);
     returns it (as a dict). Raises ProtocolError naming the row and every problem. The collector calls it with
     the default (shape only), so rows for a NeMo Gym deployment are not refused for item types we do not render."""
-    problems = row_problems(row, render=render)
-    if problems:
-        where = f"example row {index}" if index is not None else "example row"
-        raise ProtocolError(f"{where}: " + "; ".join(message for _, message in problems))
+    check_row(row, f"example row {index}" if index is not None else "example row", render=render)
     return dict(row)

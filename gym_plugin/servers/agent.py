@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Mapping
 
 from gym_plugin.errors import ConfigError, EndpointError, GymPluginError, ProtocolError, truncate
 from gym_plugin.http import HTTPStatusError, Transport, bearer_headers
+from gym_plugin.rows import check_row
 from gym_plugin.servers.aggregate import aggregate_metrics
 from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
 from gym_plugin.servers.policy.server import ROUTE_KEY_HEADER
@@ -244,16 +245,9 @@ class AgentServer(Server):
         return self.transport
 
     def _params(self, row: Any) -> Mapping[str, Any]:
-        if not isinstance(row, Mapping):
-            raise ProtocolError(f"{self.name}: /run expects an example row (JSON object), got {truncate(row, 200)}")
-        params = row.get("responses_create_params")
-        if not isinstance(params, Mapping) or not isinstance(params.get("input"), (str, list)):
-            raise ProtocolError(
-                f"{self.name}: the row has no 'responses_create_params' with 'input' as a string or a list of items "
-                f"(got {truncate(params, 200)}); "
-                'expected e.g. {"responses_create_params": {"input": [{"role": "user", "content": "..."}]}}'
-            )
-        return params
+        """The row's create params, after the checks the collector applies before posting (a 400 naming the
+        problem otherwise, before any model or tool call)."""
+        return check_row(row, f"{self.name}: the /run row", need_agent=False)
 
     def _upstream(self, what: str, instance: str, path: str, e: GymPluginError) -> HandlerError:
         status = e.status if isinstance(e, HTTPStatusError) and e.status >= 500 else 502

@@ -6,6 +6,11 @@
 header. A client sends the token with `gym_plugin.http.bearer_headers`. The comparison is constant-time (`hmac.compare_digest`), so response timing does not leak how much of
 a guess was right.
 
+A server bound to an address other than loopback without a token is refused (`exposure_problem`): `Server.start`
+raises, and the launcher checks every server of a config at once before binding any
+(`gym_plugin.launch.check_network_exposure`), unless ``allow_unauthenticated_network`` is set, which logs
+`exposure_warning` at every start.
+
 In-process calls (`Server.dispatch_local`) do not pass through aiohttp and are not checked: a caller in the
 same process already holds the server object (and the config with the token). The token protects the network
 boundary only; it is not a substitute for TLS on untrusted networks (it travels in clear over http://).
@@ -19,6 +24,9 @@ from typing import Awaitable, Callable, Iterable
 from aiohttp import web
 
 from gym_plugin.errors import ConfigError, error_body
+
+ALLOW_KEY = "allow_unauthenticated_network"
+"""The config key (a bool, default false) that lets servers listen on the network without auth_token."""
 
 OPEN_PATHS = ("/health",)
 """Paths served without a token (liveness probes)."""
@@ -67,3 +75,24 @@ def bearer_auth_middleware(
         return await handler(request)
 
     return bearer_auth
+
+
+CONFIG_RISK = "the head server hands out the whole config, policy_api_key included"
+
+
+def exposure_problem(binds: list[tuple[str, str]], token_fix: str = "set auth_token in the config",
+                     allow_fix: str = f"set {ALLOW_KEY}: true in the config", risk: str = CONFIG_RISK) -> str:
+    """Why the servers of ``binds`` ((what, host) pairs, hosts not loopback) may not listen without a token, and the
+    two ways out."""
+    where = ", ".join(f"{what} on {host!r}" for what, host in binds)
+    return (f"{where}: {'an address' if len(binds) == 1 else 'addresses'} other machines can reach, and no "
+            f"auth_token, so anyone who reaches {'it' if len(binds) == 1 else 'them'} could call every route (the head "
+            f"server hands out the whole config, policy_api_key included). Either {token_fix} (a shared secret, e.g. "
+            f"`python -c 'import secrets; print(secrets.token_urlsafe(32))'`: every route but /health then needs it, "
+            f"and the collector sends it), or {allow_fix} to serve without authentication anyway (a warning is "
+            f"logged at every start); or bind 127.0.0.1.")
+
+
+def exposure_warning(server: str, host: str) -> str:
+    return (f"{server} listens on {host!r} without auth_token ({ALLOW_KEY} is set): anyone who reaches that address "
+            f"can call every route and read the served config, secrets included.")

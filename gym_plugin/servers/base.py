@@ -28,8 +28,8 @@ from aiohttp import web
 
 from gym_plugin.errors import ConfigError, GymPluginError, did_you_mean, error_body, truncate
 from gym_plugin.http import LOCAL_SERVERS, SESSION_COOKIE, HTTPStatusError, Reply
-from gym_plugin.net import local_host
-from gym_plugin.servers.auth import bearer_auth_middleware
+from gym_plugin.net import is_loopback, local_host
+from gym_plugin.servers.auth import bearer_auth_middleware, exposure_problem, exposure_warning
 
 logger = logging.getLogger(__name__)
 
@@ -226,14 +226,22 @@ class Server:
 
     async def start(
         self, host: str | None = None, port: int | None = None, register_local: bool = True,
-        auth_token: str | None = None,
+        auth_token: str | None = None, allow_unauthenticated_network: bool = False,
     ) -> int:
         """Bind and serve; returns the bound port (port 0 picks a free one). With `auth_token`, HTTP callers must
-        send it as a bearer token (in-process calls are not checked)."""
+        send it as a bearer token (in-process calls are not checked). A host other than loopback without
+        `auth_token` raises ConfigError unless `allow_unauthenticated_network` (then a warning is logged)."""
         if host is not None:
             self.host = host
         if port is not None:
             self.port = port
+        if not auth_token and not is_loopback(self.host):
+            if not allow_unauthenticated_network:
+                raise ConfigError(exposure_problem(
+                    [(f"server {self.name!r}", self.host)], token_fix="pass auth_token (auth_token in the config)",
+                    allow_fix="pass allow_unauthenticated_network=True (allow_unauthenticated_network: true in the "
+                              "config)"))
+            logger.warning(exposure_warning(f"server {self.name!r}", self.host))
         self.loop = asyncio.get_running_loop()
         self.auth_token = auth_token  # servers that call other servers of the config send it too (agent)
         await self.on_start()

@@ -130,12 +130,12 @@ def start_fake(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def start_gym_plugin(workdir: Path, endpoint: str, configs: list[str], port: int | None = None
-                     ) -> tuple[subprocess.Popen, int]:
-    """``gym-plugin serve`` with ``configs`` (paths) against ``endpoint`` (the scripted fake, which serves the model
-    name 'fake-model' only): (process, head port)."""
+def start_gym_plugin(workdir: Path, endpoint: str, configs: list[str], port: int | None = None,
+                     serve_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """``gym-plugin serve [serve_args]`` with ``configs`` (paths) against ``endpoint`` (the scripted fake, which
+    serves the model name 'fake-model' only): (process, head port)."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", *sum((["--config", c] for c in configs), []),
+    cmd = [sys.executable, "-m", "gym_plugin.cli", "serve", *serve_args, *sum((["--config", c] for c in configs), []),
            f"policy_base_url={endpoint}", "policy_model_name=fake-model", f"head_server.port={port}"]
     proc = _popen(cmd, workdir / "serve.log", ours_env())
     try:

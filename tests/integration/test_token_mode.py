@@ -140,8 +140,8 @@ def test_constrained_call_is_marked():
 
 
 def test_completions_mode_forces_tool_calls_with_structured_outputs():
-    """tool_choice=required in completions mode becomes vLLM's structured_outputs (the JSON schema vLLM's chat route
-    uses); the embedded server cannot constrain decoding and says so instead of ignoring it."""
+    """tool_choice=required in completions mode becomes vLLM's structured_outputs (the Hermes structural tag vLLM's
+    chat route uses); the embedded server cannot constrain decoding and says so instead of ignoring it."""
     async def test(policy, transport, tok, model):
         with pytest.raises(HTTPStatusError) as ei:
             await respond(policy, transport, input=[USER], tools=TOOLS, tool_choice="required")

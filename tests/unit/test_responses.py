@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from gym_plugin.errors import ProtocolError
+from gym_plugin.errors import ConfigError, ProtocolError
 from gym_plugin.responses import (
     choice_to_output_items,
     content_text,
@@ -156,33 +158,60 @@ def test_carry_tokens_off_leaves_history_messages_plain():
          "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
 
 
-def test_forced_tool_constraint_is_vllms_schema_and_parses_back():
+def test_forced_tool_constraint_is_vllms_hermes_structural_tag_and_parses_back():
     from gym_plugin.servers.policy.tokens import completion_message, forced_tool_constraint, is_constrained
 
     params = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    chat = {"tools": [{"type": "function", "function": {"name": "add", "parameters": params}},
+    chat = {"tools": [{"type": "function", "function": {"name": "add", "parameters": params, "strict": True}},
                       {"type": "function", "function": {"name": "neg", "parameters": params}}],
             "tool_choice": "required", "parallel_tool_calls": False}
     assert is_constrained(chat) and not is_constrained({**chat, "tool_choice": "auto"})
-    outputs, name = forced_tool_constraint(chat)
-    assert name is None and outputs == {"json": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
-        "type": "object", "anyOf": [
-            {"properties": {"name": {"type": "string", "enum": ["add"]}, "parameters": params},
-             "required": ["name", "parameters"]},
-            {"properties": {"name": {"type": "string", "enum": ["neg"]}, "parameters": params},
-             "required": ["name", "parameters"]}]}}}
-    named, name = forced_tool_constraint({**chat, "tool_choice": {"type": "function", "function": {"name": "neg"}}})
-    assert name == "neg" and named == {"json": params}
-    assert forced_tool_constraint({**chat, "tool_choice": "auto"}) == (None, None)
 
-    reply = {"choices": [{"text": '[\n{"name": "add", "parameters": {"a": 2}}]', "token_ids": [5, 6, 2],
-                          "prompt_token_ids": [1, 2], "logprobs": {"token_logprobs": [-0.5, -0.25, -0.125]},
-                          "finish_reason": "stop"}]}
-    choice, fields, _ = completion_message(reply, "http://b/v1", parse_tools=True, forced=True)
+    def tag(name, schema, newline):  # one of vLLM's two Hermes tags per tool (with and without newlines)
+        nl = "\n" if newline else ""
+        return {"type": "tag", "begin": f'<tool_call>{nl}{{"name": "{name}", "arguments": ',
+                "content": {"type": "json_schema", "json_schema": schema, "style": "json", "any_order": False,
+                            "max_whitespace_cnt": None, "excludes": []},
+                "end": f"}}{nl}</tool_call>"}
+
+    def tags_format(tags, stop_after_first):
+        return {"type": "structural_tag", "format": {"type": "tags_with_separator", "tags": tags, "separator": "",
+                                                     "at_least_one": True, "stop_after_first": stop_after_first}}
+
+    # strict 'add' keeps its parameters schema; non-strict 'neg' takes any JSON arguments (vLLM, strict level auto)
+    both = [tag("add", params, True), tag("add", params, False), tag("neg", True, True), tag("neg", True, False)]
+    assert json.loads(forced_tool_constraint(chat)["structural_tag"]) == tags_format(both, True)
+    assert json.loads(forced_tool_constraint({**chat, "parallel_tool_calls": True})["structural_tag"]) == \
+        tags_format(both, False)
+    named = forced_tool_constraint({**chat, "tool_choice": {"type": "function", "function": {"name": "neg"}}})
+    assert json.loads(named["structural_tag"]) == tags_format([tag("neg", True, True), tag("neg", True, False)], True)
+    assert forced_tool_constraint({**chat, "tool_choice": "auto"}) is None
+    with pytest.raises(ProtocolError, match="'llama3_json'.*token_mode: chat"):
+        forced_tool_constraint(chat, "llama3_json")
+    with pytest.raises(ProtocolError, match="'mul', which is not among"):
+        forced_tool_constraint({**chat, "tool_choice": {"type": "function", "function": {"name": "mul"}}})
+
+    reply = {"choices": [{"text": '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>',
+                          "token_ids": [5, 6, 2], "prompt_token_ids": [1, 2],
+                          "logprobs": {"token_logprobs": [-0.5, -0.25, -0.125]}, "finish_reason": "stop"}]}
+    choice, fields, _ = completion_message(reply, "http://b/v1", parse_tools=True)
     [call] = choice["message"]["tool_calls"]
-    assert call["function"] == {"name": "add", "arguments": '{"a": 2}'} and choice["message"]["content"] is None
+    assert call["function"] == {"name": "add", "arguments": '{"a": 2}'} and not choice["message"]["content"]
     assert fields == {"prompt_token_ids": [1, 2], "generation_token_ids": [5, 6, 2],
                       "generation_log_probs": [-0.5, -0.25, -0.125]}
-    cut = {"choices": [{**reply["choices"][0], "text": '[{"name": "add", "param', "finish_reason": "length"}]}
-    choice, _, _ = completion_message(cut, "http://b/v1", parse_tools=True, forced=True)
-    assert choice["message"] == {"role": "assistant", "content": '[{"name": "add", "param'}  # kept, not lost
+    cut = {"choices": [{**reply["choices"][0], "text": '<tool_call>\n{"name": "add", "argu', "finish_reason": "length"}]}
+    choice, _, _ = completion_message(cut, "http://b/v1", parse_tools=True)
+    assert choice["message"]["content"] == '<tool_call>\n{"name": "add", "argu'  # kept, not lost
+
+
+def test_token_in_mode_refuses_a_tool_call_parser_it_does_not_cover():
+    from gym_plugin.servers.policy.config import PolicyModelConfig
+
+    base = {"base_url": "http://127.0.0.1:8000/v1"}
+    assert PolicyModelConfig(**base).check() == []  # hermes, the default
+    for mode in ("auto", "completions"):
+        with pytest.raises(ConfigError) as refused:
+            PolicyModelConfig(**base, tool_call_parser="llama3_json", token_mode=mode)
+        [problem] = refused.value.problems
+        assert problem.startswith("tool_call_parser='llama3_json': token-in mode") and "token_mode: chat" in problem
+    assert PolicyModelConfig(**base, tool_call_parser="llama3_json", token_mode="chat").check() == []

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from gym_plugin.errors import did_you_mean
 from gym_plugin.net import url_list, url_problems
 from gym_plugin.schema import Checked
+from gym_plugin.servers.policy.tokens import TOOL_CALL_PARSERS
 
 ROUTINGS = ("round_robin", "least_busy")
 TOKEN_STYLES = ("A", "B", "none")
@@ -49,6 +50,10 @@ class PolicyModelConfig(Checked):
     tokenizer: str | None = None
     """completions mode: the policy model's Hugging Face folder or hub id (tokenizer + chat template). None =
     the 'root' the backend reports in GET /models (vLLM: its --model), when that can be loaded here."""
+    tool_call_parser: str = "hermes"
+    """The backend's tool call format (vLLM's ``--tool-call-parser``). Token-in mode parses it from the generated
+    text and, for ``tool_choice`` required / named, sends the constraint vLLM's chat route builds for it: covered
+    for 'hermes' only; another parser needs token_mode 'chat'."""
     report_policy_version: bool = True
     """Ask GET {root}/weight_info (vLLM dev mode) around each call for the policy version when the completion
     carries none; a backend without the route is asked once."""
@@ -67,6 +72,11 @@ class PolicyModelConfig(Checked):
         if self.token_mode not in TOKEN_MODES:
             problems.append(f"token_mode={self.token_mode!r}: expected one of {TOKEN_MODES}."
                             f"{did_you_mean(str(self.token_mode), TOKEN_MODES)}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS and self.token_mode != "chat":
+            problems.append(
+                f"tool_call_parser={self.tool_call_parser!r}: token-in mode (token_mode={self.token_mode!r}) reads and "
+                f"forces tool calls in the formats of {list(TOOL_CALL_PARSERS)} only (vLLM --tool-call-parser "
+                "hermes); set token_mode: chat for that parser (vLLM then parses and constrains the calls itself)")
         if self.token_mode == "completions" and self.token_style == "none":
             problems.append("token_mode='completions' always returns token ids; token_style='none' (no ids) "
                             "needs token_mode='chat'")

@@ -24,8 +24,10 @@ A call sampled under a constraint (``tool_choice: "required"`` or a named functi
 ``text.format`` other than text, vLLM ``structured_outputs`` / ``guided_*``) reports log-probs of the
 constrained distribution, not of the policy: its token-carrying item gets ``constrained: true``
 (``process_rollouts`` leaves such tokens out of the loss by default). In completions mode ``tool_choice``
-"required" / a named function is enforced as vLLM's chat route does it, with ``structured_outputs`` (a JSON
-schema of the tool calls; ``policy_tokens.forced_tool_constraint``), so such turns keep extending the tokens too.
+"required" / a named function is enforced as vLLM's chat route does it for ``--tool-call-parser hermes``, with the
+same ``structured_outputs`` (vLLM's Hermes structural tag: ``<tool_call>{"name", "arguments"}</tool_call>`` blocks,
+one per turn unless ``parallel_tool_calls``; ``tokens.forced_tool_constraint``), so such turns keep extending the
+tokens too and read as any other Hermes output. Other parsers (``tool_call_parser``) need ``token_mode: chat``.
 
 Policy version: a completion that carries ``policy_version`` (the embedded server) gives it; otherwise the
 server asks ``GET {root}/weight_info`` (vLLM dev mode) before and after the call and reports the version the
@@ -279,9 +281,10 @@ class PolicyModelServer(Server):
         if prompt.continued_from is not None:
             self.stats["continued_prompts"] += 1
         payload = completion_payload(chat, prompt.ids, self.config.extra_body)
-        forced, forced_name = forced_tool_constraint(chat)
-        if forced is not None and "structured_outputs" not in payload:
+        forced = forced_tool_constraint(chat, self.config.tool_call_parser)
+        if forced is not None:  # as vLLM's chat route: the forced call wins over any other output format
             payload["structured_outputs"] = forced
+            payload.pop("response_format", None)
         base_url = self.base_urls[idx]
         version_before = await self.backends.version(idx)
         try:
@@ -291,8 +294,7 @@ class PolicyModelServer(Server):
                 return self._response(body, [], None, {"reason": "max_output_tokens"})
             raise
         parse_tools = bool(tools) and chat.get("tool_choice") != "none"
-        choice, token_fields, _ = completion_message(completion, base_url, parse_tools, forced is not None,
-                                                     forced_name)
+        choice, token_fields, _ = completion_message(completion, base_url, parse_tools)
         await self._mark_call(token_fields, completion, idx, version_before, constrained)
         return self._call_response(body, choice, token_fields, completion)
 

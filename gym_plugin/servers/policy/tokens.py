@@ -3,7 +3,8 @@
 - ``is_constrained``: was this call sampled under a grammar (tool_choice required / named, response format,
   vLLM structured outputs)? Its log-probs are then those of the constrained distribution.
 - ``completion_payload``: the chat request the server built -> a ``/completions`` request with token ids.
-- ``forced_tool_constraint``: ``tool_choice`` required / named -> vLLM ``structured_outputs`` for /completions.
+- ``forced_tool_constraint``: ``tool_choice`` required / named -> the ``structured_outputs`` vLLM's chat route
+  would use (its Hermes structural tag), for /completions.
 - ``completion_message``: a ``/completions`` reply -> (assistant message with parsed tool calls, token fields,
   finish_reason), checking that the ids and log-probs are there.
 - ``backend_identity``: ``GET /models`` reply -> (owned_by, root) of the first model.
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Mapping
 
 from gym_plugin.errors import MalformedResponseError, MissingTokenIdsError, ProtocolError, truncate
@@ -69,74 +69,78 @@ def completion_payload(chat: Mapping[str, Any], prompt_ids: list[int],
     return payload
 
 
-def forced_tool_constraint(chat: Mapping[str, Any]) -> tuple[dict | None, str | None]:
-    """How a ``/completions`` call honours ``tool_choice`` ``"required"`` or a named function, the way vLLM's chat
-    route does it: ``(structured_outputs, forced_name)``.
+TOOL_CALL_PARSERS = ("hermes",)
+"""vLLM ``--tool-call-parser`` values whose forced-call constraint token-in mode builds (and whose ``<tool_call>``
+format it parses)."""
 
-    - ``"required"``: the generation is a JSON array of ``{"name", "parameters"}`` objects, one schema per tool
-      (vLLM's own schema for it: ``tool_parsers.utils._get_json_schema_from_tools``), at most one item when
-      ``parallel_tool_calls`` is false;
-    - a named function: the generation is that function's arguments object (its parameters schema);
-    - anything else: ``(None, None)`` (the model decides; tool calls are parsed from ``<tool_call>`` blocks).
+# vLLM 0.32's Hermes structural tag (vllm/tool_parsers/structural_tag_registry.py, _hermes_tool_tags): each tool may
+# be written with or without newlines inside the <tool_call> block; the arguments are the JSON after '"arguments": '.
+_HERMES_FORMATS = (('<tool_call>\n{"name": "', '}\n</tool_call>'), ('<tool_call>{"name": "', '}</tool_call>'))
+_HERMES_ARGUMENTS = '", "arguments": '
+
+
+def _json_schema_format(schema: Any) -> dict:
+    """xgrammar's JSONSchemaFormat as vLLM dumps it (its defaults written out)."""
+    return {"type": "json_schema", "json_schema": schema, "style": "json", "any_order": False,
+            "max_whitespace_cnt": None, "excludes": []}
+
+
+def hermes_structural_tag(functions: list[tuple[str, Any]], stop_after_first: bool) -> dict:
+    """vLLM's Hermes structural tag for ``functions`` ((name, arguments schema) pairs; ``True`` = any JSON): one
+    or more ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks and nothing else, only the first when
+    ``stop_after_first``."""
+    tags = [{"type": "tag", "begin": begin + name + _HERMES_ARGUMENTS, "content": _json_schema_format(schema),
+             "end": end} for name, schema in functions for begin, end in _HERMES_FORMATS]
+    return {"type": "structural_tag", "format": {"type": "tags_with_separator", "tags": tags, "separator": "",
+                                                 "at_least_one": True, "stop_after_first": stop_after_first}}
+
+
+def forced_tool_constraint(chat: Mapping[str, Any], parser: str = "hermes") -> dict | None:
+    """The ``structured_outputs`` a ``/completions`` call needs to honour ``tool_choice`` ``"required"`` or a named
+    function exactly as vLLM 0.32's chat route does with ``--tool-call-parser hermes`` (and
+    ``VLLM_ENFORCE_STRICT_TOOL_CALLING``, on by default; ``--tool-strict-level auto``): a structural tag
+    (`hermes_structural_tag`) over the request's function tools, or only the named one; several calls per turn for
+    ``"required"`` unless ``parallel_tool_calls`` is false, one for a named function. A tool's arguments follow its
+    ``parameters`` schema when it is ``strict: true``, else any JSON (vLLM: ``resolve_tool_strictness``). The
+    generation is then Hermes text, parsed like any other (`gym_plugin.models.toolcalls`).
+
+    None for any other ``tool_choice`` (the model decides). ProtocolError for a parser other than
+    `TOOL_CALL_PARSERS` or a named function that is not among the tools.
     """
     choice = chat.get("tool_choice")
-    functions = {}
+    if choice != "required" and not isinstance(choice, Mapping):
+        return None
+    if parser not in TOOL_CALL_PARSERS:
+        raise ProtocolError(
+            f"tool_choice {truncate(choice, 80)} in token-in mode needs the constraint vLLM builds for its tool call "
+            f"parser, and gym_plugin builds it for {list(TOOL_CALL_PARSERS)} only, not {parser!r}. Serve the model "
+            "with --tool-call-parser hermes, or set token_mode: chat (vLLM then builds it itself).")
+    functions: dict[str, Any] = {}
     for tool in chat.get("tools") or ():
-        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        fn = tool.get("function") if isinstance(tool, Mapping) and tool.get("type", "function") == "function" \
+            else None
         if isinstance(fn, Mapping) and fn.get("name"):
-            functions[fn["name"]] = json.loads(json.dumps(fn.get("parameters") or {"type": "object", "properties": {}}))
+            params = fn.get("parameters")
+            functions[fn["name"]] = params if fn.get("strict") is True and params is not None else True
     if not functions:
-        return None, None
-    defs: dict[str, Any] = {}
-    for params in functions.values():
-        defs.update(params.pop("$defs", None) or {})
-    if choice == "required":
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
-            {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
-             "required": ["name", "parameters"]} for name, params in functions.items()]}}
-        if chat.get("parallel_tool_calls") is False:
-            schema["maxItems"] = 1
-    elif isinstance(choice, Mapping):
+        return None
+    if isinstance(choice, Mapping):
         name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), Mapping) \
             else choice.get("name")
         if name not in functions:
             raise ProtocolError(f"tool_choice names function {name!r}, which is not among the request's tools "
                                 f"{sorted(functions)}")
-        schema = functions[name]
-        if defs:
-            schema = {**schema, "$defs": defs}
-        return {"json": schema}, name
+        tag = hermes_structural_tag([(name, functions[name])], stop_after_first=True)
     else:
-        return None, None
-    if defs:
-        schema["$defs"] = defs
-    return {"json": schema}, None
+        tag = hermes_structural_tag(list(functions.items()),
+                                    stop_after_first=chat.get("parallel_tool_calls") is False)
+    return {"structural_tag": json.dumps(tag)}
 
 
-def _forced_calls(text: str, forced_name: str | None) -> list[dict] | None:
-    """Tool calls of a generation constrained by ``forced_tool_constraint`` (None when it is not valid JSON, e.g.
-    cut by max_tokens: the text is then kept as the message content)."""
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return None
-    if forced_name is not None:
-        pairs = [(forced_name, value)] if isinstance(value, dict) else []
-    else:
-        pairs = [(v.get("name"), v.get("parameters", {})) for v in value if isinstance(v, dict)] \
-            if isinstance(value, list) else []
-    if not pairs or not all(isinstance(n, str) and isinstance(a, dict) for n, a in pairs):
-        return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in pairs]
-
-
-def completion_message(completion: Any, base_url: str, parse_tools: bool, forced: bool = False,
-                       forced_name: str | None = None) -> tuple[dict, dict, str | None]:
+def completion_message(completion: Any, base_url: str, parse_tools: bool) -> tuple[dict, dict, str | None]:
     """A ``/completions`` reply -> (chat-style choice ``{"message", "finish_reason"}``, token fields, text).
 
-    ``parse_tools``: read ``<tool_call>`` blocks from the text; ``forced``: the text is the JSON that
-    ``forced_tool_constraint`` asked for (``forced_name`` for a named function).
+    ``parse_tools``: read ``<tool_call>`` blocks from the text (forced calls are such blocks too).
 
     Raises MissingTokenIdsError when ids or log-probs are missing (the backend is not vLLM >= 0.10.2) and
     MalformedResponseError when their lengths disagree.
@@ -167,11 +171,7 @@ def completion_message(completion: Any, base_url: str, parse_tools: bool, forced
                                      f"log-probs {truncate(lps, 200)}")
     text = choice.get("text") or ""
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if forced:
-        calls = _forced_calls(text, forced_name)
-        if calls:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
-    elif parse_tools:
+    if parse_tools:
         parsed = parse_tool_calls(text)
         if parsed.tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
