@@ -88,12 +88,12 @@ DEFAULT_MODEL_NAME = "policy"
 def gym_dataset(rows: Iterable[Mapping[str, Any]]):
     """A ``datasets.Dataset`` with one column, ``prompt``: each Gym example row as a JSON string (checked now:
     ``responses_create_params`` and ``agent_ref``). ``rows``: dicts, e.g. the lines of a Gym JSONL file."""
-    from datasets import Dataset
-
     checked = [validate_example(row, i) for i, row in enumerate(rows)]
     if not checked:
         raise ConfigError("gym_dataset got no rows; pass a list of Gym example rows (responses_create_params, "
                           "agent_ref, the verifier's keys).")
+    from datasets import Dataset  # TRL's dependency (the 'trl' extra)
+
     return Dataset.from_dict({"prompt": [json.dumps(row) for row in checked]})
 
 
