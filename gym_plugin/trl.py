@@ -58,6 +58,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -79,6 +81,9 @@ TRL_DRIFT_POLICIES = ("last_turn", "drop")
 
 REWARD_KEY = "gym_reward"
 """The extra key of the rollout_func output that carries the verifier's reward (None: no signal)."""
+
+POLICY_MODEL_KEY = "policy_model.responses_api_models.vllm_model"
+"""The policy model server's section in a Gym config (the default one GymIntegration adds)."""
 
 DEFAULT_MODEL_NAME = "policy"
 """The served model name of the trainer's own model (``base_urls=None``)."""
@@ -214,7 +219,11 @@ class GymRollouts:
     model_name: the served model name (with base_urls: one the endpoints serve). overrides: dotlist overrides of the
     Gym config. drift_policy / constrained_policy: see the module docstring. max_batch_size / batch_wait_ms: the
     embedded engine's batching (base_urls=None). head_server_port: the Gym head server's port (0: a free one, so
-    several ranks on one host never collide). policy_api_key: the endpoints' key.
+    several ranks on one host never collide). policy_api_key: the endpoints' key. token_mode: the policy model
+    server's (``completions`` | ``chat`` | ``auto``); None = ``completions`` for the trainer's own model
+    (token-in/token-out: each call's prompt extends the previous call's tokens, so multi-turn rollouts never drift;
+    the trainer's tokenizer is saved to a temporary folder for the policy model server's renderer) and ``auto``
+    with base_urls (``completions`` for vLLM).
     """
 
     def __init__(
@@ -230,6 +239,7 @@ class GymRollouts:
         batch_wait_ms: float = 20.0,
         head_server_port: int = 0,
         policy_api_key: str = "dummy_key",
+        token_mode: str | None = None,
     ):
         if drift_policy not in TRL_DRIFT_POLICIES or constrained_policy not in CONSTRAINED_POLICIES:
             rollouts_to_trl([], placeholder_id=0, drift_policy=drift_policy, constrained_policy=constrained_policy)
@@ -245,6 +255,8 @@ class GymRollouts:
         self.max_batch_size = max_batch_size
         self.batch_wait_ms = batch_wait_ms
         self.policy_api_key = policy_api_key
+        self.token_mode = token_mode or ("completions" if base_urls is None else "auto")
+        self._tokenizer_dir: str | None = None
         self.gym: GymIntegration | None = None
         self.policy_server = None
         """The embedded server of the trainer's own model (base_urls=None), once started."""
@@ -269,8 +281,16 @@ class GymRollouts:
                 model=module, tokenizer=_tokenizer(trainer))
             module.train(training)
             extra = [self.policy_server]
+        overrides = [f"{POLICY_MODEL_KEY}.token_mode={self.token_mode}"]
+        if self.token_mode == "completions" and self.base_urls is None:
+            # the policy model server renders prompts with the trainer's tokenizer (a module built in code has no
+            # folder for GET /models to report)
+            self._tokenizer_dir = tempfile.mkdtemp(prefix="gym_plugin_trl_tokenizer_")
+            _tokenizer(trainer).save_pretrained(self._tokenizer_dir)
+            overrides.append(f"{POLICY_MODEL_KEY}.tokenizer={self._tokenizer_dir}")
         self.gym = GymIntegration(self.model_name, self.base_urls, self.config, head_server_port=0,
-                                  policy_api_key=self.policy_api_key, overrides=self.overrides, extra_servers=extra)
+                                  policy_api_key=self.policy_api_key, overrides=[*overrides, *self.overrides],
+                                  extra_servers=extra)
 
     def close(self) -> None:
         """Stop the Gym servers (and the embedded policy). Safe to call twice."""
@@ -278,6 +298,9 @@ class GymRollouts:
             self.gym.shutdown()
             self.gym = None
             self.policy_server = None
+        if self._tokenizer_dir is not None:
+            shutil.rmtree(self._tokenizer_dir, ignore_errors=True)
+            self._tokenizer_dir = None
 
     def __enter__(self) -> "GymRollouts":
         return self
