@@ -245,3 +245,32 @@ def test_external_endpoint_gets_the_weights_after_every_step(tmp_path):
     assert versions == {1} and callback.version == 2 and served.policy_version == 2
     for k, v in model.state_dict().items():
         torch.testing.assert_close(remote[k], v, atol=0, rtol=0)
+
+
+def test_vllm_reload_callback_talks_vllms_control_plane(tmp_path):
+    # Sampling from the scripted fake; the weight updates go to a fake of vLLM 0.32's dev-mode control routes
+    # (gym_plugin/testing/fake_vllm_control.py: it refuses what vLLM refuses and records every call).
+    from gym_plugin.testing.fake_vllm_control import FakeVLLMControlServer
+    from gym_plugin.weight_sync import WeightSyncConfig
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    fake = FakeOpenAIServer("fake", "yes", vocab_size=len(tok) - WORD_ID_BASE)
+    control = FakeVLLMControlServer("vllm")
+    with BackgroundServer(fake), BackgroundServer(control):
+        callback = WeightSyncCallback(WeightSyncConfig(kind="vllm_reload"), base_urls=[control.url],
+                                      directory=tmp_path)
+        rollouts = GymRollouts(LETTERS, base_urls=[fake.base_url], model_name="fake-model")
+        trainer = Recorded(model=model, reward_funcs=[gym_reward], args=grpo_args(tmp_path), callbacks=[callback],
+                           train_dataset=gym_dataset(letter_rows()), processing_class=tok, rollout_func=rollouts)
+        try:
+            trainer.train()
+        finally:
+            rollouts.close()
+    # one reload per optimizer step, each version announced after the reload; the reload read every weight
+    rpcs = [c.body["method"] for c in control.calls if c.route == "/collective_rpc"]
+    assert rpcs.count("gym_plugin_reload_weights") == 2
+    assert [c.body["new_version"] for c in control.calls if c.route == "/update_weight_version"] == ["1", "2"]
+    assert control.weight_version == "2" and callback.version == 2
+    assert set(control.received_names) == set(model.state_dict())
+    assert all(h["gym/num_failed"] == 0 for h in trainer.state.log_history if "gym/num_failed" in h)
