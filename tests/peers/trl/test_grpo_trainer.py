@@ -86,6 +86,25 @@ def teacher_forced_logprobs(model, prompt: list[int], completion: list[int]) -> 
     return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
+def assert_matches_process_rollouts(records: list[dict], out: dict, tok) -> None:
+    """Token by token: process_rollouts of the same records gives one row per rollout (no drift) whose ids are
+    ``prompt_ids + completion_ids``, whose loss mask is ``[0] * len(prompt_ids) + env_mask`` and whose rollout
+    log-probs are ``logprobs`` (0 off the model's tokens in both)."""
+    batch = process_rollouts(records, tok)
+    assert batch.rollout_index.tolist() == list(range(len(records)))
+    for i, record in enumerate(records):
+        p, c, m, lp = out["prompt_ids"][i], out["completion_ids"][i], out["env_mask"][i], out["logprobs"][i]
+        n = int(batch.attention_mask[i].sum())
+        assert batch.input_ids[i, :n].tolist() == p + c
+        assert batch.loss_mask[i, :n].tolist() == [0.0] * len(p) + [float(x) for x in m]
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float32), batch.rollout_logprobs[i, len(p):n])
+        calls = [it for it in record["response"]["output"] if "generation_token_ids" in it]
+        assert p == calls[0]["prompt_token_ids"]  # TRL's prompt = the first call's prompt
+        assert sum(m) == sum(len(it["generation_token_ids"]) for it in calls)
+        if len(calls) > 1:  # environment tokens (tool results + scaffolding) sit between the generations: mask 0
+            assert 0 in m[: len(m) - len(calls[-1]["generation_token_ids"])]
+
+
 def test_single_turn_trains_the_served_module_itself(tmp_path):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok)
@@ -156,21 +175,7 @@ def test_calculator_multi_turn_env_mask_matches_process_rollouts(tmp_path):
     assert len(records) == 8 and all(r["reward"] is not None for r in records)
     turns = sorted(len([it for it in r["response"]["output"] if "generation_token_ids" in it]) for r in records)
     assert turns == [1, 1, 1, 1, 3, 3, 3, 3]  # the tool-using row: 3 model calls, 2 tool results between
-    # process_rollouts of the same records: one row per rollout (no drift), its loss mask = [0] * prompt + env_mask
-    batch = process_rollouts(records, tok)
-    assert batch.rollout_index.tolist() == list(range(8))
-    for i in range(8):
-        p, c, m, lp = out["prompt_ids"][i], out["completion_ids"][i], out["env_mask"][i], out["logprobs"][i]
-        n = int(batch.attention_mask[i].sum())
-        assert batch.input_ids[i, :n].tolist() == p + c
-        assert batch.loss_mask[i, :n].tolist() == [0.0] * len(p) + [float(x) for x in m]
-        expected_lp = batch.rollout_logprobs[i, len(p):n]  # process_rollouts: 0 off the model's tokens, as ours
-        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float32), expected_lp)
-        calls = [it for it in records[i]["response"]["output"] if "generation_token_ids" in it]
-        assert p == calls[0]["prompt_token_ids"]  # TRL's prompt = the first call's prompt
-        assert sum(m) == sum(len(it["generation_token_ids"]) for it in calls)
-        if len(calls) == 3:  # environment tokens (tool results + scaffolding) sit between the generations: mask 0
-            assert 0 in m[: len(m) - len(calls[-1]["generation_token_ids"])]
+    assert_matches_process_rollouts(records, out, tok)
     # TRL saw the multi-turn completions: its token count is the model's tokens only (env_mask sums)
     h = next(h for h in trainer.state.log_history if "gym/num_rollouts" in h)
     assert h["completions/mean_length"] == pytest.approx(sum(map(sum, out["env_mask"])) / 8)
@@ -274,3 +279,74 @@ def test_vllm_reload_callback_talks_vllms_control_plane(tmp_path):
     assert control.weight_version == "2" and callback.version == 2
     assert set(control.received_names) == set(model.state_dict())
     assert all(h["gym/num_failed"] == 0 for h in trainer.state.log_history if "gym/num_failed" in h)
+
+
+CALC_TARGETS = ['<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call>',
+                '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 5}}\n</tool_call>',
+                "The answer is \\boxed{17}."]
+"""What a model solving calculator_row(3, 4, 5) says on its 3 turns."""
+
+
+def teach_calculator(model, tok, row: dict) -> None:
+    """Make the random tiny model solve ``row`` with the tools: collect a greedy rollout through the real servers
+    (embedded engine, token-in/token-out), fit the first wrong turn's real prompt ids to its target reply, repeat
+    until the rollout is multiply -> add -> \\boxed{17} (4 rounds here, ~40 s on 2 loaded cores)."""
+    import tempfile
+
+    from gym_plugin import GymIntegration
+
+    key = "policy_model.responses_api_models.vllm_model"
+    folder = tempfile.mkdtemp(prefix="tiny_tok_")
+    tok.save_pretrained(folder)
+    server = EmbeddedPolicyServer(model=model, tokenizer=tok, served_model_name="policy")
+    greedy = {**row, "responses_create_params": {**row["responses_create_params"], "temperature": 0.0,
+                                                 "max_output_tokens": 48}}
+    pairs: dict[int, tuple[list[int], list[int]]] = {}
+    with GymIntegration("policy", None, CALCULATOR, extra_servers=[server], overrides=[
+            "head_server.port=0", f"{key}.token_mode=completions", f"{key}.tokenizer={folder}"]) as gym:
+        for _ in range(8):
+            (record,) = gym.collect([greedy])
+            calls = [it for it in record["response"]["output"] if "generation_token_ids" in it]
+            if record["reward"] == 1.0 and len(calls) == 3:
+                return
+            for k, c in enumerate(calls[:3]):
+                want = tok.encode(CALC_TARGETS[k], add_special_tokens=False) + [tok.eos_token_id]
+                if list(c["generation_token_ids"]) != want:
+                    pairs[k] = (list(c["prompt_token_ids"]), want)
+                    break
+            model.train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            for _ in range(150):
+                optimizer.zero_grad()
+                loss = sum(torch.nn.functional.cross_entropy(
+                    model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1:-1], torch.tensor(t))
+                    for p, t in pairs.values())
+                loss.backward()
+                optimizer.step()
+            model.eval()
+    raise AssertionError(f"the tiny model did not learn the calculator script: {pairs}")
+
+
+def test_calculator_multi_turn_with_the_trainers_own_module(tmp_path):
+    # Way (a) on a multi-turn env: the trainer's module (taught to call the tools) samples every turn in process,
+    # token-in/token-out, so the rollouts never drift and env_mask equals process_rollouts' loss mask.
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    row = calculator_row(3, 4, 5)
+    teach_calculator(model, tok, row)
+    rollouts = GymRollouts(CALCULATOR)
+    trainer = Recorded(model=model, reward_funcs=[gym_reward],
+                       args=grpo_args(tmp_path, max_steps=1, per_device_train_batch_size=4, max_completion_length=48,
+                                      learning_rate=1e-4),
+                       train_dataset=gym_dataset([row]), processing_class=tok, rollout_func=rollouts)
+    try:
+        trainer.train()
+    finally:
+        rollouts.close()
+    records, out = rollouts.last_records, rollouts.last_output
+    turns = [len([it for it in r["response"]["output"] if "generation_token_ids" in it]) for r in records]
+    assert max(turns) == 3, turns  # temperature 1 on a peaked model: (nearly) always the 3-turn script
+    assert_matches_process_rollouts(records, out, tok)
+    h = next(h for h in trainer.state.log_history if "gym/num_rollouts" in h)
+    assert h["gym/drift_count"] == 0 and h["gym/num_failed"] == 0
+    assert h["gym/turns_mean"] == pytest.approx(sum(turns) / 4)
