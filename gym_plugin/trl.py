@@ -419,9 +419,11 @@ class WeightSyncCallback(_callback_base()):
         self.version = 0
         """The policy version the endpoints serve (the trainer's global step after each sync)."""
         self.last_sync_s = 0.0
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self, coro):
+        if self._loop is None or self._loop.is_closed():  # one loop per train() (the sync's client lives on it)
+            self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(coro)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -437,7 +439,7 @@ class WeightSyncCallback(_callback_base()):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._run(self.weight_sync.close())
-        self._loop.close()
+        self._loop.close()  # type: ignore[union-attr]
 
 
 def _barrier() -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from gym_plugin.errors import ConfigError, ProtocolError
 from gym_plugin.process import process_rollouts
-from gym_plugin.trl import _merge_stats, gym_dataset, gym_reward, rollouts_to_trl
+from gym_plugin.trl import GymRollouts, WeightSyncCallback, _merge_stats, gym_dataset, gym_reward, rollouts_to_trl
+from gym_plugin.weight_sync import WeightSyncConfig
 
 EOS = 2
 
@@ -106,3 +107,14 @@ def test_dataset_and_reward_errors():
     with pytest.raises(ConfigError, match="GymRollouts"):
         gym_reward(["x"])
     assert gym_reward(["a", "b"], gym_reward=[1, None]) == [1.0, None]
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="model_name="):
+        GymRollouts("conf/gym/calculator.yaml", base_urls=["http://127.0.0.1:1/v1"])
+    with pytest.raises(ConfigError, match="'last_turn', 'drop'"):
+        GymRollouts("conf/gym/calculator.yaml", drift_policy="split")
+    with pytest.raises(ConfigError, match="already shares the trainer's weights"):
+        WeightSyncCallback(WeightSyncConfig(kind="inprocess"))
+    with pytest.raises(ConfigError, match="build_weight_sync"):
+        WeightSyncCallback(object())
