@@ -51,7 +51,9 @@ The policy, either way:
 - ``base_urls=[...]``: OpenAI-compatible endpoints (vLLM, an embedded server elsewhere); add
   `WeightSyncCallback` to the trainer so the endpoints get the new weights after every optimizer step.
 
-TRL is an optional peer (``pip install -e ".[trl]"``); this module imports it only where it needs it.
+TRL is an optional peer (``pip install -e ".[trl]"``, tested with 1.16.0). This module never imports ``trl``: it talks
+to the trainer through the ``rollout_func`` contract, ``transformers.TrainerCallback``, ``datasets`` (`gym_dataset`)
+and ``accelerate`` (metrics gathered over ranks).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from gym_plugin.config import ConfigSource
 from gym_plugin.errors import ConfigError, GymPluginError, ProtocolError, did_you_mean, truncate
 from gym_plugin.integration import GymIntegration
 from gym_plugin.process import CONSTRAINED_POLICIES, Selection, build_rows, select_rollouts
-from gym_plugin.protocol import TASK_INDEX_KEY, Rollout, agent_name, parse_rollout, validate_example
+from gym_plugin.protocol import Rollout, agent_name, parse_rollout, validate_example
 
 __all__ = ["GymRollouts", "WeightSyncCallback", "gym_dataset", "gym_reward", "rollouts_to_trl", "TRL_DRIFT_POLICIES",
            "REWARD_KEY"]
