@@ -1,6 +1,11 @@
 """TRL's GRPOTrainer on the default recipe's setting, for bench/vs_trl.py (runs in a venv that has TRL).
 
     /work/venvs/trl/bin/python bench/trl_grpo.py --steps 8 --out trl.json
+    python bench/trl_grpo.py --gym --steps 8 --out trl_gym.json     # TRL + gym_plugin.trl (the 'trl' extra)
+
+``--gym``: the same trainer and config, but the completions come from gym_plugin.trl.GymRollouts (the capitals
+verifier server, the trainer's own module served in process by the embedded engine) and the reward is the
+verifier's (gym_reward), instead of TRL's own generate() and ``capital_reward`` below.
 
 The venv (CPU; torch first, any other torch spec pulls GBs of CUDA packages; ~2 min from the local wheels):
 
@@ -48,6 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default=os.path.expanduser("~/.cache/gym_plugin/models/smollm2-135m-instruct"))
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--gym", action="store_true", help="rollouts through gym_plugin.trl.GymRollouts")
     args = parser.parse_args()
 
     import torch
@@ -58,10 +64,19 @@ def main() -> None:
     from gym_plugin.tasks import task_rows  # pure: the prompts and answers, no server code
 
     rows = task_rows("capitals", "capitals_agent")
-    dataset = Dataset.from_list([
-        {"prompt": row["responses_create_params"]["input"], "accepted_answers": row["accepted_answers"]}
-        for row in rows
-    ])
+    gym_extra: dict = {}
+    if args.gym:
+        from gym_plugin.trl import GymRollouts, gym_dataset, gym_reward
+
+        dataset = gym_dataset(rows)
+        gym_extra["rollout_func"] = GymRollouts(os.path.join(ROOT, "examples/capitals_env.yaml"))
+        reward_funcs = gym_reward
+    else:
+        dataset = Dataset.from_list([
+            {"prompt": row["responses_create_params"]["input"], "accepted_answers": row["accepted_answers"]}
+            for row in rows
+        ])
+        reward_funcs = capital_reward
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = GRPOConfig(
@@ -97,9 +112,13 @@ def main() -> None:
             if logs and "reward" in logs and steps:
                 steps[-1]["reward_mean"] = float(logs["reward"])
 
-    trainer = Timed(model=model, reward_funcs=capital_reward, args=config, train_dataset=dataset,
-                    processing_class=tokenizer, callbacks=[Recorder()])
-    trainer.train()
+    trainer = Timed(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
+                    processing_class=tokenizer, callbacks=[Recorder()], **gym_extra)
+    try:
+        trainer.train()
+    finally:
+        if "rollout_func" in gym_extra:
+            gym_extra["rollout_func"].close()
     for row, gen in zip(steps, Timed.generation_s):
         row["collect_s"] = gen
         row["train_s"] = row["wall_s"] - gen

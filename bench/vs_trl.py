@@ -60,9 +60,9 @@ def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:
     return {"steps": steps, "peak_rss_mb": rss, "wall_s": wall}
 
 
-def trl(args, out: Path, env: dict) -> dict:
+def trl(args, out: Path, env: dict, gym: bool = False) -> dict:
     cmd = [args.trl_python, "bench/trl_grpo.py", "--steps", str(args.steps), "--max-new-tokens",
-           str(args.max_new_tokens), "--out", str(out)]
+           str(args.max_new_tokens), "--out", str(out), *(["--gym"] if gym else [])]
     rc, wall, rss = run(cmd, out.with_suffix(".log"), env)
     if rc != 0:
         sys.exit(f"TRL failed (rc {rc}); see {out.with_suffix('.log')}")
@@ -89,11 +89,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
+    parser.add_argument("--trl-python", default=sys.executable,
+                        help="a python with TRL (default: this one; the 'trl' extra installs it here)")
     parser.add_argument("--out-dir", default="runs/bench_vs_trl")
     parser.add_argument("--sides", default="ours,ours_lowmem,trl",
                         help="comma-separated, run in this order each round: ours (the default recipe: AdamW), "
-                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), trl")
+                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), trl, trl_gym (TRL's trainer with "
+                             "gym_plugin.trl's rollouts: bench/trl_grpo.py --gym)")
     parser.add_argument("ours_overrides", nargs="*", help="extra Hydra overrides for our recipe")
     args = parser.parse_args()
     out_dir = (ROOT / args.out_dir) if not os.path.isabs(args.out_dir) else Path(args.out_dir)
@@ -101,15 +103,15 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     order = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = sorted(set(order) - {"ours", "ours_lowmem", "trl"})
+    unknown = sorted(set(order) - {"ours", "ours_lowmem", "trl", "trl_gym"})
     if unknown:
-        sys.exit(f"--sides: unknown {unknown}; known: ours, ours_lowmem, trl")
+        sys.exit(f"--sides: unknown {unknown}; known: ours, ours_lowmem, trl, trl_gym")
     results: dict[str, list[dict]] = {side: [] for side in order}
     for r in range(args.rounds):
         for side in order:
             stamp = time.strftime("%H%M%S")
-            if side == "trl":
-                res = trl(args, out_dir / f"trl_r{r}_{stamp}.json", env)
+            if side in ("trl", "trl_gym"):
+                res = trl(args, out_dir / f"{side}_r{r}_{stamp}.json", env, gym=side == "trl_gym")
             else:
                 res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, LOW_MEMORY if side == "ours_lowmem" else [])
             results[side].append(res)

@@ -1,6 +1,6 @@
 """Shared pytest hooks.
 
-Tests against the real peers (markers ``vllm``, ``nemo_gym``, ``nemo_rl``) skip with the reason when their peer is
+Tests against the real peers (markers ``vllm``, ``nemo_gym``, ``nemo_rl``, ``trl``) skip with the reason when their peer is
 absent, as on a user's clone. In CI the peers are installed, so a skip there would hide a broken install behind a
 green run: with ``GYM_PLUGIN_REQUIRE_PEERS=1`` (set by .ci/run) such a skip is reported as a failure instead.
 """
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-PEER_MARKERS = ("vllm", "nemo_gym", "nemo_rl")
+PEER_MARKERS = ("vllm", "nemo_gym", "nemo_rl", "trl")
 
 
 def _require_peers() -> bool:
