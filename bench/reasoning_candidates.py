@@ -53,7 +53,8 @@ def main() -> None:
             cand = json.loads(raw)
             rows = generate_rows(cand["dataset"], dataset_config=cand.get("dataset_config"), size=args.prompts,
                                  seed=0, split="eval", train_size=cand.get("train_size", 256),
-                                 answer_format=cand.get("answer_format", "answer_tag"), agent_name="reasoning_agent")
+                                 answer_format=cand.get("answer_format", "answer_tag"), instruction=cand.get("instruction"),
+                                 agent_name="reasoning_agent")
             for row in rows:
                 row["responses_create_params"].update(temperature=1.0, max_output_tokens=args.max_output_tokens)
             t0 = time.perf_counter()

@@ -162,7 +162,15 @@ def _entries(spec, *, seed: int, size: int) -> list[dict]:
     return [dataset[i] for i in range(size)]
 
 
-def _row(entry: Mapping[str, Any], spec, answer_format: str, agent_name: str, task_id: str) -> dict:
+def prompt_text(question: str, instruction: str) -> str:
+    """The user message: ``instruction`` with ``{question}`` replaced when it holds that placeholder (a template,
+    e.g. a worked example first), else the question, a blank line and the instruction."""
+    if "{question}" in instruction:
+        return instruction.replace("{question}", question.rstrip())
+    return f"{question.rstrip()}\n\n{instruction}".rstrip()
+
+
+def _row(entry: Mapping[str, Any], spec, instruction: str, answer_format: str, agent_name: str, task_id: str) -> dict:
     name = (entry.get("metadata") or {}).get("source_dataset") or spec[0]["name"]
     try:
         plain = json.loads(json.dumps({"question": entry["question"], "answer": entry["answer"],
@@ -172,7 +180,7 @@ def _row(entry: Mapping[str, Any], spec, answer_format: str, agent_name: str, ta
                           "served as Gym rows, pick another") from None
     return {
         "responses_create_params": {
-            "input": [{"role": "user", "content": f"{entry['question'].rstrip()}\n\n{INSTRUCTIONS[answer_format]}"}],
+            "input": [{"role": "user", "content": prompt_text(entry["question"], instruction)}],
         },
         "expected_answer": plain["answer"],
         ROW_KEY: {"dataset": name, "entry": plain, "answer_format": answer_format},
@@ -183,7 +191,8 @@ def _row(entry: Mapping[str, Any], spec, answer_format: str, agent_name: str, ta
 
 def generate_rows(dataset: str | Sequence[Mapping[str, Any]], *, dataset_config: Mapping[str, Any] | None = None,
                   size: int, seed: int = 0, split: str = "train", train_size: int | None = None,
-                  answer_format: str = "answer_tag", agent_name: str = "reasoning_gym_agent") -> list[dict]:
+                  answer_format: str = "answer_tag", instruction: str | None = None,
+                  agent_name: str = "reasoning_gym_agent") -> list[dict]:
     """``size`` Gym example rows of a reasoning-gym dataset (or weighted mix), deterministic in its arguments.
 
     dataset: a reasoning-gym dataset name ("chain_sum") or a mix ``[{"name", "weight", "config"}, ...]``.
@@ -191,7 +200,9 @@ def generate_rows(dataset: str | Sequence[Mapping[str, Any]], *, dataset_config:
     split: "train" (reasoning-gym seed ``seed``) or "eval" (seed ``seed + EVAL_SEED_OFFSET``, and no question of
     the train split's first ``train_size`` rows; ``train_size`` is required for "eval").
     answer_format: "answer_tag" (<answer>...</answer>) or "boxed" (\\boxed{...}): the prompt's instruction and
-    the verifier's extraction. agent_name: the rows' ``agent_ref``.
+    the verifier's extraction. instruction: the text after the question, or a template holding ``{question}`` (None:
+    ``INSTRUCTIONS[answer_format]``).
+    agent_name: the rows' ``agent_ref``.
     Raises ConfigError (unknown dataset / keyword, bad size, an eval split the question space cannot fill) and
     MissingExtraError without reasoning-gym.
     """
@@ -228,7 +239,9 @@ def generate_rows(dataset: str | Sequence[Mapping[str, Any]], *, dataset_config:
                 f"eval split of {[s['name'] for s in spec]}: only {len(entries)} distinct questions of {len(pool)} "
                 f"generated are not train questions (train_size={train_size}), {size} needed; the question space is too small: "
                 "lower the sizes or widen the generator keywords")
-    return [_row(e, spec, answer_format, agent_name, f"reasoning_gym/{split}/{i}") for i, e in enumerate(entries)]
+    instruction = INSTRUCTIONS[answer_format] if instruction is None else instruction
+    return [_row(e, spec, instruction, answer_format, agent_name, f"reasoning_gym/{split}/{i}")
+            for i, e in enumerate(entries)]
 
 
 def extract_answer(text: str, answer_format: str) -> tuple[str | None, str | None]:

@@ -136,7 +136,7 @@ def test_mix_rows_are_scored_by_their_own_dataset():
 
     assert names == [["chain_sum", "leg_counting"][random.Random(3 + i).choices(range(2), weights=[1, 3])[0]]
                      for i in range(24)]
-    results = asyncio.run(verify_all(ReasoningGymConfig(mix=mix),
+    results = asyncio.run(verify_all(ReasoningGymConfig(dataset=mix),
                                      [(r, f"<answer>{r['expected_answer']}</answer>") for r in rows]
                                      + [(r, "<answer>-1</answer>") for r in rows]))
     assert [o["reward"] for o in results] == [1.0] * 24 + [0.0] * 24
@@ -184,8 +184,8 @@ def test_config_mistakes_are_one_config_error_each():
     # the server checks its dataset keys when it is built (a config mistake fails at start, not per rollout)
     with pytest.raises(ConfigError, match="Did you mean 'leg_counting'"):
         ReasoningGymResourceServer("r", ReasoningGymConfig(dataset="leg_count"), Directory())
-    with pytest.raises(ConfigError, match="dataset and mix are both set"):
-        ReasoningGymConfig(dataset="chain_sum", mix=[{"name": "leg_counting"}])
+    with pytest.raises(ConfigError, match="dataset_config is set without dataset"):
+        ReasoningGymConfig(dataset_config={"min_terms": 2})
     assert get_server_class("resources_servers", "reasoning_gym") is ReasoningGymResourceServer
 
 

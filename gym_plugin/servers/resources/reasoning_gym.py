@@ -4,7 +4,7 @@ Rows come from `gym_plugin.reasoning_tasks.generate_rows` (or any row with the s
 ``{"dataset": name, "entry": {question, answer, metadata}, "answer_format": "answer_tag" | "boxed"}``). The final
 answer is extracted from the last assistant message (``<answer>...</answer>`` by default, ``\\boxed{}`` when the
 row or the config says ``boxed``) and scored by the row's dataset, built with the generator keywords this config
-gives it (``dataset`` + ``dataset_config``, or a ``mix``), else with reasoning-gym's defaults; partial credit is
+gives it (``dataset`` + ``dataset_config``, or a mix as ``dataset``), else with reasoning-gym's defaults; partial credit is
 kept. The reply adds ``extracted_answer`` and ``score_reason`` (why a reply scored 0 without being judged: no
 answer markup, an empty answer, a scorer that raised; None otherwise). A row without the ``reasoning_gym`` key
 cannot be judged: a verifier failure (the rollout fails), never a 0.
@@ -14,14 +14,14 @@ YAML (the dataset keys are the ones generate_rows takes; the recipe passes the s
     reasoning:
       resources_servers:
         reasoning_gym:
-          dataset: chain_sum                 # or null with mix: [{name, weight, config}, ...]
+          dataset: chain_sum                 # or a mix: [{name, weight, config}, ...]; null: defaults
           dataset_config: {min_terms: 2, max_terms: 3}
           answer_format: answer_tag          # answer_tag | boxed (a row's own answer_format wins)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from gym_plugin.errors import ConfigError, ProtocolError, truncate
@@ -34,12 +34,11 @@ from gym_plugin.servers.resources.base import ResourceServer, ResourceServerConf
 class ReasoningGymConfig(ResourceServerConfig):
     """YAML keys under ``resources_servers: reasoning_gym:``."""
 
-    dataset: str | None = None
-    """The reasoning-gym dataset whose generator keywords are ``dataset_config`` (None: see ``mix``)."""
-    dataset_config: dict = field(default_factory=dict)
-    """Generator keywords of ``dataset`` (some datasets' ``score_answer`` reads them)."""
-    mix: list | None = None
-    """A weighted mix instead of one dataset: ``[{name, weight, config}, ...]`` (reasoning-gym's composite)."""
+    dataset: str | list | None = None
+    """The reasoning-gym dataset (name) or weighted mix (``[{name, weight, config}, ...]``, reasoning-gym's
+    composite) whose generator keywords the scorers get; None: every dataset with reasoning-gym's defaults."""
+    dataset_config: dict | None = None
+    """Generator keywords of a single ``dataset`` (some datasets' ``score_answer`` reads them)."""
     answer_format: str = "answer_tag"
     """How the final answer is marked when a row does not say: 'answer_tag' (<answer>...</answer>) | 'boxed'."""
 
@@ -47,9 +46,7 @@ class ReasoningGymConfig(ResourceServerConfig):
         problems = []
         if self.answer_format not in ANSWER_FORMATS:
             problems.append(f"answer_format={self.answer_format!r} must be one of {list(ANSWER_FORMATS)}")
-        if self.dataset is not None and self.mix is not None:
-            problems.append("dataset and mix are both set: give one dataset (with dataset_config) or a mix")
-        if self.mix is None and self.dataset is None and self.dataset_config:
+        if self.dataset is None and self.dataset_config:
             problems.append("dataset_config is set without dataset: name the dataset it configures")
         return problems
 
@@ -61,8 +58,7 @@ class ReasoningGymResourceServer(ResourceServer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         c = self.config
-        spec = normalize_spec(c.mix if c.mix is not None else c.dataset, c.dataset_config) \
-            if (c.dataset is not None or c.mix is not None) else []
+        spec = normalize_spec(c.dataset, c.dataset_config) if c.dataset is not None else []
         self._keywords = {s["name"]: s["config"] for s in spec}  # checked now: a bad config fails at start
         self._scorers: dict[str, Any] = {}
 
