@@ -3,7 +3,7 @@
 For each candidate (a dataset or mix, its generator keywords, an answer format), collect ``--prompts`` held-out
 (eval split) rows x ``--samples`` rollouts with the embedded SmolLM2-135M-Instruct at temperature 1.0 through the
 reasoning_gym resource server, and print one JSON line: mean reward, share of rollouts with a parsable answer,
-mean generated tokens, seconds. A task GRPO can learn from starts between ~0.1 and ~0.5 (groups with mixed
+mean generated tokens, seconds (``--temperature``: the sampling temperature, 1.0 by default). A task GRPO can learn from starts between ~0.1 and ~0.5 (groups with mixed
 rewards) while the replies still hold a chain of thought (>= 64 generated tokens on average).
 
   flock /tmp/heavy.lock python bench/reasoning_candidates.py --max-output-tokens 256 \
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--max-output-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default=None, help="also write every record here (JSONL)")
     args = p.parse_args()
@@ -56,14 +57,15 @@ def main() -> None:
                                  answer_format=cand.get("answer_format", "answer_tag"), instruction=cand.get("instruction"),
                                  agent_name="reasoning_agent")
             for row in rows:
-                row["responses_create_params"].update(temperature=1.0, max_output_tokens=args.max_output_tokens)
+                row["responses_create_params"].update(temperature=cand.get("temperature", args.temperature),
+                                                     max_output_tokens=args.max_output_tokens)
             t0 = time.perf_counter()
             records = gym.collect(rows, repeats=args.samples)
             seconds = time.perf_counter() - t0
             m = reward_metrics(records)
             ok = [r for r in records if "reward" in r]
             parsed = sum(r.get("extracted_answer") is not None for r in ok) / max(1, len(ok))
-            print(json.dumps({**cand, "max_output_tokens": args.max_output_tokens,
+            print(json.dumps({**cand, "max_output_tokens": args.max_output_tokens, "temperature": args.temperature,
                               "reward_mean": round(m.get("rollout/reward_mean", float("nan")), 4),
                               "accuracy": round(m.get("rollout/accuracy", float("nan")), 4),
                               "answer_parsed": round(parsed, 4),
