@@ -205,3 +205,14 @@ def test_a_row_without_the_entry_is_a_verifier_failure_not_a_zero():
             await server.stop()
 
     asyncio.run(body())
+
+
+def test_instruction_replaces_the_text_or_wraps_the_question():
+    after = generate_rows("chain_sum", dataset_config=CHAIN, size=1, seed=7, instruction="Answer in <answer></answer>.")
+    assert after[0]["responses_create_params"]["input"][0]["content"] == (
+        "State the final answer to the following arithmetic problem: 6 + 0 - 1 =\n\nAnswer in <answer></answer>.")
+    template = generate_rows("chain_sum", dataset_config=CHAIN, size=1, seed=7, answer_format="boxed",
+                             instruction="Q: {question}\nA: think, then \\boxed{}.")
+    assert template[0]["responses_create_params"]["input"][0]["content"] == (
+        "Q: State the final answer to the following arithmetic problem: 6 + 0 - 1 =\nA: think, then \\boxed{}.")
+    assert template[0]["reasoning_gym"]["answer_format"] == "boxed"
