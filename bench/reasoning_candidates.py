@@ -29,8 +29,10 @@ from gym_plugin.servers.embedded import EmbeddedPolicyConfig, EmbeddedPolicyServ
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--candidate", action="append", required=True,
-                   help='JSON: {"dataset": name or mix list, "dataset_config": {...}, "answer_format": ...}')
+    p.add_argument("--candidate", action="append", default=[],
+                   help='JSON: {"dataset": name or mix list, "dataset_config": {...}, "answer_format": ..., '
+                        '"instruction": ..., "train_size": ...}')
+    p.add_argument("--candidate-file", default=None, help="a JSONL file of candidates (one per line)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--max-output-tokens", type=int, default=256)
@@ -38,6 +40,10 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default=None, help="also write every record here (JSONL)")
     args = p.parse_args()
+    if args.candidate_file:
+        args.candidate += [line for line in open(args.candidate_file) if line.strip()]
+    if not args.candidate:
+        p.error("give --candidate or --candidate-file")
     config = {
         "reasoning": {"resources_servers": {"reasoning_gym": {}}},
         "reasoning_agent": {"responses_api_agents": {"simple_agent": {
