@@ -71,3 +71,15 @@ def test_generated_jsonl_through_gym_plugin_collect(tmp_path):
     assert 0 < sum(expected) < 12  # both outcomes occur in these 12 rows
     assert [r["reward"] for r in records] == expected
     assert all(r["extracted_answer"] == "6" and r["score_reason"] is None for r in records)
+
+
+def test_reasoning_preset_runs_on_the_tiny_model(tmp_path):
+    # the preset's own rows (basic_arithmetic a + b with its worked example), on the tiny model for speed
+    run_recipe(["preset=reasoning", "model=tiny", "train.steps=1", "train.prompts_per_step=2", "train.group_size=2",
+                "policy.max_output_tokens=8", "eval.num_prompts=2", "eval.samples=1", "logging.progress=false"],
+               tmp_path / "run")
+    row = read_jsonl(tmp_path / "run" / "rollouts" / "step_000001.jsonl")[0]
+    prompt = row["responses_create_params"]["input"][0]["content"]
+    assert prompt.startswith("Calculate 5 + 1.\n") and "Step 4: Check: 6 - 1 = 5" in prompt
+    assert row["reasoning_gym"]["dataset"] == "basic_arithmetic" and row["reasoning_gym"]["answer_format"] == "boxed"
+    assert row["responses_create_params"]["temperature"] == 0.6
