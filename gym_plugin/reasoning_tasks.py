@@ -228,12 +228,15 @@ def generate_rows(dataset: str | Sequence[Mapping[str, Any]], *, dataset_config:
         entries = _entries(spec, seed=seed, size=size)
     else:
         train_questions = {e["question"] for e in _entries(spec, seed=seed, size=train_size)} if train_size else set()
-        pool = _entries(spec, seed=seed + EVAL_SEED_OFFSET, size=10 * size + 100)
+        pool = build_dataset(spec, seed=seed + EVAL_SEED_OFFSET, size=10 * size + 100)  # items made on demand
         entries, seen = [], set(train_questions)
-        for entry in pool:  # held-out and distinct questions, in generation order
-            if entry["question"] not in seen and len(entries) < size:
+        for i in range(len(pool)):  # held-out and distinct questions, in generation order
+            entry = pool[i]
+            if entry["question"] not in seen:
                 seen.add(entry["question"])
                 entries.append(entry)
+                if len(entries) == size:
+                    break
         if len(entries) < size:
             raise ConfigError(
                 f"eval split of {[s['name'] for s in spec]}: only {len(entries)} distinct questions of {len(pool)} "
