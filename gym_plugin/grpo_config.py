@@ -66,7 +66,8 @@ class EnvConfig:
     """``env``: the Gym environment (servers) and its prompt rows."""
 
     task: str | None = "capitals"
-    """A built-in task of gym_plugin.tasks (capitals | add_digits | letters), or None with ``data_path``."""
+    """A built-in task of gym_plugin.tasks (capitals | add_digits | letters), reasoning_gym (rows generated from
+    ``dataset``), or None with ``data_path``."""
     data_path: str | None = None
     """A JSONL (or Parquet) file of example rows (used instead of ``task``), relative to the working directory or
     else to the repository root; checked as ``gym-plugin prepare`` checks it."""
@@ -76,6 +77,19 @@ class EnvConfig:
     """Server sections in NeMo Gym's shape (agents, resource servers), merged after ``config_paths``."""
     config_paths: list = field(default_factory=list)
     """Gym config YAML files (e.g. conf/gym/math.yaml), relative to the repository root or absolute."""
+    # task=reasoning_gym (conf/env/reasoning_gym.yaml): rows from gym_plugin.reasoning_tasks.generate_rows
+    dataset: str | list | None = None
+    """task=reasoning_gym: a reasoning-gym dataset name (chain_sum) or a weighted mix [{name, weight, config}]."""
+    dataset_config: dict | None = None
+    """task=reasoning_gym: the single dataset's generator keywords ({min_terms: 2, max_terms: 3})."""
+    size: int = 256
+    """task=reasoning_gym: train rows; the eval rows (eval.num_prompts) are held out from them."""
+    seed: int = 0
+    """task=reasoning_gym: the generator seed (train: seed, eval: seed + 10^9, minus every train question)."""
+    answer_format: str = "answer_tag"
+    """task=reasoning_gym: 'answer_tag' (<answer>...</answer>) | 'boxed' (\\boxed{...}): prompt and extraction."""
+    instruction: str | None = None
+    """task=reasoning_gym: the text after each question (None: the answer format's default instruction)."""
 
 
 @dataclass
@@ -293,6 +307,12 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
     for name in ("num_prompts", "samples"):
         if not isinstance(getattr(e, name), int) or getattr(e, name) < 1:
             problems.append(f"eval.{name}={getattr(e, name)!r} must be a positive integer.")
+    if cfg.env.task == "reasoning_gym" and not cfg.env.data_path and not cfg.env.dataset:
+        problems.append("env.task=reasoning_gym needs env.dataset=<a reasoning-gym dataset, e.g. chain_sum> (or a "
+                        "mix: env.dataset=[{name:chain_sum,weight:1},{name:leg_counting,weight:2}]).")
+    if cfg.env.dataset and cfg.env.task != "reasoning_gym":
+        problems.append(f"env.dataset={cfg.env.dataset!r} is only read by env.task=reasoning_gym (env.task is "
+                        f"{cfg.env.task!r}); use env=reasoning_gym, or drop env.dataset.")
     if cfg.env.task is None and not cfg.env.data_path:
         problems.append("env.task is null and env.data_path is unset: set one (env.task=capitals or "
                         "env.data_path=rows.jsonl).")

@@ -3,6 +3,7 @@
 
     python recipes/grpo.py                                   # CPU: embedded SmolLM2 + the capital-city task
     python recipes/grpo.py model=tiny env=letters train.steps=2
+    python recipes/grpo.py env=reasoning_gym env.dataset=chain_sum env.dataset_config='{max_terms: 3}'
     torchrun --nproc_per_node 2 recipes/grpo.py model=tiny env=letters
     python recipes/grpo.py policy=vllm policy.base_urls=[http://h:8000/v1] weight_sync=vllm_nccl model=...
 
@@ -26,7 +27,8 @@ second copy for the server. No reference model unless loss.kl_coef > 0. AdamW ru
 train.optimizer=adafactor and train.optimizer_in_backward=true shrink the step's memory (gym_plugin/optim.py).
 
 Start vs end on the same prompts: eval.at_start / eval.every / eval.at_end sample eval.samples rollouts of the
-task's first eval.num_prompts prompts with the current policy (no update) into eval.jsonl and the PNG.
+task's first eval.num_prompts prompts with the current policy (no update) into eval.jsonl and the PNG; with
+env.task=reasoning_gym they are eval.num_prompts held-out rows instead (no train question among them).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from gym_plugin.net import free_port  # noqa: E402
 from gym_plugin.optim import build_optimizer  # noqa: E402
 from gym_plugin.plotting import plot_reward_curve  # noqa: E402
 from gym_plugin.process import process_rollouts, reward_metrics  # noqa: E402
+from gym_plugin.reasoning_tasks import generate_rows  # noqa: E402
 from gym_plugin.protocol import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, parse_rollouts  # noqa: E402
 from gym_plugin.redact import redact  # noqa: E402
 from gym_plugin.run_logging import RunLogger, read_metrics, run_summary  # noqa: E402
@@ -70,13 +73,19 @@ from gym_plugin.trackers import Trackers  # noqa: E402
 from gym_plugin.weight_sync import open_weight_sync  # noqa: E402
 
 
-def load_rows(cfg: GRPOConfig) -> list[dict]:
-    """The task's example rows, routed to ``env.agent_name`` and carrying the policy's sampling params."""
-    if cfg.env.data_path:  # every row checked as `gym-plugin prepare` checks it: one error naming each bad line
-        path = Path(cfg.env.data_path)
-        rows = read_rows(path if path.is_absolute() or path.exists() else ROOT / path, agent=cfg.env.agent_name,
-                         fix=f"Fix these rows of env.data_path={cfg.env.data_path} (`gym-plugin prepare --input "
+def load_rows(cfg: GRPOConfig, split: str = "train") -> list[dict]:
+    """The task's example rows, routed to ``env.agent_name`` and carrying the policy's sampling params. ``split``
+    "eval": reasoning-gym's held-out rows (eval.num_prompts of them, no train question among them)."""
+    e = cfg.env
+    if e.data_path:  # every row checked as `gym-plugin prepare` checks it: one error naming each bad line
+        path = Path(e.data_path)
+        rows = read_rows(path if path.is_absolute() or path.exists() else ROOT / path, agent=e.agent_name,
+                         fix=f"Fix these rows of env.data_path={e.data_path} (`gym-plugin prepare --input "
                              "FILE` checks a file, and --drop-invalid writes the usable rows).")
+    elif e.task == "reasoning_gym":
+        rows = generate_rows(e.dataset, dataset_config=e.dataset_config, seed=e.seed, split=split,
+                             size=e.size if split == "train" else cfg.eval.num_prompts, train_size=e.size,
+                             answer_format=e.answer_format, instruction=e.instruction, agent_name=e.agent_name)
     else:
         rows = task_rows(cfg.env.task, cfg.env.agent_name)
     sampling = {"temperature": cfg.policy.temperature, "top_p": cfg.policy.top_p,
@@ -219,7 +228,9 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
 
     tokens_sampled = (lambda: policy_server.engine.stats.decoded_tokens) if policy_server is not None else None
 
-    eval_rows = rows[: cfg.eval.num_prompts]
+    # the same prompts every time: held-out rows when the task has them (reasoning_gym), else the first train rows
+    eval_rows = load_rows(cfg, "eval") if cfg.env.task == "reasoning_gym" and not cfg.env.data_path \
+        else rows[: cfg.eval.num_prompts]
 
     def train_step(batch, step: int):
         """grpo_step with a live progress line; with shared weights the server generates nothing meanwhile (it

@@ -34,6 +34,7 @@ BUILTIN_MODULES: dict[tuple[str, str], str] = {
     ("resources_servers", "capitals"): "gym_plugin.servers.resources.capitals",
     ("resources_servers", "contains_answer"): "gym_plugin.servers.resources.capitals",
     ("resources_servers", "code_exec"): "gym_plugin.servers.resources.code_exec",
+    ("resources_servers", "reasoning_gym"): "gym_plugin.servers.resources.reasoning_gym",
     (POLICY_ENDPOINT, "embedded"): "gym_plugin.servers.embedded.app",
     # The scripted fakes (tests, `gym-plugin fake-openai`, trying a config without a model): resolved by name, so
     # that nothing outside gym_plugin.testing imports them.

@@ -12,6 +12,9 @@ and two collectors can be compared row by row:
 - weather (NeMo Gym's ``example_single_tool_call`` rows, `weather_row`): ``get_weather(city)`` then a sentence
   with the tool's text; answers without calling the tool (reward 0 there) when ``len(message) % 3 == 0``.
 
+- reasoning-gym chain_sum (``...arithmetic problem: A + B =``, `gym_plugin.reasoning_tasks.generate_rows`):
+  ``A + B = S. <answer>S</answer>`` with S = `add_answer` (so wrong by the same rule); ``A - B`` rows get ``OK``.
+
 Anything else is answered ``OK``. `ScriptedTasksServer` is the fake answering with it: ``gym-plugin fake-openai
 --tasks --port P`` serves it, a config starts it with ``policy_endpoint: {impl: scripted_tasks}``.
 """
@@ -30,6 +33,7 @@ from gym_plugin.testing.fake_openai import FakeOpenAIConfig, FakeOpenAIServer, T
 
 _ADD = re.compile(r"What is (-?\d+) \+ (-?\d+)\?")
 _CALC = re.compile(r"Compute \((-?\d+) \* (-?\d+)\) \+ (-?\d+)\. Use the tools")
+_RG_SUM = re.compile(r"arithmetic problem: (-?\d+) \+ (-?\d+) =")
 _WEATHER = re.compile(r"\b(?:sf|san francisco|weather|humidity|rain)\b", re.IGNORECASE)
 
 WEATHER_TOOLS = [{
@@ -117,6 +121,10 @@ def task_script(messages: list, body: Mapping[str, Any]) -> Turn:
     if m:
         a, b = int(m.group(1)), int(m.group(2))
         return Turn(text=f"The answer is \\boxed{{{add_answer(a, b)}}}.")
+    m = _RG_SUM.search(user)
+    if m:
+        a, b = int(m.group(1)), int(m.group(2))
+        return Turn(text=f"{a} + {b} = {add_answer(a, b)}. <answer>{add_answer(a, b)}</answer>")
     if _WEATHER.search(user) and body.get("tools"):
         if results:
             return Turn(text=f"Here is what I found: {results[-1]}")

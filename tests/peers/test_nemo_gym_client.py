@@ -1,6 +1,6 @@
 """NeMo Gym 0.7.0's own client drives ``gym-plugin serve``: ``ng_collect_rollouts`` (exit 0, its rollout health
 check, its aggregate metrics from our /aggregate_metrics) and ``RolloutCollectionHelper.run_examples``, on exact
-match, math and the multi-turn calculator tool task."""
+match, math, the multi-turn calculator tool task and reasoning-gym rows (resources_servers / reasoning_gym)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import json
 import subprocess
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.peers.nemo_gym_peer import (
     NG_ENV,
+    ROOT,
     VENV,
     expected_reward,
     model_call_items,
@@ -24,6 +26,7 @@ from tests.peers.nemo_gym_peer import (
     write_jsonl,
 )
 from tests.peers.nemo_gym_peer import fake_endpoint, gym_plugin_deployment, nemo_gym_venv  # noqa: F401 (fixtures)
+from gym_plugin.testing.nemo_gym_peer import start_gym_plugin, stop
 
 pytestmark = [pytest.mark.nemo_gym, pytest.mark.timeout(900)]
 
@@ -154,3 +157,59 @@ def test_our_collector_gives_nemo_gyms_rewards_on_our_servers(ng_run, gym_plugin
     served = json.loads(out.with_name("rollouts_aggregate_metrics.json").read_text())
     assert {m["_ng_environment_server"]: m["key_metrics"] for m in metrics} == {
         m["_ng_environment_server"]: m["key_metrics"] for m in served}
+
+
+# ---- reasoning-gym: NeMo Gym's ng_collect_rollouts drives our reasoning_gym resource server ---------------------
+def reasoning_rows() -> list[dict]:
+    """40 chain_sum rows of two 1-2 digit terms (reasoning-gym 0.1.25, seed 0): half 'A + B', half 'A - B'."""
+    from gym_plugin.reasoning_tasks import generate_rows
+
+    return generate_rows("chain_sum", dataset_config={"min_terms": 2, "max_terms": 2, "max_digits": 2}, size=40)
+
+
+def reasoning_expected(row: dict) -> tuple[float, str | None]:
+    """(reward, extracted answer) the scripted fake earns: on 'A + B' it answers <answer>add_answer(A, B)</answer>
+    and the reward is chain_sum's own score_answer of that; on 'A - B' it says 'OK': 0, no answer."""
+    import reasoning_gym
+
+    from gym_plugin.testing.scripted_tasks import add_answer
+
+    entry = row["reasoning_gym"]["entry"]
+    a, op, b = entry["metadata"]["expression"].split()
+    if op != "+":
+        return 0.0, None
+    answer = str(add_answer(int(a), int(b)))
+    return reasoning_gym.create_dataset("chain_sum").score_answer(answer, entry), answer
+
+
+@pytest.fixture(scope="module")
+def reasoning_deployment(fake_endpoint, tmp_path_factory) -> Iterator[int]:
+    """``gym-plugin serve`` with conf/gym/reasoning_gym.yaml (our venv: reasoning-gym is ours, not NeMo Gym's)."""
+    pytest.importorskip("reasoning_gym", reason="reasoning-gym is not installed: pip install -e '.[reasoning]'")
+    proc, port = start_gym_plugin(tmp_path_factory.mktemp("serve_reasoning"), fake_endpoint,
+                                  [str(ROOT / "conf/gym/reasoning_gym.yaml")])
+    try:
+        yield port
+    finally:
+        stop(proc, 20)
+
+
+def test_ng_collect_rollouts_drives_the_reasoning_gym_server(reasoning_deployment, tmp_path):
+    rows = reasoning_rows()
+    out = tmp_path / "rollouts.jsonl"
+    proc = ng_collect_rollouts(reasoning_deployment, write_jsonl(tmp_path / "rows.jsonl", rows), out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = {r["_ng_task_index"]: r for r in read_jsonl(out)}
+    assert sorted(records) == list(range(len(rows)))
+    outcomes = []
+    for i, row in enumerate(rows):
+        reward, answer = reasoning_expected(row)
+        record = records[i]
+        assert (record["reward"], record["extracted_answer"]) == (pytest.approx(reward), answer), (i, row["expected_answer"])
+        assert (record["score_reason"] is None) == (answer is not None)
+        assert record["_ng_environment_server"] == "reasoning_gym_environment_server"
+        assert model_call_items(record)
+        outcomes.append((reward, answer))
+    assert any(r == 1.0 for r, _ in outcomes)  # right sums
+    assert any(a is not None and r < 1.0 for r, a in outcomes)  # wrong sums (add_answer's rule)
+    assert any(a is None for _, a in outcomes)  # 'A - B' rows: no answer markup, 0 with the reason

@@ -24,7 +24,7 @@ from gym_plugin.errors import ConfigError
 from gym_plugin.grpo_config import GRPOConfig, parse_grpo_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("env", "policy", "model", "loss", "weight_sync", "memory")
+GROUPS = ("env", "policy", "model", "loss", "weight_sync", "memory", "preset")
 """The config groups of conf/grpo.yaml (its defaults list)."""
 GYM_DIR = CONF / "gym"
 """Gym environment configs (gym-plugin serve / GymIntegration), not recipe groups."""

@@ -1,1 +1,1 @@
-"""Resource servers (tools + verifiers): exact_match, math_verify, calculator. See `base.ResourceServer`."""
+"""Resource servers (tools + verifiers): exact_match, math_verify, calculator, capitals, code_exec, reasoning_gym. See `base.ResourceServer`."""
