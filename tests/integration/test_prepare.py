@@ -99,3 +99,24 @@ def test_prepare_drops_bad_rows_splits_and_prints_stats(bad_file, tmp_path):
     # the same command again writes the same files
     first = (train.read_text(), val.read_text())
     assert run(args).returncode == 0 and (train.read_text(), val.read_text()) == first
+
+
+def test_prepare_generates_reasoning_gym_rows(tmp_path):
+    pytest.importorskip("reasoning_gym", reason="needs the 'reasoning' extra (pip install -e '.[reasoning]')")
+    out, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    proc = run(CLI + ["prepare", "--reasoning-gym", "chain_sum", "--dataset-config", '{"min_terms": 2, "max_terms": 2}',
+                      "--size", "6", "--output", str(out), "--val-size", "2", "--val-output", str(val)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "read 6 rows from reasoning_gym:chain_sum" in proc.stdout
+    assert "split (seed 0): 4 train, 2 validation rows" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    val_rows = [json.loads(line) for line in val.read_text().splitlines()]
+    assert len(rows) == 4 and len(val_rows) == 2
+    for row in rows + val_rows:  # the rows the reasoning_gym server verifies: its entry, two terms, routed
+        assert row["agent_ref"] == {"name": "reasoning_gym_agent"}
+        assert row["reasoning_gym"]["dataset"] == "chain_sum"
+        assert row["reasoning_gym"]["entry"]["metadata"]["num_terms"] == 2
+    # a typo in the dataset name and a non-JSON config: one block each, exit 2
+    assert_one_block(run(CLI + ["prepare", "--reasoning-gym", "chain_sun"]), r"Did you mean 'chain_sum'\?")
+    assert_one_block(run(CLI + ["prepare", "--reasoning-gym", "chain_sum", "--dataset-config", "{bad"]),
+                     r"--dataset-config='\{bad' is not JSON")
