@@ -162,3 +162,32 @@ def test_long_rows_joining_at_different_steps_keep_teacher_forced_logprobs():
     worst = max(worst_diff(model, p, r) for p, r in zip(prompts, results))
     print(f"tiny fp32 long rows (300-480 tokens) max |logprob - teacher forced| = {worst:.2e}")
     assert worst < FP32_TOL
+
+
+def test_never_written_kv_memory_is_never_read_into_a_result():
+    # Attention reads every active slot up to the longest row; a shorter row's masked positions get weight 0,
+    # but 0 * NaN is NaN. Here every buffer is filled with NaN where nothing was written yet (what fresh memory
+    # may hold): rows of different lengths joining at different steps must still give finite, teacher-forced
+    # log-probs (the engine zeroes positions before they are first read).
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    engine = engine_for(model, tok, prefix_cache_tokens=0)
+    sm = engine._batcher.sm
+    real_reserve = sm.reserve
+
+    def poisoned_reserve(*args):
+        real_reserve(*args)
+        for t in sm.k + sm.v:
+            t[:, :, sm.initialized :] = float("nan")
+
+    sm.reserve = poisoned_reserve
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ["hi", "Let x = 3 and y = 4. Then x^2 + y^2 = 25."]]
+    try:
+        short = engine.submit(prompts[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+        wait_until(lambda: engine.stats.decoded_tokens >= 3)
+        long = engine.submit(prompts[1], SamplingParams(max_tokens=90, temperature=1.0, seed=3, ignore_eos=True))
+        results = [short.result(timeout=60)[0], long.result(timeout=60)[0]]
+    finally:
+        engine.stop()
+    assert engine.stats.batches == 2
+    assert max(worst_diff(model, p, r) for p, r in zip(prompts, results)) < FP32_TOL  # NaN fails this too

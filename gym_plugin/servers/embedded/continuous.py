@@ -87,6 +87,7 @@ class ContinuousBatcher:
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of the active rows
         self.version = 0
         self.stop_rows = 0  # active rows with stop strings (they cost a decode per step)
+        self.top_rows = 0  # active rows asking for top log-probs (they cost a top-k per step)
         self._alloc(0, 0, 0, 0)
 
     # ------------------------------------------------------------------ per-slot state
@@ -174,6 +175,8 @@ class ContinuousBatcher:
                     row.req.future.set_exception(exc)
             self.rows = []
             self.pending.clear()
+            self.stop_rows = self.top_rows = 0
+            self.logits = None
             raise
         finally:
             if holding:
@@ -304,6 +307,7 @@ class ContinuousBatcher:
                 self.uni[B0 + i, : p.max_tokens] = torch.rand(p.max_tokens, generator=g).to(d)
         self.rows.extend(order)
         self.stop_rows += sum(1 for r in order if r.stops)
+        self.top_rows += sum(1 for p in params if p.top_logprobs)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         eng.stats.batches += 1
         eng.stats.rows += J
@@ -328,7 +332,7 @@ class ContinuousBatcher:
         lse = logits.logsumexp(-1)  # [B]
         self.out_tok[ar, n_gen] = tok
         self.out_logp[ar, n_gen] = logits.gather(-1, tok[:, None])[:, 0] - lse  # raw log-prob
-        if self.top_ids.shape[-1]:
+        if self.top_rows:
             tv, ti = logits.topk(self.top_ids.shape[-1], dim=-1)  # [B, K]
             self.top_vals[ar, n_gen] = tv - lse[:, None]
             self.top_ids[ar, n_gen] = ti
@@ -363,8 +367,7 @@ class ContinuousBatcher:
                 if hit is not None:
                     reasons[s] = ("stop", hit)
         if reasons:
-            self._retire(sorted(reasons), reasons, tok)
-            tok = self._tok
+            tok = self._retire(sorted(reasons), reasons, tok)
         B = len(self.rows)
         if not B:
             self.logits = None
@@ -373,8 +376,9 @@ class ContinuousBatcher:
         self.logits = self.sm.forward(0, tok[:B, None], start, torch.ones(B, dtype=torch.long, device=d))  # [B, V]
         self.pos[:B] += 1
 
-    def _retire(self, ended: list[int], reasons: dict, tok: torch.Tensor) -> None:
-        """Return the results of the ``ended`` slots, keep their KV in the prefix cache, close the holes."""
+    def _retire(self, ended: list[int], reasons: dict, tok: torch.Tensor) -> torch.Tensor:
+        """Return the results of the ``ended`` slots, keep their KV in the prefix cache, close the holes.
+        Returns ``tok`` [B] reordered like the slots."""
         eng = self.engine
         n_list = self.n_gen[ended].tolist()
         for s, n in zip(ended, n_list):
@@ -402,8 +406,8 @@ class ContinuousBatcher:
                 del self.pending[id(row.req)]
                 if not row.req.future.done():
                     row.req.future.set_result(pend.results)
-            if row.stops:
-                self.stop_rows -= 1
+            self.stop_rows -= bool(row.stops)
+            self.top_rows -= bool(p.top_logprobs)
         # Close the holes: the last active rows move into the finished ones' slots.
         B = len(self.rows)
         gone = set(ended)
@@ -423,4 +427,4 @@ class ContinuousBatcher:
             for a, b in zip(holes, movers):
                 self.rows[a] = self.rows[b]
         del self.rows[B_new:]
-        self._tok = tok
+        return tok

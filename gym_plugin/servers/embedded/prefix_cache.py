@@ -73,6 +73,8 @@ class PrefixCache:
         e = best.ids
         n = min(len(e), len(ids), limit)
         m = min(m, n)
+        if e[:m] != ids[:m]:  # a hash collision (never seen; checked so it cannot hand out wrong KV)
+            m = 0
         while m < n and e[m] == ids[m]:
             m += 1
         if m == 0:

@@ -69,6 +69,10 @@ class SlotModel:
         self.dtype, self.device = p.dtype, p.device
         self.k: list[torch.Tensor] = []  # per layer [S, Hkv, C, D]
         self.v: list[torch.Tensor] = []
+        self.initialized = 0
+        """Positions ``0 .. initialized`` of every slot hold finite values (written or zeroed). Attention reads a
+        view up to the longest row, so a shorter row's masked positions are read too: masked weights are 0, but
+        0 * NaN (never-written memory) is NaN. Grown in steps of 64 before anything is written past it."""
 
     # ------------------------------------------------------------------ buffers
     @property
@@ -96,25 +100,41 @@ class SlotModel:
         c = -(-c // 64) * 64
         shape = (s, self.num_kv_heads, c, self.head_dim)
         new_k, new_v = [], []
+        n = self.initialized if self.k else 0
         for i in range(len(self.inner.layers)):
             k = torch.empty(shape, dtype=self.dtype, device=self.device)  # [S, Hkv, C, D]
             v = torch.empty(shape, dtype=self.dtype, device=self.device)
-            if self.k and used:
+            if n:
                 old_s = self.k[i].shape[0]
-                k[:old_s, :, :used] = self.k[i][:, :, :used]
-                v[:old_s, :, :used] = self.v[i][:, :, :used]
+                k[:old_s, :, :n] = self.k[i][:, :, :n]
+                v[:old_s, :, :n] = self.v[i][:, :, :n]
+                k[old_s:, :, :n] = 0
+                v[old_s:, :, :n] = 0
             new_k.append(k)
             new_v.append(v)
         self.k, self.v = new_k, new_v
+        self.initialized = n
+
+    def _init_upto(self, n: int) -> None:
+        """Zero positions ``initialized .. n`` (rounded up to 64) of every slot, before anything is written there."""
+        if n <= self.initialized:
+            return
+        end = min(self.capacity, -(-n // 64) * 64)
+        for k, v in zip(self.k, self.v):
+            k[:, :, self.initialized : end] = 0
+            v[:, :, self.initialized : end] = 0
+        self.initialized = end
 
     def release(self) -> None:
         """Drop the buffers (the engine is idle; the memory goes back to the trainer)."""
         self.k, self.v = [], []
+        self.initialized = 0
 
     def move(self, dst: list[int], src: list[int], used: int) -> None:
         """Copy rows ``src`` into slots ``dst`` (first ``used`` positions)."""
         if not dst:
             return
+        self._init_upto(used)
         d = torch.tensor(dst, device=self.device)
         s = torch.tensor(src, device=self.device)
         for k, v in zip(self.k, self.v):
@@ -123,6 +143,7 @@ class SlotModel:
 
     def load(self, slot: int, kv: torch.Tensor, n: int) -> None:
         """Write positions ``0 .. n`` of ``kv`` [layers, 2, Hkv, >=n, D] (a prefix-cache entry) into ``slot``."""
+        self._init_upto(n)
         for i, (k, v) in enumerate(zip(self.k, self.v)):
             k[slot, :, :n] = kv[i, 0, :, :n]
             v[slot, :, :n] = kv[i, 1, :, :n]
@@ -147,6 +168,7 @@ class SlotModel:
         pos = start[:, None] + torch.arange(T, device=ids.device)[None, :]  # [B, T]
         L = int((start + n_new).max())  # keys any real query needs
         write = pos.clamp(max=C - 1)  # [B, T]
+        self._init_upto(min(C, int(start.max()) + T))
         rows = torch.arange(slot0, slot0 + B, device=ids.device)[:, None]  # [B, 1]
         # mask[b, 0, g*T + t, j]: query t of row b (any grouped head g) sees key j iff j <= its position
         mask = torch.arange(L, device=ids.device)[None, None, :] <= pos[:, :, None]  # [B, T, L]
