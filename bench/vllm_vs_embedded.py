@@ -13,7 +13,7 @@ Workloads (chat completions, temperature 1.0, token ids and log-probs asked for,
 
 - ``a``: 64 tokens per request, ``ignore_eos``, 2 requests per client back to back;
 - ``b``: 512 tokens, ``ignore_eos``, 1 request per client;
-- ``c``: mixed: eos on, ``max_tokens`` spread over 16..512, prompts that ask for long answers, 2 per client;
+- ``c``: mixed: eos on, ``max_tokens`` spread over 16..512, prompts that ask for long answers, 1 per client;
 - ``d``: the calculator task (``(a*b)+c`` with multiply and add tools, ``tool_choice: required``, 3 model calls
   per rollout: ``max_turns=3``), 32 rollouts through the policy model server in ``token_mode: completions``;
   turn k+1's prompt extends turn k's prompt + answer (what the prefix cache catches).
@@ -80,7 +80,7 @@ def mixed_body(i: int) -> dict:
 WORKLOADS = {
     "a": {"rounds": 2, "body": lambda i: short_body(i, 64), "what": "64 tokens, ignore_eos"},
     "b": {"rounds": 1, "body": lambda i: short_body(i, 512), "what": "512 tokens, ignore_eos"},
-    "c": {"rounds": 2, "body": mixed_body, "what": "mixed, eos on, max_tokens 16..512"},
+    "c": {"rounds": 1, "body": mixed_body, "what": "mixed, eos on, max_tokens 16..512"},
 }
 
 
@@ -200,7 +200,7 @@ def start_embedded(tree: Path, port: int, concurrency: int, log_path: Path, extr
 
 
 def run_backend(name: str, root: str, args, results: dict) -> None:
-    for w in args.workloads:
+    for w in (args.baseline_workloads if name == "embedded baseline" else args.workloads):
         if w == "d":
             results[(name, w)] = emit(figure="calculator", backend=name, **calculator(root + "/v1", args.rollouts))
             continue
@@ -217,6 +217,8 @@ def main() -> int:
     p.add_argument("--vllm-root", default=None, help="use this running vLLM server (http://host:port)")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--baseline-tree", default=None, help="also run the embedded server of this source tree")
+    p.add_argument("--baseline-workloads", nargs="+", default=["a"], choices=["a", "b", "c", "d"],
+                   help="the workloads the --baseline-tree server runs")
     p.add_argument("--workloads", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rollouts", type=int, default=32, help="calculator rollouts (workload d)")
