@@ -191,3 +191,33 @@ def test_never_written_kv_memory_is_never_read_into_a_result():
         engine.stop()
     assert engine.stats.batches == 2
     assert max(worst_diff(model, p, r) for p, r in zip(prompts, results)) < FP32_TOL  # NaN fails this too
+
+
+def test_prompts_admitted_together_run_their_shared_head_once():
+    # Three different prompts behind one 40-token preamble, admitted together: the preamble runs once (then
+    # each prompt copies it from the prefix cache: 3 hits of 40 positions) and the results are those of an
+    # engine without the cache (greedy: same tokens; log-probs within rounding).
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    head = tok.encode("You are a helpful assistant. " * 8, add_special_tokens=False)[:40]
+    prompts = [head + tok.encode(q, add_special_tokens=False) for q in ["hi", "2+2", "Let x = 3 and y = 4."]]
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    def generate(cache_tokens: int):
+        engine = GenerationEngine(model, tok, batch_wait_ms=300.0, batch_max_wait_ms=2000.0,
+                                  prefix_cache_tokens=cache_tokens)
+        engine.start()
+        try:
+            futures = [engine.submit(p, greedy) for p in prompts]
+            return [f.result(timeout=60)[0] for f in futures], engine
+        finally:
+            engine.stop()
+
+    shared, engine = generate(8192)
+    plain, _ = generate(0)
+    assert engine.stats.batches == 1  # one admission
+    assert (engine.prefix_cache.hits, engine.prefix_cache.hit_tokens) == (3, 3 * 40)
+    for a, b, p in zip(shared, plain, prompts):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < FP32_TOL
+        assert worst_diff(model, p, a) < FP32_TOL

@@ -26,6 +26,7 @@ the longest row in flight. The prefix cache is cleared on every update.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gym_plugin.servers.embedded.prefix_cache import PrefixCache
+from gym_plugin.servers.embedded.prefix_cache import BLOCK, PrefixCache
 from gym_plugin.servers.embedded.slots import SlotModel
 
 if TYPE_CHECKING:
@@ -318,6 +319,8 @@ class ContinuousBatcher:
         Ks = max(len(r.req.params.stop_token_ids) for r in order)
         self._alloc(max(S, eng.max_batch_size), T, K, Ks)
 
+        if self.cache.max_tokens and U > 1:
+            self._prefill_shared_head(B0, leads)
         # Prefix cache: copy the longest cached head of each lead's prompt (always leaving >= 1 token to run).
         starts = []
         for u, row in enumerate(leads):
@@ -369,6 +372,24 @@ class ContinuousBatcher:
         eng.stats.batches += 1
         eng.stats.rows += J
         eng.stats.max_rows_in_batch = max(eng.stats.max_rows_in_batch, len(self.rows))
+
+    def _prefill_shared_head(self, slot: int, leads: list[_Row]) -> None:
+        """Prompts admitted together often share a head (the chat template's system prompt, a task preamble):
+        run that head once, in ``slot``, and put it in the prefix cache, so each prompt's lookup below copies it
+        and prefills only the rest. Only when the head is at least a block long and not cached already."""
+        head = os.path.commonprefix([list(r.prompt) for r in leads])
+        n = min(len(head), min(len(r.prompt) for r in leads) - 1)
+        if n < BLOCK:
+            return
+        head = tuple(head[:n])
+        m, kv = self.cache.lookup(head, n)
+        if m >= n:
+            return
+        if m:
+            self.sm.load(slot, kv, m)
+        ids = torch.tensor([head[m:]], dtype=torch.long, device=self.device)  # [1, n - m]
+        self.sm.forward(slot, ids, torch.tensor([m], device=self.device), torch.tensor([n - m], device=self.device))
+        self.cache.insert(head, self.sm.save(slot, n))
 
     # ------------------------------------------------------------------ one token
     @torch.inference_mode()
