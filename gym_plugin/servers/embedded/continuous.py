@@ -31,22 +31,19 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from gym_plugin.servers.embedded.params import GenerationResult, _Request
 from gym_plugin.servers.embedded.prefix_cache import BLOCK, PrefixCache
 from gym_plugin.servers.embedded.slots import SlotModel
-
-if TYPE_CHECKING:
-    from gym_plugin.servers.embedded.engine import GenerationEngine, _Request
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Row:
-    req: "_Request"
+    req: _Request
     index: int
     """Which of the request's ``n`` rows."""
     prompt: tuple[int, ...]
@@ -120,7 +117,7 @@ def _grown(t: torch.Tensor, shape: tuple[int, ...], fill=0) -> torch.Tensor:
 class ContinuousBatcher:
     """Slot state and the loop; owned by ``GenerationEngine``'s worker thread."""
 
-    def __init__(self, engine: "GenerationEngine", slot_model: SlotModel, prefix_cache: PrefixCache):
+    def __init__(self, engine, slot_model: SlotModel, prefix_cache: PrefixCache):
         self.engine = engine
         self.sm = slot_model
         self.cache = prefix_cache
@@ -283,7 +280,7 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, requests: list["_Request"]) -> None:
+    def prefill(self, requests: list[_Request]) -> None:
         """Give ``requests``' rows the slots after the active ones and compute their first logits."""
         eng = self.engine
         B0 = len(self.rows)
@@ -466,8 +463,6 @@ class ContinuousBatcher:
                 k = p.top_logprobs
                 top = [list(zip(i, v)) for i, v in zip(self.top_ids[s, :n, :k].tolist(),
                                                         self.top_vals[s, :n, :k].tolist())]
-            from gym_plugin.servers.embedded.engine import GenerationResult
-
             res = GenerationResult(token_ids=ids, logprobs=self.out_logp[s, :n].tolist(), finish_reason=finish,
                                    policy_version=self.version, stop_reason=why, top_logprobs=top)
             eng.stats.generated_tokens += n
