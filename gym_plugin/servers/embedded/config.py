@@ -37,3 +37,6 @@ class EmbeddedPolicyConfig:
     """``max_tokens`` when a request gives none (capped by what is left of the context)."""
     num_threads: int | None = None
     """torch intra-op threads for generation; None = torch's default."""
+    prefix_cache_tokens: int = 8192
+    """Positions of KV kept for reuse by later prompts that start the same way (a GRPO group sent as separate
+    calls, the next turn of a rollout, a shared system prompt); 0 = off. SmolLM2-135M fp32: 46 KB a position."""

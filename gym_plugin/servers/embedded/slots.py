@@ -1,0 +1,198 @@
+"""Forward passes of a Llama-layout causal LM over per-slot KV buffers (the continuous-batching engine's model).
+
+The engine keeps one KV buffer per layer, ``[S, Hkv, C, D]``: S slots (one generated row each), C positions.
+Active rows occupy slots ``0 .. B-1`` (the engine moves a row into the hole a finished one leaves), so a
+forward over rows ``slot0 .. slot0 + B`` reads the KV as a view ``buf[slot0 : slot0 + B, :, :L]``: nothing is
+gathered or concatenated per step. Each row has its own length; a row's new keys/values are written at its own
+positions and a boolean mask lets each query see only its row's positions up to its own.
+
+Why a forward of our own rather than transformers' ``model.forward``: the HF path builds a 4-D mask per call
+and, with a mask, repeats every KV head for the grouped query heads (``repeat_kv``: a copy of the whole cache
+at every layer of every step, which is why long answers ran at a third of the machine's limit), and it has no
+notion of rows of different lengths joining a running batch. Here the grouped query heads are folded into the
+query axis (``[B, Hkv, G*T, D]``), so attention reads each KV head once, and the LM head runs only at the last
+position of each row. The weights are the model's own modules (``q_proj(x)`` ...), so a weight update, shared
+weights or a trainer stepping the module in place are seen at once.
+
+Supported: ``LlamaForCausalLM`` and the same layout (Mistral without sliding window, Qwen2 with its q/k/v
+biases); ``unsupported_reason`` says why another model is not (the engine then uses the batch-at-a-time path).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_LAYOUTS = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None if ``SlotModel`` can run ``model``; otherwise why not (shown in the engine's log)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in _LAYOUTS:
+        return f"model_type {kind!r} is not one of {list(_LAYOUTS)}"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model has no .model.{embed_tokens, layers, norm, rotary_emb}"
+    if getattr(model, "lm_head", None) is None:
+        return "the model has no lm_head"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "some layers use sliding-window attention"
+    if kind == "mistral" and getattr(cfg, "sliding_window", None):
+        return "Mistral with a sliding window"
+    for layer in inner.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "a layer has no self_attn.{q,k,v,o}_proj"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "attention has q/k norms"
+    return None
+
+
+class SlotModel:
+    """The model's forward over slots of preallocated KV buffers. Not thread-safe (the engine's worker owns it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.inner = model.model
+        cfg = model.config
+        attn0 = self.inner.layers[0].self_attn
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(attn0, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.groups = self.num_heads // self.num_kv_heads
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.apply_rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.k: list[torch.Tensor] = []  # per layer [S, Hkv, C, D]
+        self.v: list[torch.Tensor] = []
+        self.initialized = 0
+        """Positions ``0 .. initialized`` of every slot hold finite values (written or zeroed). Attention reads a
+        view up to the longest row, so a shorter row's masked positions are read too: masked weights are 0, but
+        0 * NaN (never-written memory) is NaN. Grown in steps of 64 before anything is written past it."""
+
+    # ------------------------------------------------------------------ buffers
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    @property
+    def bytes_per_position(self) -> int:
+        """KV bytes of one position of one row (all layers, keys and values)."""
+        return len(self.inner.layers) * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def reserve(self, slots: int, capacity: int, used: int) -> None:
+        """Make room for ``slots`` rows of ``capacity`` positions, keeping the first ``used`` positions of the
+        current rows. Buffers are allocated empty: the OS backs pages only once rows reach them."""
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        s = max(slots, self.slots)
+        c = max(capacity, self.capacity)
+        if self.k:  # grow: at least double, so a slowly growing need does not copy at every step
+            c = max(c, min(2 * self.capacity, c + 4096)) if capacity > self.capacity else c
+        c = -(-c // 64) * 64
+        shape = (s, self.num_kv_heads, c, self.head_dim)
+        new_k, new_v = [], []
+        n = self.initialized if self.k else 0
+        for i in range(len(self.inner.layers)):
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)  # [S, Hkv, C, D]
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if n:
+                old_s = self.k[i].shape[0]
+                k[:old_s, :, :n] = self.k[i][:, :, :n]
+                v[:old_s, :, :n] = self.v[i][:, :, :n]
+                k[old_s:, :, :n] = 0
+                v[old_s:, :, :n] = 0
+            new_k.append(k)
+            new_v.append(v)
+        self.k, self.v = new_k, new_v
+        self.initialized = n
+
+    def _init_upto(self, n: int) -> None:
+        """Zero positions ``initialized .. n`` (rounded up to 64) of every slot, before anything is written there."""
+        if n <= self.initialized:
+            return
+        end = min(self.capacity, -(-n // 64) * 64)
+        for k, v in zip(self.k, self.v):
+            k[:, :, self.initialized : end] = 0
+            v[:, :, self.initialized : end] = 0
+        self.initialized = end
+
+    def release(self) -> None:
+        """Drop the buffers (the engine is idle; the memory goes back to the trainer)."""
+        self.k, self.v = [], []
+        self.initialized = 0
+
+    def move(self, dst: list[int], src: list[int], used: int) -> None:
+        """Copy rows ``src`` into slots ``dst`` (first ``used`` positions)."""
+        if not dst:
+            return
+        self._init_upto(used)
+        d = torch.tensor(dst, device=self.device)
+        s = torch.tensor(src, device=self.device)
+        for k, v in zip(self.k, self.v):
+            k[d, :, :used] = k[s, :, :used]
+            v[d, :, :used] = v[s, :, :used]
+
+    def load(self, slot: int, kv: torch.Tensor, n: int) -> None:
+        """Write positions ``0 .. n`` of ``kv`` [layers, 2, Hkv, >=n, D] (a prefix-cache entry) into ``slot``."""
+        self._init_upto(n)
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            k[slot, :, :n] = kv[i, 0, :, :n]
+            v[slot, :, :n] = kv[i, 1, :, :n]
+
+    def save(self, slot: int, n: int) -> torch.Tensor:
+        """A copy of positions ``0 .. n`` of ``slot``: [layers, 2, Hkv, n, D]."""
+        return torch.stack([torch.stack([k[slot, :, :n], v[slot, :, :n]]) for k, v in zip(self.k, self.v)])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, slot0: int, ids: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+        """Run rows ``slot0 .. slot0 + B`` over their new tokens; return fp32 logits at each row's last new token.
+
+        ids: [B, T] new tokens, right-padded (row b's real ones are ``ids[b, :n_new[b]]``); start: [B] the row's
+        length before them (its cached positions); n_new: [B] >= 1. Row b's token t sits at position
+        ``start[b] + t``; its keys/values are written there. Padding positions are written too (at most up to
+        the buffer's end), past the row's length: later tokens overwrite them before any query can see them.
+        Returns [B, V].
+        """
+        B, T = ids.shape
+        C = self.capacity
+        H, Hkv, G, D = self.num_heads, self.num_kv_heads, self.groups, self.head_dim
+        pos = start[:, None] + torch.arange(T, device=ids.device)[None, :]  # [B, T]
+        L = int((start + n_new).max())  # keys any real query needs
+        write = pos.clamp(max=C - 1)  # [B, T]
+        self._init_upto(min(C, int(start.max()) + T))
+        rows = torch.arange(slot0, slot0 + B, device=ids.device)[:, None]  # [B, 1]
+        # mask[b, 0, g*T + t, j]: query t of row b (any grouped head g) sees key j iff j <= its position
+        mask = torch.arange(L, device=ids.device)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        mask = mask[:, None] if T == 1 else mask.repeat(1, G, 1)[:, None]  # [B, 1, G*T or 1, L]
+
+        x = self.inner.embed_tokens(ids)  # [B, T, hidden]
+        cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            k = attn.k_proj(h).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+            v = attn.v_proj(h).view(B, T, Hkv, D)  # [B, T, Hkv, D]
+            q, k = self.apply_rope(q, k, cos, sin)
+            kbuf, vbuf = self.k[i], self.v[i]
+            kbuf[rows, :, write] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Hkv, C, D]
+            vbuf[rows, :, write] = v
+            keys = kbuf[slot0 : slot0 + B, :, :L]  # [B, Hkv, L, D] view
+            values = vbuf[slot0 : slot0 + B, :, :L]
+            qg = q.reshape(B, Hkv, G * T, D)  # grouped heads folded into the query axis
+            o = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask,
+                                                                 scale=self.scaling)  # [B, Hkv, G*T, D]
+            o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = x[torch.arange(B, device=ids.device), n_new - 1]  # [B, hidden]
+        return self.model.lm_head(self.inner.norm(last)).float()  # [B, V]

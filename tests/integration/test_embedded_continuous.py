@@ -1,0 +1,223 @@
+"""The embedded engine's continuous batching and prefix cache, on the tiny model (engine API, no HTTP).
+
+- a row that joins while another is generating gets the same tokens and log-probs as alone with the same seed;
+- the prefix cache: a repeated prompt and a next turn (prompt + answer + more) reuse the KV of the earlier call
+  (hits counted, results unchanged); a weight update empties it, and what follows uses the new weights;
+- an update waits for the rows in flight (they report the old version) and no row is admitted meanwhile;
+- long rows (hundreds of tokens, different prompt lengths, joining at different steps) keep log-probs within
+  1e-4 of a teacher-forced forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
+from gym_plugin.servers.embedded import GenerationEngine, SamplingParams
+
+FP32_TOL = 1e-4
+
+
+def teacher_forced(model, prompt_ids: list[int], gen_ids: list[int]) -> torch.Tensor:
+    """Raw log-probs of ``gen_ids`` in one forward pass over prompt + generation (transformers' own forward)."""
+    ids = torch.tensor([prompt_ids + gen_ids])  # [1, P + G]
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0].float()  # [P + G, V]
+    lp = torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1 : -1]  # [G, V]: position i predicts token i + 1
+    return lp.gather(-1, torch.tensor(gen_ids)[:, None])[:, 0]  # [G]
+
+
+def worst_diff(model, prompt: list[int], res) -> float:
+    return (teacher_forced(model, prompt, res.token_ids) - torch.tensor(res.logprobs)).abs().max().item()
+
+
+def engine_for(model, tok, **kw) -> GenerationEngine:
+    engine = GenerationEngine(model, tok, batch_wait_ms=0.0, **kw)
+    assert engine.continuous  # the tiny model is a LlamaForCausalLM: the continuous scheduler serves it
+    engine.start()
+    return engine
+
+
+def wait_until(cond, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.0005)
+
+
+def test_a_row_joining_mid_batch_equals_the_row_alone():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    long_prompt = tok.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
+    late_prompt = tok.encode("What is 12 + 30?", add_special_tokens=False)
+    long_p = SamplingParams(max_tokens=200, temperature=1.0, seed=11, ignore_eos=True)
+    late_p = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7, n=2, ignore_eos=True)
+
+    engine = engine_for(model, tok, prefix_cache_tokens=0)
+    try:
+        first = engine.submit(long_prompt, long_p)
+        wait_until(lambda: engine.stats.decoded_tokens >= 30)  # the long row is 30+ tokens in
+        late = engine.submit(late_prompt, late_p)
+        late_rows = late.result(timeout=60)
+        assert not first.done()  # the late request finished while the long row was still generating
+        long_row = first.result(timeout=60)[0]
+        # two admissions (the late one joined the running row), 3 rows active at once
+        assert (engine.stats.batches, engine.stats.max_rows_in_batch) == (2, 3)
+    finally:
+        engine.stop()
+
+    alone = engine_for(model, tok, prefix_cache_tokens=0)
+    try:
+        late_alone = alone.submit(late_prompt, late_p).result(timeout=60)
+        long_alone = alone.submit(long_prompt, long_p).result(timeout=60)[0]
+    finally:
+        alone.stop()
+    for together, by_itself in zip(late_rows + [long_row], late_alone + [long_alone]):
+        assert together.token_ids == by_itself.token_ids  # same seed, same tokens, whatever shared the batch
+        assert max(abs(a - b) for a, b in zip(together.logprobs, by_itself.logprobs)) < FP32_TOL
+    assert late_rows[0].token_ids != late_rows[1].token_ids  # rows of one request: seeds seed + 0, seed + 1
+    assert [len(r.token_ids) for r in late_rows + [long_row]] == [30, 30, 200]
+    assert worst_diff(model, late_prompt, late_rows[1]) < FP32_TOL
+    assert worst_diff(model, long_prompt, long_row) < FP32_TOL
+
+
+def test_prefix_cache_hits_on_repeats_and_next_turns_and_is_emptied_by_a_weight_update():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    other = build_tiny_model(tok, seed=1).state_dict()
+    prompt = tok.encode("Let x = 3 and y = 4. What is the capital of France? Reply with only the city name.",
+                        add_special_tokens=False)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = engine_for(model, tok)
+    cache = engine.prefix_cache
+    try:
+        a = engine.submit(prompt, greedy).result(timeout=30)[0]
+        assert (cache.hits, len(cache)) == (0, 2)  # a miss; stored: the prompt, then prompt + answer[:-1]
+        b = engine.submit(prompt, greedy).result(timeout=30)[0]
+        # the repeat: every prompt position but the last (always run, it gives the first logits) from the cache
+        assert (cache.hits, cache.hit_tokens) == (1, len(prompt) - 1)
+        assert b.token_ids == a.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < FP32_TOL
+        # a next turn: prompt + answer + more text; the stored prompt + answer[:-1] (12 + len - 1 positions) is reused
+        turn2 = prompt + a.token_ids + tok.encode(" Tomorrow it will rain.", add_special_tokens=False)
+        c = engine.submit(turn2, greedy).result(timeout=30)[0]
+        assert (cache.hits, cache.hit_tokens) == (2, 2 * len(prompt) - 1 + len(a.token_ids) - 1)
+        assert worst_diff(model, turn2, c) < FP32_TOL
+
+        version = engine.update_weights(other)
+        assert (version, len(cache), cache.tokens) == (1, 0, 0)  # emptied: that KV came from the old weights
+        d = engine.submit(prompt, greedy).result(timeout=30)[0]
+        assert cache.hits == 2 and d.policy_version == 1  # a miss: nothing of the old weights was reused
+        assert d.token_ids != a.token_ids
+        assert worst_diff(build_tiny_model(tok, seed=1), prompt, d) < FP32_TOL
+        with engine.exclusive_weights():  # a trainer stepping the served module in place: emptied as well
+            assert len(cache) == 0
+    finally:
+        engine.stop()
+
+
+def test_an_update_waits_for_rows_in_flight_and_admits_nothing_meanwhile():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    other = build_tiny_model(tok, seed=1).state_dict()
+    prompt = tok.encode("hi", add_special_tokens=False)
+    engine = engine_for(model, tok)
+    try:
+        running = engine.submit(prompt, SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True))
+        wait_until(lambda: engine.stats.decoded_tokens >= 5)
+        versions = []
+        updater = threading.Thread(target=lambda: versions.append(engine.update_weights(other)))
+        updater.start()
+        wait_until(lambda: engine._weight_waiters == 1)
+        late = engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        updater.join(60)
+        assert versions == [1] and running.done()  # the update ran only once the running row was done
+        assert running.result()[0].policy_version == 0 and len(running.result()[0].token_ids) == 600
+        assert late.result(timeout=30)[0].policy_version == 1  # not admitted while the update waited
+    finally:
+        engine.stop()
+
+
+def test_long_rows_joining_at_different_steps_keep_teacher_forced_logprobs():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    texts = ["hi", "Numbers: 0 1 2 3", "The weather today is sunny with a light breeze.",
+             "Question: If Tom has 3 apples and buys 5 more, how many apples does he have? Answer:"]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+    engine = engine_for(model, tok)
+    try:
+        futures = []
+        for i, p in enumerate(prompts):
+            futures.append(engine.submit(p, SamplingParams(max_tokens=300 + 60 * i, temperature=1.0, seed=i,
+                                                           ignore_eos=True)))
+            wait_until(lambda: engine.stats.decoded_tokens >= 40 * (i + 1))  # the next joins 40 tokens later
+        results = [f.result(timeout=120)[0] for f in futures]
+    finally:
+        engine.stop()
+    assert engine.stats.batches == 4  # each joined a running batch on its own
+    assert [len(r.token_ids) for r in results] == [300, 360, 420, 480]
+    worst = max(worst_diff(model, p, r) for p, r in zip(prompts, results))
+    print(f"tiny fp32 long rows (300-480 tokens) max |logprob - teacher forced| = {worst:.2e}")
+    assert worst < FP32_TOL
+
+
+def test_never_written_kv_memory_is_never_read_into_a_result():
+    # Attention reads every active slot up to the longest row; a shorter row's masked positions get weight 0,
+    # but 0 * NaN is NaN. Here every buffer is filled with NaN where nothing was written yet (what fresh memory
+    # may hold): rows of different lengths joining at different steps must still give finite, teacher-forced
+    # log-probs (the engine zeroes positions before they are first read).
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    engine = engine_for(model, tok, prefix_cache_tokens=0)
+    sm = engine._batcher.sm
+    real_reserve = sm.reserve
+
+    def poisoned_reserve(*args):
+        real_reserve(*args)
+        for t in sm.k + sm.v:
+            t[:, :, sm.initialized :] = float("nan")
+
+    sm.reserve = poisoned_reserve
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ["hi", "Let x = 3 and y = 4. Then x^2 + y^2 = 25."]]
+    try:
+        short = engine.submit(prompts[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+        wait_until(lambda: engine.stats.decoded_tokens >= 3)
+        long = engine.submit(prompts[1], SamplingParams(max_tokens=90, temperature=1.0, seed=3, ignore_eos=True))
+        results = [short.result(timeout=60)[0], long.result(timeout=60)[0]]
+    finally:
+        engine.stop()
+    assert engine.stats.batches == 2
+    assert max(worst_diff(model, p, r) for p, r in zip(prompts, results)) < FP32_TOL  # NaN fails this too
+
+
+def test_prompts_admitted_together_run_their_shared_head_once():
+    # Three different prompts behind one 40-token preamble, admitted together: the preamble runs once (then
+    # each prompt copies it from the prefix cache: 3 hits of 40 positions) and the results are those of an
+    # engine without the cache (greedy: same tokens; log-probs within rounding).
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    head = tok.encode("You are a helpful assistant. " * 8, add_special_tokens=False)[:40]
+    prompts = [head + tok.encode(q, add_special_tokens=False) for q in ["hi", "2+2", "Let x = 3 and y = 4."]]
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    def generate(cache_tokens: int):
+        engine = GenerationEngine(model, tok, batch_wait_ms=300.0, batch_max_wait_ms=2000.0,
+                                  prefix_cache_tokens=cache_tokens)
+        engine.start()
+        try:
+            futures = [engine.submit(p, greedy) for p in prompts]
+            return [f.result(timeout=60)[0] for f in futures], engine
+        finally:
+            engine.stop()
+
+    shared, engine = generate(8192)
+    plain, _ = generate(0)
+    assert engine.stats.batches == 1  # one admission
+    assert (engine.prefix_cache.hits, engine.prefix_cache.hit_tokens) == (3, 3 * 40)
+    for a, b, p in zip(shared, plain, prompts):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < FP32_TOL
+        assert worst_diff(model, p, a) < FP32_TOL
