@@ -73,7 +73,8 @@ from gym_plugin.config import ConfigSource
 from gym_plugin.errors import ConfigError, GymPluginError, ProtocolError, did_you_mean, truncate
 from gym_plugin.integration import GymIntegration
 from gym_plugin.process import CONSTRAINED_POLICIES, Selection, build_rows, select_rollouts
-from gym_plugin.protocol import Rollout, agent_name, parse_rollout, validate_example
+from gym_plugin.protocol import Rollout, agent_name, parse_rollout
+from gym_plugin.rows import validate_example
 
 __all__ = ["GymRollouts", "WeightSyncCallback", "gym_dataset", "gym_reward", "rollouts_to_trl", "TRL_DRIFT_POLICIES",
            "REWARD_KEY"]
