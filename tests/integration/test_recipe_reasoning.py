@@ -24,8 +24,8 @@ TINY = ["model=tiny", "env=reasoning_gym", "env.size=16", "train.steps=1", "trai
 
 @pytest.mark.parametrize("dataset", [
     ["env.dataset=leg_counting", "env.dataset_config={min_animals: 1, max_animals: 2}"],
-    ["env.dataset=[{name: chain_sum, weight: 1, config: {max_terms: 3}}, {name: spell_backward, weight: 2}]",
-     "env.answer_format=boxed"],
+    pytest.param(["env.dataset=[{name: chain_sum, weight: 1, config: {max_terms: 3}}, {name: spell_backward, "
+                  "weight: 2}]", "env.answer_format=boxed"], marks=pytest.mark.slow),  # the fast suite's time budget
 ], ids=["one_dataset", "mix_boxed"])
 def test_recipe_trains_on_reasoning_gym_rows(tmp_path, dataset):
     run_recipe(TINY + dataset, tmp_path / "run")
@@ -73,6 +73,7 @@ def test_generated_jsonl_through_gym_plugin_collect(tmp_path):
     assert all(r["extracted_answer"] == "6" and r["score_reason"] is None for r in records)
 
 
+@pytest.mark.slow  # 8 s: the fast suite stays near 3 minutes
 def test_reasoning_preset_runs_on_the_tiny_model(tmp_path):
     # the preset's own rows (basic_arithmetic a + b with its worked example), on the tiny model for speed
     run_recipe(["preset=reasoning", "model=tiny", "train.steps=1", "train.prompts_per_step=2", "train.group_size=2",
