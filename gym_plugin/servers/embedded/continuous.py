@@ -61,6 +61,23 @@ class _Pending:
     left: int = 0
 
 
+def keep_top_p_top_k(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """``probs`` with the tokens outside each row's top-p mass and top-k ranks set to 0 (not renormalized).
+
+    probs: [F, V] probabilities; top_p: [F] (1.0: off); top_k: [F] (<= 0: off). Returns [F, V].
+    """
+    sp = probs.sort(dim=-1, descending=True).values  # [F, V]
+    # Keep a token if the mass before it is < top_p (the first is always kept) and its rank < k; both hold on a
+    # prefix of the sorted order, so the kept count gives a probability threshold per row.
+    keep = (sp.cumsum(-1) - sp) < top_p[:, None]  # [F, V]
+    ranks = torch.arange(sp.shape[-1], device=sp.device)[None, :]  # [1, V]
+    k = top_k[:, None]  # [F, 1]
+    keep &= (k <= 0) | (ranks < k)
+    keep[:, 0] = True
+    thr = sp.gather(-1, (keep.sum(-1) - 1)[:, None])  # [F, 1] smallest kept probability
+    return probs * (probs >= thr)
+
+
 def sample(logits, greedy, temp, top_p, top_k, u, need_sort):
     """One token per row, and each row's log-normalizer of the raw logits (for the raw log-prob).
 
@@ -86,17 +103,7 @@ def sample(logits, greedy, temp, top_p, top_k, u, need_sort):
     filt = ~greedy & ((top_p < 1.0) | (top_k > 0))  # [B]
     if need_sort and bool(filt.any()):
         sub = e[filt]
-        sub = sub / sub.sum(-1, keepdim=True)  # [F, V] probabilities
-        sp = sub.sort(dim=-1, descending=True).values  # [F, V]
-        # Keep a token if the mass before it is < top_p (the first is always kept) and its rank < k; both hold
-        # on a prefix of the sorted order, so the kept count gives a probability threshold per row.
-        keep = (sp.cumsum(-1) - sp) < top_p[filt][:, None]  # [F, V]
-        ranks = torch.arange(sp.shape[-1], device=sp.device)[None, :]  # [1, V]
-        k = top_k[filt][:, None]  # [F, 1]
-        keep &= (k <= 0) | (ranks < k)
-        keep[:, 0] = True
-        thr = sp.gather(-1, (keep.sum(-1) - 1)[:, None])  # [F, 1] smallest kept probability
-        e[filt] = sub * (sub >= thr)
+        e[filt] = keep_top_p_top_k(sub / sub.sum(-1, keepdim=True), top_p[filt], top_k[filt])
     cdf = e.cumsum(-1)  # [B, V]
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]  # [B]
     tok = idx.clamp(max=logits.shape[-1] - 1)

@@ -44,6 +44,7 @@ from typing import Iterator, Mapping
 import torch
 
 from gym_plugin.errors import ModelLoadError
+from gym_plugin.servers.embedded.continuous import keep_top_p_top_k
 from gym_plugin.servers.embedded.params import EngineStats, GenerationResult, SamplingParams, _Request
 
 __all__ = ["EngineStats", "GenerationEngine", "GenerationResult", "SamplingParams"]
@@ -516,18 +517,7 @@ class GenerationEngine:
         # found by sorting only the rows that use them.
         filt = ~greedy & ((top_p < 1.0) | (top_k > 0))  # [R]
         if need_sort and bool(filt.any()):
-            sub = probs[filt]  # [F, V]
-            sp = sub.sort(dim=-1, descending=True).values  # [F, V]
-            csum = sp.cumsum(-1)  # [F, V]
-            # Keep a token if the mass before it is < top_p (the first is always kept) and its rank < k;
-            # both conditions hold on a prefix of the sorted order, so the kept count gives the threshold.
-            keep = (csum - sp) < top_p[filt][:, None]  # [F, V]
-            ranks = torch.arange(sp.shape[-1], device=sp.device)[None, :]  # [1, V]
-            k = top_k[filt][:, None]  # [F, 1]
-            keep &= (k <= 0) | (ranks < k)
-            keep[:, 0] = True
-            thr = sp.gather(-1, (keep.sum(-1) - 1)[:, None])  # [F, 1] smallest kept probability
-            probs[filt] = sub * (sub >= thr)
+            probs[filt] = keep_top_p_top_k(probs[filt], top_p[filt], top_k[filt])
         cdf = probs.cumsum(-1)  # [R, V]
         idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]  # [R]
         sampled = idx.clamp(max=probs.shape[-1] - 1)
