@@ -349,7 +349,10 @@ class GymRollouts:
             module = self.policy_server.model
             training = module.training
             module.eval()  # sample without dropout; the trainer is waiting for this call, nothing trains now
-            self.policy_server.policy_version = int(trainer.state.global_step)
+            # the trainer stepped the shared module since the last call: claiming the weights drops the engine's
+            # prefix cache (KV of the old weights) before anything is sampled from the new ones
+            with self.policy_server.exclusive_weights():
+                self.policy_server.policy_version = int(trainer.state.global_step)
         try:
             records = self.gym.collect(rows)  # one per prompt, sorted by row = TRL's order
         finally:

@@ -119,6 +119,32 @@ def test_prefix_cache_hits_on_repeats_and_next_turns_and_is_emptied_by_a_weight_
         engine.stop()
 
 
+def test_weights_stepped_in_place_without_telling_the_engine_drop_the_prefix_cache():
+    # a trainer sharing the served module that steps it outside exclusive_weights (a user's own loop): the next
+    # prefill sees the parameters' version counters moved and reuses no KV of the old weights
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    prompt = tok.encode("Let x = 3 and y = 4. What is the capital of France? Reply with only the city name.",
+                        add_special_tokens=False)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = engine_for(model, tok)
+    cache = engine.prefix_cache
+    try:
+        a = engine.submit(prompt, greedy).result(timeout=30)[0]
+        assert len(cache) == 2
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)  # an in-place update, as optimizer.step() makes
+        b = engine.submit(prompt, greedy).result(timeout=30)[0]
+        assert cache.hits == 0  # the stored prompt was dropped, not reused
+        assert worst_diff(model, prompt, b) < FP32_TOL  # log-probs of the weights as they are now
+        assert b.logprobs != a.logprobs
+        c = engine.submit(prompt, greedy).result(timeout=30)[0]  # unchanged weights: the cache serves again
+        assert cache.hits == 1 and c.token_ids == b.token_ids
+    finally:
+        engine.stop()
+
+
 def test_an_update_waits_for_rows_in_flight_and_admits_nothing_meanwhile():
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok)

@@ -290,6 +290,8 @@ class ContinuousBatcher:
     def prefill(self, requests: list[_Request]) -> None:
         """Give ``requests``' rows the slots after the active ones and compute their first logits."""
         eng = self.engine
+        if self.cache.max_tokens:
+            self.cache.check_weights(self.sm.model)  # weights stepped in place since the KV was stored: drop it
         B0 = len(self.rows)
         new: list[_Row] = []
         for req in requests:

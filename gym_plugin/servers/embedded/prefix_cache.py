@@ -9,7 +9,9 @@ as prefilling everything (up to float rounding: the products run in other shapes
 Lookup: each entry's ids are cut into blocks of ``BLOCK`` tokens; the hash of every block-aligned prefix (a hash
 chain) points at the newest entry holding it. A prompt walks its own chain to its longest block-aligned match,
 then compares tokens one by one past it. Bounded by ``max_tokens`` positions in all, least recently used first
-out; ``clear()`` on every weight change (the KV of other weights is wrong).
+out; ``clear()`` on every weight change (the KV of other weights is wrong): by the engine on `update_weights` /
+`exclusive_weights`, and by `check_weights` before each prefill, which also catches a trainer that stepped a
+shared module in place without telling the engine (every in-place change bumps a tensor's ``_version``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ class PrefixCache:
         self.hits = 0
         self.hit_tokens = 0
         self.lookups = 0
+        self._stamp: tuple | None = None
+
+    def check_weights(self, model: torch.nn.Module) -> None:
+        """Drop every entry if ``model``'s parameters changed since the last check: each one's storage and
+        in-place version counter (an optimizer step, ``copy_``, ``load_state_dict`` all bump it). ~300 tensors:
+        tens of microseconds, once per prefill."""
+        stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if stamp != self._stamp:
+            if self._stamp is not None:
+                self.clear()
+            self._stamp = stamp
 
     def __len__(self) -> int:
         return len(self._entries)
