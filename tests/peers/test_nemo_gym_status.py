@@ -94,4 +94,4 @@ def test_ng_collect_rollouts_shows_our_agents_refusal_of_a_malformed_row(gym_plu
     assert (failure["_ng_task_index"], failure["_ng_failure_http_status"]) == (1, 400)
     assert json.loads(failure["_ng_failure_response_body"])["error"]["message"] == (
         "ProtocolError: exact_match_agent: the /run row: responses_create_params.input must be a non-empty string or "
-        "list of items, got []")
+        "list of items, got []; give the prompt, e.g. [{\"role\": \"user\", \"content\": \"...\"}]")
