@@ -250,23 +250,7 @@ class ContinuousBatcher:
     def _gather(self, waiting: deque) -> bool:
         """Idle: take requests until the queue is quiet for ``batch_wait_s`` (at most ``batch_max_wait_s`` after
         the first) or the batch is full. Returns True if the stop sentinel came."""
-        eng = self.engine
-        start = time.monotonic()
-        hard = start + eng.batch_max_wait_s
-        deadline = min(start + eng.batch_wait_s, hard)
-        rows = sum(r.params.n for r in waiting)
-        while rows < eng.max_batch_size:
-            timeout = deadline - time.monotonic()
-            try:
-                req = eng._queue.get(timeout=timeout) if timeout > 0 else eng._queue.get_nowait()
-            except Exception:  # queue.Empty
-                break
-            if req is None:
-                return True
-            waiting.append(req)
-            rows += req.params.n
-            deadline = min(time.monotonic() + eng.batch_wait_s, hard)
-        return False
+        return self.engine.take_more(waiting)
 
     def _admit(self, waiting: deque) -> None:
         """Move waiting requests into free slots (first come first served; a request larger than the batch runs

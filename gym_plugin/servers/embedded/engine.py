@@ -268,6 +268,26 @@ class GenerationEngine:
                     if not req.future.done():
                         req.future.set_exception(exc)
 
+    def take_more(self, pending) -> bool:
+        """Append queued requests to ``pending`` (a list or deque) until the queue has been quiet for
+        ``batch_wait_s`` (at most ``batch_max_wait_s`` from now) or ``pending`` holds ``max_batch_size`` rows.
+        Returns True when the stop sentinel came. Both schedulers gather through it."""
+        hard_deadline = time.monotonic() + self.batch_max_wait_s
+        deadline = min(time.monotonic() + self.batch_wait_s, hard_deadline)
+        rows = sum(r.params.n for r in pending)
+        while rows < self.max_batch_size:
+            timeout = deadline - time.monotonic()
+            try:
+                req = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if req is None:
+                return True
+            pending.append(req)
+            rows += req.params.n
+            deadline = min(time.monotonic() + self.batch_wait_s, hard_deadline)
+        return False
+
     def _gather(self) -> list[_Request]:
         """Block for a first request, then collect more until the queue has been quiet for ``batch_wait_s``
         (at most ``batch_max_wait_s`` after the first), or until the batch is full.
@@ -284,22 +304,8 @@ class GenerationEngine:
             if first is None:
                 return []
             pending = [first]
-        start = time.monotonic()
-        hard_deadline = start + self.batch_max_wait_s
-        deadline = min(start + self.batch_wait_s, hard_deadline)
-        rows = sum(r.params.n for r in pending)
-        while rows < self.max_batch_size:
-            timeout = deadline - time.monotonic()
-            try:
-                req = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if req is None:
-                self._stopping = True
-                break
-            pending.append(req)
-            rows += req.params.n
-            deadline = min(time.monotonic() + self.batch_wait_s, hard_deadline)
+        if self.take_more(pending):
+            self._stopping = True
         # Whole requests only (all n rows of a request share one batch, hence one policy_version); a single
         # request larger than max_batch_size still runs, alone.
         batch, rows = [], 0
