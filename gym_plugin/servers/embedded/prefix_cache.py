@@ -11,7 +11,9 @@ chain) points at the newest entry holding it. A prompt walks its own chain to it
 then compares tokens one by one past it. Bounded by ``max_tokens`` positions in all, least recently used first
 out; ``clear()`` on every weight change (the KV of other weights is wrong): by the engine on `update_weights` /
 `exclusive_weights`, and by `check_weights` before each prefill, which also catches a trainer that stepped a
-shared module in place without telling the engine (every in-place change bumps a tensor's ``_version``).
+shared module in place without telling the engine (an in-place op on a parameter bumps its ``_version``). Not
+every update does: writes through ``p.data`` escape the counter, and TRL's trainer step left the stamp unchanged
+(cause not pinned), so a trainer sharing the module claims `exclusive_weights` after stepping (gym_plugin.trl does).
 """
 
 from __future__ import annotations
