@@ -413,7 +413,7 @@ def _embedded(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         batch_max_wait_ms=args.batch_max_wait_ms, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, num_threads=args.num_threads,
-        prefix_cache_tokens=args.prefix_cache_tokens,
+        prefix_cache_tokens=args.prefix_cache_tokens, scheduler=args.scheduler,
     )
     token = args.auth_token or os.environ.get("GYM_PLUGIN_AUTH_TOKEN") or None
     if not token and not args.allow_unauthenticated_network and not is_loopback(cfg.host):
@@ -487,6 +487,8 @@ def _add_embedded_parser(sub) -> None:
     e.add_argument("--num-threads", type=int, default=None, help="torch threads (None: torch's default)")
     e.add_argument("--prefix-cache-tokens", type=int, default=d.prefix_cache_tokens,
                    help="KV positions kept for prompts that start like earlier ones (0: off)")
+    e.add_argument("--scheduler", choices=["continuous", "batch"], default=d.scheduler,
+                   help="continuous batching (default) or one batch at a time (the engine before it, to compare)")
     e.add_argument("--debug", dest="sub_debug", action="store_true", help="show the traceback of an error")
 
 

@@ -117,6 +117,9 @@ class PolicyConfig:
     """embedded: how long the engine gathers requests before starting a batch."""
     num_threads: int | None = None
     """embedded: torch threads of the generation engine (None: torch's default)."""
+    scheduler: str = "continuous"
+    """embedded: 'continuous' (rows join and leave at every decode step, prefix cache across requests) | 'batch'
+    (requests that arrive together run as one batch to its end: the engine before continuous batching)."""
     token_mode: str = "auto"
     """How the policy model server calls the policy: 'auto' (token-in/token-out /completions for vLLM, chat
     otherwise) | 'completions' | 'chat' (see gym_plugin.servers.policy.server)."""
@@ -294,6 +297,9 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
     elif p.kind == "endpoints" and ws == "inprocess":
         problems.append("weight_sync=inprocess needs policy=embedded; for vLLM endpoints use weight_sync=vllm_reload "
                         "(or vllm_nccl on GPUs), for embedded servers in other processes weight_sync=checkpoint.")
+    if p.scheduler not in ("continuous", "batch"):
+        problems.append(f"policy.scheduler={p.scheduler!r} is not one of ['continuous', 'batch']."
+                        f"{did_you_mean(str(p.scheduler), ('continuous', 'batch'))}")
     if p.token_mode not in ("auto", "completions", "chat"):
         problems.append(f"policy.token_mode={p.token_mode!r} is not one of ['auto', 'completions', 'chat']."
                         f"{did_you_mean(str(p.token_mode), ('auto', 'completions', 'chat'))}")

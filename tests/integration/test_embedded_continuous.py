@@ -247,3 +247,32 @@ def test_prompts_admitted_together_run_their_shared_head_once():
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < FP32_TOL
         assert worst_diff(model, p, a) < FP32_TOL
+
+
+def test_scheduler_batch_is_the_one_batch_engine_and_a_wrong_name_is_refused():
+    """``scheduler: batch`` (the engine before continuous batching, kept to measure against) serves the same rows:
+    each row's uniforms come from its own seeded generator in both schedulers, so the tokens are equal and the
+    log-probs agree within fp32 rounding. A misspelt scheduler is a ConfigError naming the value and the choices."""
+    import pytest
+
+    from gym_plugin.errors import ConfigError
+    from gym_plugin.servers.embedded import EmbeddedPolicyServer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    prompt = tok.encode("What is 12 + 30?", add_special_tokens=False)
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=5, n=2, ignore_eos=True)
+    rows = {}
+    for scheduler in ("continuous", "batch"):
+        server = EmbeddedPolicyServer(model=model, tokenizer=tok, scheduler=scheduler)
+        assert server.engine.continuous is (scheduler == "continuous")
+        server.engine.start()
+        try:
+            rows[scheduler] = server.engine.submit(prompt, params).result(timeout=60)
+        finally:
+            server.engine.stop()
+    for a, b in zip(rows["continuous"], rows["batch"]):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 40
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < FP32_TOL
+    with pytest.raises(ConfigError, match=r"scheduler='contnuous' is not one of \['continuous', 'batch'\]"):
+        EmbeddedPolicyServer(model=model, tokenizer=tok, scheduler="contnuous")

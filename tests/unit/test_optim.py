@@ -115,3 +115,10 @@ def test_two_ranks_are_refused_with_the_fix():
     plan = _Plan(updates=[], global_len=4, world=2, skipped_rows=0.0)  # what two gloo/NCCL ranks agree on
     with pytest.raises(ConfigError, match="2 ranks: .* set train.optimizer_in_backward=false for distributed runs"):
         _check_in_backward(plan, StepConfig(max_grad_norm=None))
+
+
+def test_recipe_config_checks_the_embedded_scheduler():
+    with pytest.raises(ConfigError) as err:
+        parse_grpo_config({"policy": {"scheduler": "batches"}})
+    assert "policy.scheduler='batches' is not one of ['continuous', 'batch']. Did you mean 'batch'?" in str(err.value)
+    assert parse_grpo_config({"policy": {"scheduler": "batch"}}).policy.scheduler == "batch"

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from gym_plugin import schema
-from gym_plugin.errors import GymPluginError, ModelLoadError, ProtocolError, did_you_mean
+from gym_plugin.errors import ConfigError, GymPluginError, ModelLoadError, ProtocolError, did_you_mean
 from gym_plugin.models.chat_template import ChatRenderer
 from gym_plugin.models.toolcalls import parse_tool_calls
 from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
@@ -236,6 +236,9 @@ class EmbeddedPolicyServer(Server):
             cfg = schema.build(EmbeddedPolicyConfig, {**{f.name: getattr(cfg, f.name) for f in fields(cfg)},
                                                       **overrides}, "EmbeddedPolicyServer", noun="option")
         self.config = cfg
+        if cfg.scheduler not in ("continuous", "batch"):
+            raise ConfigError(f"EmbeddedPolicyServer: scheduler={cfg.scheduler!r} is not one of ['continuous', "
+                              f"'batch'].{did_you_mean(str(cfg.scheduler), ('continuous', 'batch'))}")
         if (model is None) != (tokenizer is None):
             raise ModelLoadError("Pass both model= and tokenizer= to EmbeddedPolicyServer, or neither.")
         given = model is not None
@@ -254,6 +257,7 @@ class EmbeddedPolicyServer(Server):
             model, tokenizer, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
             batch_max_wait_ms=cfg.batch_max_wait_ms,
             num_threads=cfg.num_threads, prefix_cache_tokens=cfg.prefix_cache_tokens,
+            continuous=cfg.scheduler == "continuous",
         )
         mpe = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(cfg.max_model_len or min(int(mpe), 8192))

@@ -40,3 +40,7 @@ class EmbeddedPolicyConfig:
     prefix_cache_tokens: int = 8192
     """Positions of KV kept for reuse by later prompts that start the same way (a GRPO group sent as separate
     calls, the next turn of a rollout, a shared system prompt); 0 = off. SmolLM2-135M fp32: 46 KB a position."""
+    scheduler: str = "continuous"
+    """``continuous``: a finished row's slot is refilled at the next step, prefix cache across requests (Llama,
+    Mistral, Qwen2 layouts; other models fall back to ``batch``) | ``batch``: requests that arrive together run as
+    one batch to its end (the engine before continuous batching; kept to measure the difference)."""

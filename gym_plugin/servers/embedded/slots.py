@@ -20,11 +20,11 @@ biases); ``unsupported_reason`` says why another model is not (the engine then u
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
 _LAYOUTS = ("llama", "mistral", "qwen2")
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -64,7 +64,6 @@ class SlotModel:
         self.head_dim = int(getattr(attn0, "head_dim", None) or cfg.hidden_size // self.num_heads)
         self.groups = self.num_heads // self.num_kv_heads
         self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
-        self.apply_rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.k: list[torch.Tensor] = []  # per layer [S, Hkv, C, D]
@@ -169,23 +168,28 @@ class SlotModel:
         L = int((start + n_new).max())  # keys any real query needs
         write = pos.clamp(max=C - 1)  # [B, T]
         self._init_upto(min(C, int(start.max()) + T))
-        rows = torch.arange(slot0, slot0 + B, device=ids.device)[:, None]  # [B, 1]
-        # mask[b, 0, g*T + t, j]: query t of row b (any grouped head g) sees key j iff j <= its position
-        mask = torch.arange(L, device=ids.device)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        # Where row b's token t goes in a layer's buffer seen as [S * Hkv * C, D]: one index_copy_ per buffer.
+        slot = torch.arange(slot0, slot0 + B, device=ids.device)[:, None, None]  # [B, 1, 1]
+        heads = torch.arange(Hkv, device=ids.device)[None, :, None]  # [1, Hkv, 1]
+        flat = ((slot * Hkv + heads) * C + write[:, None, :]).reshape(-1)  # [B * Hkv * T]
+        # Additive mask (0 / -inf), built once: query t of row b (any grouped head) sees key j iff j <= its position.
+        seen = torch.arange(L, device=ids.device)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        mask = torch.zeros(seen.shape, dtype=self.dtype, device=ids.device).masked_fill_(~seen, float("-inf"))
         mask = mask[:, None] if T == 1 else mask.repeat(1, G, 1)[:, None]  # [B, 1, G*T or 1, L]
 
         x = self.inner.embed_tokens(ids)  # [B, T, hidden]
         cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
+        cos, sin = cos[:, None], self._signed_sin(sin)[:, None]  # [B, 1, T, D]
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = self._norm(layer.input_layernorm, x)
             q = attn.q_proj(h).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
             k = attn.k_proj(h).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-            v = attn.v_proj(h).view(B, T, Hkv, D)  # [B, T, Hkv, D]
-            q, k = self.apply_rope(q, k, cos, sin)
+            v = attn.v_proj(h).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kbuf, vbuf = self.k[i], self.v[i]
-            kbuf[rows, :, write] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Hkv, C, D]
-            vbuf[rows, :, write] = v
+            kbuf.view(-1, D).index_copy_(0, flat, k.reshape(-1, D))  # [B*Hkv*T, D] into [S*Hkv*C, D]
+            vbuf.view(-1, D).index_copy_(0, flat, v.reshape(-1, D))
             keys = kbuf[slot0 : slot0 + B, :, :L]  # [B, Hkv, L, D] view
             values = vbuf[slot0 : slot0 + B, :, :L]
             qg = q.reshape(B, Hkv, G * T, D)  # grouped heads folded into the query axis
@@ -193,6 +197,28 @@ class SlotModel:
                                                                  scale=self.scaling)  # [B, Hkv, G*T, D]
             o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
             x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         last = x[torch.arange(B, device=ids.device), n_new - 1]  # [B, hidden]
-        return self.model.lm_head(self.inner.norm(last)).float()  # [B, V]
+        return self.model.lm_head(self._norm(self.inner.norm, last)).float()  # [B, V]
+
+    @staticmethod
+    def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm as one fused kernel (``F.rms_norm``: fp32 inputs give the module's own result within
+        rounding); any other norm module runs as itself."""
+        eps = getattr(module, "variance_epsilon", None)
+        if eps is None or x.dtype != torch.float32 or type(module).__name__ not in _RMS_NORMS:
+            return module(x)
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), module.weight, eps)
+
+    @staticmethod
+    def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+        """``sin`` with its first half negated: ``rotate_half(x) * sin == x.roll(D/2) * signed_sin`` for the Llama
+        layout, whose halves share the same frequencies. [..., D] -> [..., D]"""
+        half = sin.shape[-1] // 2
+        return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding in 3 kernels (HF's ``apply_rotary_pos_emb`` takes 7 per tensor: slices, neg, cat).
+        x: [B, heads, T, D]; cos, signed_sin: [B, 1, T, D]. Returns [B, heads, T, D]."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
