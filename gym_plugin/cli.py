@@ -451,7 +451,8 @@ def _embedded(args: argparse.Namespace) -> int:
 
 
 def _add_embedded_parser(sub) -> None:
-    from gym_plugin.servers.embedded.config import EmbeddedPolicyConfig  # its defaults are the options' (no torch)
+    # its defaults are the options' (no torch)
+    from gym_plugin.servers.embedded.config import SCHEDULERS, EmbeddedPolicyConfig
 
     d = EmbeddedPolicyConfig()
     e = sub.add_parser("embedded", help="serve a local HF model, OpenAI/vLLM-compatible (gym_plugin.servers.embedded)",
@@ -487,7 +488,7 @@ def _add_embedded_parser(sub) -> None:
     e.add_argument("--num-threads", type=int, default=None, help="torch threads (None: torch's default)")
     e.add_argument("--prefix-cache-tokens", type=int, default=d.prefix_cache_tokens,
                    help="KV positions kept for prompts that start like earlier ones (0: off)")
-    e.add_argument("--scheduler", choices=["continuous", "batch"], default=d.scheduler,
+    e.add_argument("--scheduler", choices=list(SCHEDULERS), default=d.scheduler,
                    help="continuous batching (default) or one batch at a time (the engine before it, to compare)")
     e.add_argument("--debug", dest="sub_debug", action="store_true", help="show the traceback of an error")
 

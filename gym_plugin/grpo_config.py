@@ -15,6 +15,7 @@ from gym_plugin import schema
 from gym_plugin.devices import check_device
 from gym_plugin.errors import ConfigError, did_you_mean
 from gym_plugin.loss import LossConfig
+from gym_plugin.servers.embedded.config import SCHEDULERS
 from gym_plugin.optim import OPTIMIZERS
 from gym_plugin.step import StepConfig
 from gym_plugin.trackers import backend_problems
@@ -297,9 +298,9 @@ def parse_grpo_config(data: Mapping[str, Any]) -> GRPOConfig:
     elif p.kind == "endpoints" and ws == "inprocess":
         problems.append("weight_sync=inprocess needs policy=embedded; for vLLM endpoints use weight_sync=vllm_reload "
                         "(or vllm_nccl on GPUs), for embedded servers in other processes weight_sync=checkpoint.")
-    if p.scheduler not in ("continuous", "batch"):
-        problems.append(f"policy.scheduler={p.scheduler!r} is not one of ['continuous', 'batch']."
-                        f"{did_you_mean(str(p.scheduler), ('continuous', 'batch'))}")
+    if p.scheduler not in SCHEDULERS:
+        problems.append(f"policy.scheduler={p.scheduler!r} is not one of {list(SCHEDULERS)}."
+                        f"{did_you_mean(str(p.scheduler), SCHEDULERS)}")
     if p.token_mode not in ("auto", "completions", "chat"):
         problems.append(f"policy.token_mode={p.token_mode!r} is not one of ['auto', 'completions', 'chat']."
                         f"{did_you_mean(str(p.token_mode), ('auto', 'completions', 'chat'))}")

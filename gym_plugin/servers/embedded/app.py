@@ -41,7 +41,7 @@ from gym_plugin.errors import ConfigError, GymPluginError, ModelLoadError, Proto
 from gym_plugin.models.chat_template import ChatRenderer
 from gym_plugin.models.toolcalls import parse_tool_calls
 from gym_plugin.servers.base import Directory, HandlerError, RequestContext, Server
-from gym_plugin.servers.embedded.config import EmbeddedPolicyConfig
+from gym_plugin.servers.embedded.config import SCHEDULERS, EmbeddedPolicyConfig
 from gym_plugin.servers.embedded.engine import GenerationEngine, GenerationResult, SamplingParams
 from gym_plugin.servers.registry import POLICY_ENDPOINT, register
 
@@ -236,9 +236,9 @@ class EmbeddedPolicyServer(Server):
             cfg = schema.build(EmbeddedPolicyConfig, {**{f.name: getattr(cfg, f.name) for f in fields(cfg)},
                                                       **overrides}, "EmbeddedPolicyServer", noun="option")
         self.config = cfg
-        if cfg.scheduler not in ("continuous", "batch"):
-            raise ConfigError(f"EmbeddedPolicyServer: scheduler={cfg.scheduler!r} is not one of ['continuous', "
-                              f"'batch'].{did_you_mean(str(cfg.scheduler), ('continuous', 'batch'))}")
+        if cfg.scheduler not in SCHEDULERS:
+            raise ConfigError(f"EmbeddedPolicyServer: scheduler={cfg.scheduler!r} is not one of {list(SCHEDULERS)}."
+                              f"{did_you_mean(str(cfg.scheduler), SCHEDULERS)}")
         if (model is None) != (tokenizer is None):
             raise ModelLoadError("Pass both model= and tokenizer= to EmbeddedPolicyServer, or neither.")
         given = model is not None

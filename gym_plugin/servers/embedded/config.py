@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SCHEDULERS = ("continuous", "batch")
+"""The engine's schedulers (``EmbeddedPolicyConfig.scheduler``, ``policy.scheduler``, ``--scheduler``)."""
+
 
 @dataclass
 class EmbeddedPolicyConfig:

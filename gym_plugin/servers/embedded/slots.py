@@ -20,7 +20,6 @@ biases); ``unsupported_reason`` says why another model is not (the engine then u
 
 from __future__ import annotations
 
-
 import torch
 
 _LAYOUTS = ("llama", "mistral", "qwen2")
