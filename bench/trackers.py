@@ -7,7 +7,10 @@ The per-step mode replays a real metrics row (the recipe's ~70 metrics) and 32 c
 backend (W&B offline, MLflow on a file store under a temporary folder) and reports the opening time and the
 median time per step, which does not depend on the machine's load the way a whole run does. The recipe mode
 runs ``python recipes/grpo.py`` (plus ``--extra`` overrides) with each setting in turn and reports wall time, CPU
-time (user + system, less sensitive to other jobs than wall time) and the sum of perf/iteration_time_s; run it under ``flock /tmp/heavy.lock`` on a shared machine.
+time (user + system, less sensitive to other jobs than wall time), the sum of perf/iteration_time_s and the time the
+run spent inside the trackers (the recipe's closing "trackers (...): N s in all" line: the direct cost, which the
+whole-run difference measures with the machine's noise on top); run it under ``flock /tmp/heavy.lock`` on a shared
+machine.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -67,7 +71,7 @@ def per_step(steps: int) -> None:
 
 def recipe(runs: int, settings: list[str], extra: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, list[tuple[float, float, float]]] = {s: [] for s in settings}
+    results: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in settings}
     for i in range(runs):
         for setting in settings:  # alternate, so slow drifts of the machine's load hit both alike
             with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -85,14 +89,26 @@ def recipe(runs: int, settings: list[str], extra: list[str]) -> None:
                     sys.exit(f"run failed: {(proc.stdout + proc.stderr)[-3000:]}")
                 rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 iters = sum(r["perf/iteration_time_s"] for r in rows)
-                results[setting].append((wall, iters, cpu))
+                inside = re.search(r"trackers \(.*\): ([0-9.]+) s in all", proc.stderr)
+                tracker_s = float(inside.group(1)) if inside else 0.0
+                results[setting].append((wall, iters, cpu, tracker_s))
                 print(f"run {i + 1} backends={setting}: wall {wall:.1f} s, CPU {cpu:.1f} s, sum "
-                      f"perf/iteration_time_s {iters:.1f} s (load before {load:.2f})", flush=True)
+                      f"perf/iteration_time_s {iters:.1f} s, inside the trackers {tracker_s:.2f} s "
+                      f"(load before {load:.2f})", flush=True)
     base = [statistics.mean(r[j] for r in results[settings[0]]) for j in (0, 2)]
+    base_median = [statistics.median(r[j] for r in results[settings[0]]) for j in (0, 2)]
     for setting in settings:
         wall, cpu = (statistics.mean(r[j] for r in results[setting]) for j in (0, 2))
+        mwall, mcpu = (statistics.median(r[j] for r in results[setting]) for j in (0, 2))
+        inside = statistics.mean(r[3] for r in results[setting])
         print(f"backends={setting}: mean wall {wall:.1f} s ({100 * (wall / base[0] - 1):+.1f}%), mean CPU {cpu:.1f} s "
-              f"({100 * (cpu / base[1] - 1):+.1f}%) vs {settings[0]}")
+              f"({100 * (cpu / base[1] - 1):+.1f}%); median wall {mwall:.1f} s "
+              f"({100 * (mwall / base_median[0] - 1):+.1f}%), median CPU {mcpu:.1f} s "
+              f"({100 * (mcpu / base_median[1] - 1):+.1f}%) vs {settings[0]}; inside the trackers {inside:.2f} s "
+              f"({100 * inside / wall:.2f}% of the wall time)")
+    for setting in settings[1:]:
+        pairs = [b[0] - a[0] for a, b in zip(results[settings[0]], results[setting])]
+        print(f"per-pair wall difference {setting} - {settings[0]}: " + ", ".join(f"{d:+.1f}" for d in pairs) + " s")
 
 
 def main() -> None:

@@ -200,6 +200,9 @@ class RunLogger:
             self.trackers.close(image=self.run_dir / "reward_curve.png",
                                 facts={"peak_rss_mb": round(peak_rss_mb(), 1)},
                                 finished=self._last_step >= self.total_steps)
+            names = ", ".join(t.name for t in self.trackers.trackers)
+            if names:
+                self.info(f"trackers ({names}): {self.trackers.seconds:.2f} s in all (opening, logging, closing)")
         if self._step_bar is not None:
             self._step_bar.close()
             self._step_bar = None

@@ -39,6 +39,7 @@ import atexit
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -67,6 +68,9 @@ class Trackers:
         """Tracker name -> the error that stopped it."""
         self._last_step = 0
         self._closed = False
+        self.seconds = 0.0
+        """Wall time spent inside the trackers so far (opening them, every log call, closing): what they cost a
+        run; ``RunLogger`` prints it at the end."""
         if self.trackers:
             atexit.register(self._close_at_exit)  # a run that stops before RunLogger.close still ends its runs
 
@@ -79,6 +83,7 @@ class Trackers:
         """Start (or, with ``resume_ids`` from a checkpoint, continue) a run in each backend. ``config`` should
         be redacted already (``gym_plugin.redact.redact``). Raises TrackerError when a package is missing or a
         backend cannot start; the backends opened before it are closed."""
+        started = time.perf_counter()
         problems = backend_problems(backends)
         if problems:
             raise TrackerError("\n".join(problems))
@@ -107,9 +112,17 @@ class Trackers:
         trackers = cls(opened, on_error, rollouts_per_step)
         if facts:
             trackers.log_facts(facts)
+        trackers.seconds += time.perf_counter() - started
         return trackers
 
     def _each(self, what: str, call: Callable[[Tracker], None]) -> None:
+        started = time.perf_counter()
+        try:
+            self._call_each(what, call)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _call_each(self, what: str, call: Callable[[Tracker], None]) -> None:
         for tracker in self.trackers:
             if tracker.name in self.failed:
                 continue
@@ -155,12 +168,14 @@ class Trackers:
             self._each("the reward curve", lambda t: t.log_image(self._last_step, Path(image).stem, Path(image)))
         if facts:
             self.log_facts(facts)
+        started = time.perf_counter()
         for tracker in self.trackers:
             try:
                 tracker.close(finished)
             except Exception as e:
                 if tracker.name not in self.failed:
                     self.on_error(f"warning: tracker {tracker.name} failed to close ({type(e).__name__}: {e}).")
+        self.seconds += time.perf_counter() - started
 
     def _close_at_exit(self) -> None:
         self.close(finished=False)

@@ -266,3 +266,37 @@ def test_wandb_online_without_a_key_is_one_error_naming_the_fixes(tmp_path, monk
     wandb_teardown()  # a fresh W&B setup that reads this environment
     with pytest.raises(TrackerError, match=r"W&B could not start a run .*WANDB_MODE=offline"):
         Trackers.open(["wandb"], tmp_path, config=CONFIG)
+
+
+def test_the_time_spent_inside_the_trackers_is_counted():
+    import time
+
+    from gym_plugin.trackers import Tracker
+
+    class Slow(Tracker):
+        """Each call takes 20 ms (logging), 30 ms (closing)."""
+        name = "slow"
+
+        def log_metrics(self, step, metrics):
+            time.sleep(0.02)
+
+        def log_rollouts(self, step, samples):
+            time.sleep(0.02)
+
+        def log_facts(self, facts):
+            time.sleep(0.02)
+
+        def close(self, finished):
+            time.sleep(0.03)
+
+    trackers = Trackers([Slow()])
+    assert trackers.seconds == 0.0
+    trackers.log_metrics(1, {"rollout/reward_mean": 0.25})
+    trackers.log_rollouts(1, RECORDS)
+    assert 0.04 <= trackers.seconds < 0.04 + 0.5
+    trackers.close(facts={"peak_rss_mb": 1.0})  # facts 20 ms + close 30 ms
+    assert 0.09 <= trackers.seconds < 0.09 + 0.5
+    # an empty set costs nothing and counts nothing
+    empty = Trackers()
+    empty.log_metrics(1, {"rollout/reward_mean": 0.25})
+    assert empty.seconds == 0.0
