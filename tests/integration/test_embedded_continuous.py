@@ -276,3 +276,25 @@ def test_scheduler_batch_is_the_one_batch_engine_and_a_wrong_name_is_refused():
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < FP32_TOL
     with pytest.raises(ConfigError, match=r"scheduler='contnuous' is not one of \['continuous', 'batch'\]"):
         EmbeddedPolicyServer(model=model, tokenizer=tok, scheduler="contnuous")
+
+
+def test_a_request_whose_prefill_fails_gets_the_error_and_the_engine_serves_on():
+    """A prompt the model cannot embed (an id past the embedding table; the HTTP app refuses those earlier, the
+    engine API does not) used to leave its caller waiting forever: its rows were in no slot when prefill raised."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    rows = model.get_input_embeddings().weight.shape[0]
+    engine = engine_for(model, tok, prefix_cache_tokens=0)
+    try:
+        bad = engine.submit([1, 2, rows + 5], SamplingParams(max_tokens=4, seed=0))
+        try:
+            bad.result(timeout=30)
+        except IndexError as e:  # torch's embedding: "index out of range in self"
+            assert "index out of range" in str(e)
+        else:
+            raise AssertionError("an out-of-range prompt id gave a result")
+        good = engine.submit([1, 2, 3], SamplingParams(max_tokens=4, seed=0, ignore_eos=True)).result(timeout=30)
+        assert len(good[0].token_ids) == 4
+        assert engine.continuous  # the scheduler survived the failure
+    finally:
+        engine.stop()

@@ -267,7 +267,14 @@ class ContinuousBatcher:
             joining.append(req)
             free -= req.params.n
         if joining:
-            self.prefill(joining)
+            try:
+                self.prefill(joining)
+            except BaseException as exc:  # these requests are in no slot yet: fail them here, or callers wait forever
+                for req in joining:
+                    self.pending.pop(id(req), None)
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+                raise
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
