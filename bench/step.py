@@ -6,8 +6,10 @@ on, and the process's peak RSS (model + AdamW state + gradients + activations).
     PYTHONPATH=. python bench/step.py --rollouts runs/grpo-.../rollouts/step_000001.jsonl
     PYTHONPATH=. python bench/step.py --rollouts ... --settings none:8 prefix:8 prefix:32 prefix:32:ckpt
 
-A setting is ``packing:micro_batch_size[:ckpt][:lowmem][:head]`` (ckpt: activation checkpointing; lowmem:
-Adafactor stepped in backward; head: the chunked LM head, 128 positions per chunk). The rollouts are any recipe run's ``rollouts/step_*.jsonl``
+A setting is ``packing:micro_batch_size[:ckpt][:lowmem|:inbwd][:head]`` (ckpt: activation checkpointing; lowmem:
+Adafactor stepped in backward; inbwd: AdamW stepped in backward, its moments kept but never a whole model's
+gradients at once; head: the chunked LM head, 128 positions per chunk). Otherwise the recipe's optimizer: AdamW
+(fused), stepped after backward, gradients clipped to norm 1. The rollouts are any recipe run's ``rollouts/step_*.jsonl``
 (the default recipe's: SmolLM2, 8 capital prompts x 4 samples). CPU seconds are less sensitive than wall
 seconds to other processes on a shared machine (both are printed).
 """
@@ -43,11 +45,10 @@ def run_one(args: argparse.Namespace) -> None:
     model, tokenizer = load_policy_model(args.model)
     records = [json.loads(line) for line in open(args.rollouts) if line.strip()]
     batch = process_rollouts(records, tokenizer)
-    if "lowmem" in rest:  # memory=low's optimizer: Adafactor stepped in backward (no global clipping)
-        optimizer = build_optimizer(model, "adafactor", lr=args.lr, in_backward=True)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, foreach=False)
-    extra = {"max_grad_norm": None} if "lowmem" in rest else {}
+    in_backward = "lowmem" in rest or "inbwd" in rest  # in-backward stepping cannot clip the global norm
+    optimizer = build_optimizer(model, "adafactor" if "lowmem" in rest else "adamw", lr=args.lr,
+                                in_backward=in_backward)
+    extra = {"max_grad_norm": None} if in_backward else {"max_grad_norm": 1.0}
     if "head" in rest:  # the chunked LM head, 128 positions per chunk (memory=low's)
         extra.update(chunked_lm_head=True, logprob_chunk_size=128)
     walls, cpus, metrics = [], [], {}

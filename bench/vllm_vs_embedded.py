@@ -201,6 +201,15 @@ def start_embedded(tree: Path, port: int, concurrency: int, log_path: Path, extr
         time.sleep(0.5)
 
 
+def engine_stats(root: str) -> dict | None:
+    """The embedded server's ``/stats`` counters (None for a server without them, e.g. vLLM)."""
+    try:
+        with urllib.request.urlopen(root + "/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
 def run_backend(name: str, root: str, args, results: dict) -> None:
     for w in (args.baseline_workloads if name == "embedded baseline" else args.workloads):
         if w == "d":
@@ -211,11 +220,17 @@ def run_backend(name: str, root: str, args, results: dict) -> None:
                 emit(figure="calculator", backend=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             continue
         spec = WORKLOADS[w]
+        before = engine_stats(root)
         tps, secs, toks = asyncio.run(throughput(root + "/v1", "smollm2", args.concurrency, spec["rounds"],
                                                  spec["body"]))
+        after = engine_stats(root)
+        # the embedded engine's own counters over the workload: prefill calls (each streams every weight once,
+        # like a decode step) and the seconds it was busy
+        engine = {k.removeprefix("perf/"): round(after[k] - before[k], 2) for k in after
+                  if k.startswith("perf/") and k != "perf/max_rows_in_batch"} if after and before else None
         results[(name, w)] = emit(figure="tokens_per_s", backend=name, workload=w, what=spec["what"],
                                   concurrency=args.concurrency, tokens=toks, seconds=round(secs, 2),
-                                  tokens_per_s=round(tps, 1))
+                                  tokens_per_s=round(tps, 1), **({"engine": engine} if engine else {}))
 
 
 def main() -> int:

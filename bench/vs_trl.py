@@ -6,8 +6,8 @@ collection and training, peak RSS, and the reward per step.
 
 Setting: SmolLM2-135M-Instruct fp32 on CPU, the capital-city task (gym_plugin.tasks), 8 prompts x 4 samples per
 step, up to 48 new tokens at temperature 1.0, lr 1e-5 constant, one optimizer step per batch, no KL. Ours is
-``python recipes/grpo.py`` (the default config: AdamW) with those values and no eval, and ``ours_lowmem`` the
-same plus LOW_MEMORY (memory=low); TRL's is bench/trl_grpo.py run with ``--trl-python`` (a
+``python recipes/grpo.py`` (the default config: AdamW) with those values and no eval, ``ours_lowmem`` the
+same plus LOW_MEMORY (memory=low), ``ours_inbwd`` plus IN_BACKWARD (AdamW stepped in backward); TRL's is bench/trl_grpo.py run with ``--trl-python`` (a
 venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
 of the machine hits every side.
 
@@ -44,6 +44,10 @@ def run(cmd: list[str], log: Path, env: dict) -> tuple[int, float, float]:
 LOW_MEMORY = ["memory=low"]
 """``ours_lowmem``: conf/memory/low.yaml: Adafactor stepped inside backward (gym_plugin/optim.py) and the LM head
 in chunks (gym_plugin/logprobs.py)."""
+IN_BACKWARD = ["train.optimizer_in_backward=true", "step.max_grad_norm=null"]
+"""``ours_inbwd``: the default's AdamW (its moments kept), each parameter stepped inside backward, so the model's
+gradients never exist at once (-517 MB for SmolLM2); the global norm is not clipped."""
+SIDE_OVERRIDES = {"ours": [], "ours_lowmem": LOW_MEMORY, "ours_inbwd": IN_BACKWARD}
 
 
 def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:
@@ -94,7 +98,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default="runs/bench_vs_trl")
     parser.add_argument("--sides", default="ours,ours_lowmem,trl",
                         help="comma-separated, run in this order each round: ours (the default recipe: AdamW), "
-                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), trl, trl_gym (TRL's trainer with "
+                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), ours_inbwd (+ " + " ".join(IN_BACKWARD)
+                             + "), trl, trl_gym (TRL's trainer with "
                              "gym_plugin.trl's rollouts: bench/trl_grpo.py --gym)")
     parser.add_argument("ours_overrides", nargs="*", help="extra Hydra overrides for our recipe")
     args = parser.parse_args()
@@ -103,9 +108,9 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     order = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = sorted(set(order) - {"ours", "ours_lowmem", "trl", "trl_gym"})
+    unknown = sorted(set(order) - {*SIDE_OVERRIDES, "trl", "trl_gym"})
     if unknown:
-        sys.exit(f"--sides: unknown {unknown}; known: ours, ours_lowmem, trl, trl_gym")
+        sys.exit(f"--sides: unknown {unknown}; known: {', '.join([*SIDE_OVERRIDES, 'trl', 'trl_gym'])}")
     results: dict[str, list[dict]] = {side: [] for side in order}
     for r in range(args.rounds):
         for side in order:
@@ -113,7 +118,7 @@ def main() -> None:
             if side in ("trl", "trl_gym"):
                 res = trl(args, out_dir / f"{side}_r{r}_{stamp}.json", env, gym=side == "trl_gym")
             else:
-                res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, LOW_MEMORY if side == "ours_lowmem" else [])
+                res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, SIDE_OVERRIDES[side])
             results[side].append(res)
             s = summary([res])
             print(f"round {r + 1} {side:11}: {s['step_s_2..N']:.1f} s/step (collect {s['collect_s_2..N']:.1f} + train "
