@@ -7,8 +7,8 @@ collection and training, peak RSS, and the reward per step.
 Setting: SmolLM2-135M-Instruct fp32 on CPU, the capital-city task (gym_plugin.tasks), 8 prompts x 4 samples per
 step, up to 48 new tokens at temperature 1.0, lr 1e-5 constant, one optimizer step per batch, no KL. Ours is
 ``python recipes/grpo.py`` (the default config: AdamW) with those values and no eval, ``ours_lowmem`` the
-same plus LOW_MEMORY (memory=low), ``ours_inbwd`` plus IN_BACKWARD (AdamW stepped in backward); TRL's is bench/trl_grpo.py run with ``--trl-python`` (a
-venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
+same plus LOW_MEMORY (memory=low), ``ours_inbwd`` plus IN_BACKWARD (AdamW stepped in backward); TRL's is
+bench/trl_grpo.py run with ``--trl-python`` (a venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
 of the machine hits every side.
 
 Collection = our ``perf/collect_time_s`` (rollouts from the embedded server through the Gym servers) vs TRL's
@@ -48,6 +48,7 @@ IN_BACKWARD = ["train.optimizer_in_backward=true", "step.max_grad_norm=null"]
 """``ours_inbwd``: the default's AdamW (its moments kept), each parameter stepped inside backward, so the model's
 gradients never exist at once (-517 MB for SmolLM2); the global norm is not clipped."""
 SIDE_OVERRIDES = {"ours": [], "ours_lowmem": LOW_MEMORY, "ours_inbwd": IN_BACKWARD}
+TRL_SIDES = ("trl", "trl_gym")
 
 
 def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:
@@ -108,14 +109,15 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     order = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = sorted(set(order) - {*SIDE_OVERRIDES, "trl", "trl_gym"})
+    known = [*SIDE_OVERRIDES, *TRL_SIDES]
+    unknown = sorted(set(order) - set(known))
     if unknown:
-        sys.exit(f"--sides: unknown {unknown}; known: {', '.join([*SIDE_OVERRIDES, 'trl', 'trl_gym'])}")
+        sys.exit(f"--sides: unknown {unknown}; known: {', '.join(known)}")
     results: dict[str, list[dict]] = {side: [] for side in order}
     for r in range(args.rounds):
         for side in order:
             stamp = time.strftime("%H%M%S")
-            if side in ("trl", "trl_gym"):
+            if side in TRL_SIDES:
                 res = trl(args, out_dir / f"{side}_r{r}_{stamp}.json", env, gym=side == "trl_gym")
             else:
                 res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, SIDE_OVERRIDES[side])
