@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gym_plugin.distributed import params_digest
@@ -142,6 +143,7 @@ def test_two_steps_then_resume(tmp_path):
     assert steps3 == {3.0}
 
 
+@pytest.mark.slow  # 19 s on a slow 2-core machine: the fast suite's ~3 min budget
 def test_low_memory_optimizer_trains_and_resumes(tmp_path):
     """memory=low (Adafactor stepped in backward, chunked LM head): the weights move, and the per-parameter
     optimizer state is saved and continued by resume."""
@@ -169,6 +171,7 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
     assert "resume=true but" in proc.stderr and "holds no checkpoint" in proc.stderr
 
 
+@pytest.mark.slow  # 11 s on a slow 2-core machine: the fast suite's ~3 min budget
 def test_overlap_trains_on_one_version_old_rollouts(tmp_path):
     run_dir = tmp_path / "run"
     out = run_recipe(SMOKE + ["train.steps=3", "train.overlap=true"], run_dir)
@@ -195,6 +198,7 @@ def test_overlap_trains_on_one_version_old_rollouts(tmp_path):
     assert any(not torch.equal(start[k], trained[k]) for k in start)
 
 
+@pytest.mark.slow  # 15 s on a slow 2-core machine: the fast suite's ~3 min budget
 def test_torchrun_two_ranks_end_identical(tmp_path):
     run_dir = tmp_path / "run"
     out = run_recipe(SMOKE + ["train.steps=2", "distributed.backend=gloo"], run_dir, torchrun=2)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from gym_plugin.tasks import prompt_batches, task_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +54,7 @@ def write_rows(path: Path, change_row_1) -> Path:
     return path
 
 
+@pytest.mark.slow  # 12 s on a slow 2-core machine: the fast suite's ~3 min budget
 def test_failed_collection_on_one_rank_stops_every_rank_with_one_error(tmp_path):
     def zero_tokens(row):
         row["responses_create_params"]["max_output_tokens"] = 0  # rejected by the policy: a failure record
@@ -71,6 +74,7 @@ def test_failed_collection_on_one_rank_stops_every_rank_with_one_error(tmp_path)
         (tmp_path / "run" / "metrics.jsonl").read_text() == ""  # no step was logged
 
 
+@pytest.mark.slow  # 13 s on a slow 2-core machine: the fast suite's ~3 min budget
 def test_rank_without_trained_tokens_trains_in_step_with_the_other(tmp_path):
     def long_prompt(row):
         row["responses_create_params"]["input"][0]["content"] = "Write a word with the letter e. " * 30
@@ -91,6 +95,7 @@ def test_rank_without_trained_tokens_trains_in_step_with_the_other(tmp_path):
     assert all(s["perf/num_trained_seqs"] == 2 for s in steps)  # over both ranks: the short prompt's 2 samples
 
 
+@pytest.mark.slow  # 13 s on a slow 2-core machine: the fast suite's ~3 min budget
 def test_fsdp_trains_syncs_the_policy_and_checkpoints(tmp_path):
     from gym_plugin.distributed import params_digest
     from gym_plugin.models import load_policy_model
