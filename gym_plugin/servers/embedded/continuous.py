@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gym_plugin import memory
 from gym_plugin.servers.embedded.params import GenerationResult, _Request
 from gym_plugin.servers.embedded.prefix_cache import BLOCK, PrefixCache
 from gym_plugin.servers.embedded.slots import SlotModel
@@ -134,6 +135,7 @@ class ContinuousBatcher:
         self.rows: list[_Row] = []
         self.pending: dict[int, _Pending] = {}  # id(request) -> its results so far
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of the active rows
+        self.keeping = False  # memory.keep_freed_memory() is in force (generating)
         self.version = 0
         self.stop_rows = 0  # active rows with stop strings (they cost a decode per step)
         self.top_rows = 0  # active rows asking for top log-probs (they cost a top-k per step)
@@ -192,6 +194,7 @@ class ContinuousBatcher:
                         holding = False
                     self.sm.release()
                     self.logits = None
+                    self._end_busy()  # after the KV buffers went: they are trimmed too
                     if stopping or eng._stopping:
                         break
                     if not waiting:
@@ -204,6 +207,7 @@ class ContinuousBatcher:
                     eng._weights_lock.acquire()
                     holding = True
                     busy_since = time.monotonic()
+                    self._start_busy()
                     self.version = eng.policy_version
                 while True:  # whatever arrived meanwhile
                     try:
@@ -239,7 +243,19 @@ class ContinuousBatcher:
                 eng.stats.busy_s += time.monotonic() - busy_since
                 eng._weights_lock.release()
             self.sm.release()
+            self._end_busy()
             eng._carry = list(waiting)
+
+    def _start_busy(self) -> None:
+        """Generating: keep freed blocks in the process (``memory.keep_freed_memory``: no per-step page faults)."""
+        if self.engine.keep_freed_memory and not self.keeping:
+            self.keeping = memory.keep_freed_memory()
+
+    def _end_busy(self) -> None:
+        """Idle: the process's memory setting is back and the arenas are trimmed (after the KV buffers went)."""
+        if self.keeping:
+            self.keeping = False
+            memory.release_kept_memory()
 
     def _resolve(self) -> None:
         for fut, results in self.done:

@@ -99,6 +99,9 @@ class GenerationEngine:
         self.preallocate_kv = True
         """Write the KV cache into buffers sized prompt + max_tokens up front (False: transformers' DynamicCache,
         which concatenates the whole cache at every step; kept for comparison in benchmarks)."""
+        self.keep_freed_memory = True
+        """While generating, keep freed blocks in the process (``gym_plugin.memory.keep_freed_memory``; False: the
+        process's malloc setting stays as it is, kept for comparison in benchmarks)."""
         # transformers 5 renamed forward(past_key_values=) to forward(cache=); the cache is updated in place.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
