@@ -177,7 +177,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             EmbeddedPolicyConfig(model=cfg.model.spec, served_model_name=cfg.policy.model_name or cfg.model.name,
                                  port=free_port(), max_batch_size=cfg.policy.max_batch_size,
                                  batch_wait_ms=cfg.policy.batch_wait_ms, num_threads=cfg.policy.num_threads,
-                                 scheduler=cfg.policy.scheduler),
+                                 scheduler=cfg.policy.scheduler, packed_weights=cfg.policy.packed_weights),
             model=model if share_weights else copy.deepcopy(model).eval(), tokenizer=tokenizer,
         )
         # the served weights are the checkpoint's: go on counting policy versions from there, so versions in

@@ -17,6 +17,7 @@ import torch
 
 from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 from gym_plugin.servers.embedded import GenerationEngine, SamplingParams
+from gym_plugin.servers.embedded.slots import packing_unsupported_reason
 
 FP32_TOL = 1e-4
 
@@ -296,5 +297,52 @@ def test_a_request_whose_prefill_fails_gets_the_error_and_the_engine_serves_on()
         good = engine.submit([1, 2, 3], SamplingParams(max_tokens=4, seed=0, ignore_eos=True)).result(timeout=30)
         assert len(good[0].token_ids) == 4
         assert engine.continuous  # the scheduler survived the failure
+    finally:
+        engine.stop()
+
+
+def test_packed_weights_give_the_rows_of_the_plain_forward_and_are_rebuilt_after_an_update():
+    tok = build_tiny_tokenizer()
+    prompts = [tok.encode(t, add_special_tokens=False) for t in
+               ("The quick brown fox jumps over the lazy dog.", "What is 12 + 30?", "Name a color.")]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, ignore_eos=True) for s in (3, 4, 5)]
+    other = build_tiny_model(tok, seed=1).state_dict()
+
+    def run(packed: bool):
+        engine = engine_for(build_tiny_model(tok), tok, prefix_cache_tokens=0, packed_weights=packed)
+        try:
+            before = [f.result(timeout=60)[0] for f in [engine.submit(p, q) for p, q in zip(prompts, params)]]
+            assert engine._batcher.sm.packed == {}  # idle: the copy is gone
+            engine.update_weights(other)
+            after = [f.result(timeout=60)[0] for f in [engine.submit(p, q) for p, q in zip(prompts, params)]]
+            short = engine.submit(prompts[0], SamplingParams(max_tokens=5, seed=1)).result(timeout=60)[0]
+            return before, after, short, engine.stats.packs
+        finally:
+            engine.stop()
+
+    plain_before, plain_after, _, plain_packs = run(False)
+    packed_before, packed_after, _, packs = run(True)
+    if packing_unsupported_reason(build_tiny_model(tok)) is not None:  # e.g. a torch without MKL
+        assert packs == 0
+        return
+    # one packing per busy period of >= PACK_AFTER_STEPS (8) decode steps: 40-token batches yes, 5 tokens no
+    assert (plain_packs, packs) == (0, 2)
+    for plain, packed in zip(plain_before + plain_after, packed_before + packed_after):
+        assert packed.token_ids == plain.token_ids
+        assert max(abs(x - y) for x, y in zip(packed.logprobs, plain.logprobs)) < 1e-5
+    assert [r.token_ids for r in packed_after] != [r.token_ids for r in packed_before]  # the update was seen
+    fresh = build_tiny_model(tok, seed=1)
+    assert max(worst_diff(fresh, p, r) for p, r in zip(prompts, packed_after)) < FP32_TOL
+
+
+def test_packing_is_refused_with_a_reason_off_the_cpu_fp32_path():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok).to(torch.bfloat16)
+    assert "bfloat16" in packing_unsupported_reason(model)
+    engine = engine_for(model, tok, prefix_cache_tokens=0)  # packed_weights on by default: ignored, logged
+    try:
+        res = engine.submit(tok.encode("Name a color.", add_special_tokens=False),
+                            SamplingParams(max_tokens=20, seed=2, ignore_eos=True)).result(timeout=60)[0]
+        assert len(res.token_ids) == 20 and engine.stats.packs == 0
     finally:
         engine.stop()

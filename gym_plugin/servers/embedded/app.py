@@ -257,7 +257,7 @@ class EmbeddedPolicyServer(Server):
             model, tokenizer, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
             batch_max_wait_ms=cfg.batch_max_wait_ms,
             num_threads=cfg.num_threads, prefix_cache_tokens=cfg.prefix_cache_tokens,
-            continuous=cfg.scheduler == "continuous",
+            continuous=cfg.scheduler == "continuous", packed_weights=cfg.packed_weights,
         )
         mpe = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(cfg.max_model_len or min(int(mpe), 8192))
@@ -349,6 +349,7 @@ class EmbeddedPolicyServer(Server):
         return {
             "perf/batches": s.batches, "perf/rows": s.rows, "perf/generated_tokens": s.generated_tokens,
             "perf/max_rows_in_batch": s.max_rows_in_batch, "perf/busy_s": s.busy_s,
+            "perf/packs": s.packs, "perf/pack_s": s.pack_s,
             "perf/prefix_cache_hits": self.engine.prefix_cache.hits,
             "perf/prefix_cache_hit_tokens": self.engine.prefix_cache.hit_tokens,
             "policy_version": self.policy_version,

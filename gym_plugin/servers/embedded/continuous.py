@@ -37,9 +37,13 @@ import torch
 from gym_plugin import memory
 from gym_plugin.servers.embedded.params import GenerationResult, _Request
 from gym_plugin.servers.embedded.prefix_cache import BLOCK, PrefixCache
-from gym_plugin.servers.embedded.slots import SlotModel
+from gym_plugin.servers.embedded.slots import SlotModel, packing_unsupported_reason
 
 log = logging.getLogger(__name__)
+
+PACK_AFTER_STEPS = 8
+"""Decode steps of a busy period before the weights are packed (``SlotModel.pack``): packing costs about two
+decode steps' worth of weight traffic (~0.15 s for SmolLM2-135M), so a short burst runs unpacked."""
 
 
 @dataclass
@@ -136,6 +140,8 @@ class ContinuousBatcher:
         self.pending: dict[int, _Pending] = {}  # id(request) -> its results so far
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of the active rows
         self.keeping = False  # memory.keep_freed_memory() is in force (generating)
+        self.busy_steps = 0  # decode steps since the engine last went busy
+        self.pack_reason: str | None = None  # why the weights cannot be packed (logged once)
         self.version = 0
         self.stop_rows = 0  # active rows with stop strings (they cost a decode per step)
         self.top_rows = 0  # active rows asking for top log-probs (they cost a top-k per step)
@@ -248,11 +254,30 @@ class ContinuousBatcher:
 
     def _start_busy(self) -> None:
         """Generating: keep freed blocks in the process (``memory.keep_freed_memory``: no per-step page faults)."""
+        self.busy_steps = 0
         if self.engine.keep_freed_memory and not self.keeping:
             self.keeping = memory.keep_freed_memory()
 
+    def _maybe_pack(self) -> None:
+        """``PACK_AFTER_STEPS`` decode steps into a busy period: pack the weights for MKL (the weights lock is
+        held, so they cannot change until the engine goes idle and drops the copy)."""
+        self.busy_steps += 1
+        eng = self.engine
+        if self.busy_steps != PACK_AFTER_STEPS or not eng.packed_weights:
+            return
+        why = packing_unsupported_reason(self.sm.model)
+        if why is not None:
+            if why != self.pack_reason:
+                log.info("embedded policy: weights not packed for MKL's GEMM (%s)", why)
+            self.pack_reason = why
+            return
+        eng.stats.pack_s += self.sm.pack(eng.max_batch_size)
+        eng.stats.packs += 1
+
     def _end_busy(self) -> None:
-        """Idle: the process's memory setting is back and the arenas are trimmed (after the KV buffers went)."""
+        """Idle: the packed weights go, the process's memory setting is back and the arenas are trimmed (after
+        the KV buffers went)."""
+        self.sm.unpack()
         if self.keeping:
             self.keeping = False
             memory.release_kept_memory()
@@ -461,6 +486,7 @@ class ContinuousBatcher:
             self.logits = None
             return
         start = self.pos[:B].clone()
+        self._maybe_pack()
         self.logits = self.sm.forward(0, tok[:B, None], start, torch.ones(B, dtype=torch.long, device=d))  # [B, V]
         self.pos[:B] += 1
 

@@ -71,6 +71,7 @@ class GenerationEngine:
         num_threads: int | None = None,
         prefix_cache_tokens: int = 8192,
         continuous: bool = True,
+        packed_weights: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -99,6 +100,9 @@ class GenerationEngine:
         self.preallocate_kv = True
         """Write the KV cache into buffers sized prompt + max_tokens up front (False: transformers' DynamicCache,
         which concatenates the whole cache at every step; kept for comparison in benchmarks)."""
+        self.packed_weights = bool(packed_weights)
+        """While generating, run the linear layers from weights packed for MKL's GEMM (``SlotModel.pack``;
+        continuous scheduler on the CPU in fp32 only, else ignored with a log line)."""
         self.keep_freed_memory = True
         """While generating, keep freed blocks in the process (``gym_plugin.memory.keep_freed_memory``; False: the
         process's malloc setting stays as it is, kept for comparison in benchmarks)."""

@@ -74,3 +74,7 @@ class EngineStats:
     """Tokens sampled so far, counted at every decoding step (a live count while a batch runs)."""
     max_rows_in_batch: int = 0
     busy_s: float = 0.0
+    packs: int = 0
+    """Times the weights were packed for MKL's GEMM (once per busy period that ran ``PACK_AFTER_STEPS`` steps)."""
+    pack_s: float = 0.0
+    """Seconds spent packing (included in ``busy_s``)."""
