@@ -442,9 +442,10 @@ def test_request_in_flight_finishes_on_the_weights_it_started_with():
 
     async def test(server, s):
         reference = await chat(server, s, **req)  # old weights, nothing else running
+        decoded = server.engine.stats.decoded_tokens
         long = asyncio.ensure_future(chat(server, s, **req))
-        while not server.engine._weights_lock.locked():  # the batch has started generating
-            await asyncio.sleep(0.001)
+        while server.engine.stats.decoded_tokens == decoded:  # the request is generating (not merely the worker
+            await asyncio.sleep(0.001)  # lingering after the reference, which holds the weights too)
         version = await server.update_weights_async(other)  # waits for that batch to finish
         in_flight = await long
         after = await chat(server, s, **req)

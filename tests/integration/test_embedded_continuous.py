@@ -312,6 +312,9 @@ def test_packed_weights_give_the_rows_of_the_plain_forward_and_are_rebuilt_after
         engine = engine_for(build_tiny_model(tok), tok, prefix_cache_tokens=0, packed_weights=packed)
         try:
             before = [f.result(timeout=60)[0] for f in [engine.submit(p, q) for p, q in zip(prompts, params)]]
+            deadline = time.monotonic() + 10
+            while engine._batcher.sm.packed and time.monotonic() < deadline:  # lingering (LINGER_S), then idle
+                time.sleep(0.01)
             assert engine._batcher.sm.packed == {}  # idle: the copy is gone
             engine.update_weights(other)
             after = [f.result(timeout=60)[0] for f in [engine.submit(p, q) for p, q in zip(prompts, params)]]
@@ -344,5 +347,44 @@ def test_packing_is_refused_with_a_reason_off_the_cpu_fp32_path():
         res = engine.submit(tok.encode("Name a color.", add_special_tokens=False),
                             SamplingParams(max_tokens=20, seed=2, ignore_eos=True)).result(timeout=60)[0]
         assert len(res.token_ids) == 20 and engine.stats.packs == 0
+    finally:
+        engine.stop()
+
+
+def test_a_request_that_comes_while_the_worker_lingers_starts_in_the_same_busy_period():
+    """The next call of a client (here: sent from the first call's done callback, as the last row ends) is taken
+    during ``LINGER_S``: the packed weights made in the first call's busy period serve it (one packing, not two),
+    its tokens are those it gets alone, and the worker goes idle after (the copy is dropped)."""
+    tok = build_tiny_tokenizer()
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
+    first_p = SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True)
+    second_p = SamplingParams(max_tokens=40, temperature=1.0, seed=4, ignore_eos=True)
+    alone_engine = engine_for(build_tiny_model(tok), tok, prefix_cache_tokens=0)
+    try:
+        alone = alone_engine.submit(prompt, second_p).result(timeout=60)[0]
+    finally:
+        alone_engine.stop()
+    engine = engine_for(build_tiny_model(tok), tok, prefix_cache_tokens=0)
+    try:
+        sent = threading.Event()
+        second = []
+
+        def next_call(_fut) -> None:
+            second.append(engine.submit(prompt, second_p))
+            sent.set()
+
+        first = engine.submit(prompt, first_p)
+        first.add_done_callback(next_call)
+        assert len(first.result(timeout=60)[0].token_ids) == 40
+        assert sent.wait(timeout=60)
+        res = second[0].result(timeout=60)[0]
+        assert res.token_ids == alone.token_ids
+        assert max(abs(x - y) for x, y in zip(res.logprobs, alone.logprobs)) < 1e-5
+        if packing_unsupported_reason(engine.model) is None:
+            assert engine.stats.packs == 1
+        deadline = time.monotonic() + 10
+        while engine._batcher.sm.packed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine._batcher.sm.packed == {}
     finally:
         engine.stop()
