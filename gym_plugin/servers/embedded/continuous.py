@@ -240,14 +240,13 @@ class ContinuousBatcher:
                 if self.rows:
                     self._step()
                 if not self.rows and holding:
+                    eng.stats.busy_s += time.monotonic() - busy_since  # lingering is not busy
                     self._resolve()  # callers see their results, then the worker waits a little for more work
-                    t0 = time.monotonic()
                     stopping = stopping or self._linger(waiting)
-                    busy_since += time.monotonic() - t0  # lingering is not busy
+                    busy_since = time.monotonic()
                     if waiting and not stopping and not eng._stopping and not eng._weight_waiters:
                         continue  # same busy period: weights, packed copy and memory kept
-                    eng.stats.busy_s += time.monotonic() - busy_since  # idle: let a weight update in
-                    eng._weights_lock.release()
+                    eng._weights_lock.release()  # idle: let a weight update in
                     holding = False
                 self._resolve()
         except BaseException as exc:  # a failing step must not hang its callers
