@@ -17,7 +17,7 @@ import torch
 
 from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 from gym_plugin.servers.embedded import GenerationEngine, SamplingParams
-from gym_plugin.servers.embedded.slots import packing_unsupported_reason
+from gym_plugin.servers.embedded.slots import SlotModel, packing_unsupported_reason
 
 FP32_TOL = 1e-4
 
@@ -309,7 +309,9 @@ def test_packed_weights_give_the_rows_of_the_plain_forward_and_are_rebuilt_after
     other = build_tiny_model(tok, seed=1).state_dict()
 
     def run(packed: bool):
-        engine = engine_for(build_tiny_model(tok), tok, prefix_cache_tokens=0, packed_weights=packed)
+        # 4 slots for 3 rows: the decode products run packed, padded to 4 rows (3/4 of the packed count)
+        engine = engine_for(build_tiny_model(tok), tok, prefix_cache_tokens=0, packed_weights=packed,
+                            max_batch_size=4)
         try:
             before = [f.result(timeout=60)[0] for f in [engine.submit(p, q) for p, q in zip(prompts, params)]]
             deadline = time.monotonic() + 10
@@ -388,3 +390,34 @@ def test_a_request_that_comes_while_the_worker_lingers_starts_in_the_same_busy_p
         assert engine._batcher.sm.packed == {}
     finally:
         engine.stop()
+
+
+def test_packed_products_padded_and_fused_give_the_logits_of_the_modules():
+    """``SlotModel.pack(8)``: a decode step of 8 rows runs packed, 7 and 6 rows padded to 8, 5 rows plain (below
+    3/4 of 8); q/k/v and gate/up are fused. Every step's logits are those of the unpacked forward (the same bits
+    on MKL; held to 1e-5)."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    if packing_unsupported_reason(model) is not None:
+        pytest.skip(f"packing unsupported here: {packing_unsupported_reason(model)}")
+    torch.manual_seed(0)
+    prompt = torch.randint(3, model.get_input_embeddings().weight.shape[0], (8, 5))
+    nxt = torch.randint(3, model.get_input_embeddings().weight.shape[0], (8, 1))
+
+    def decode(sm: SlotModel, rows: int) -> torch.Tensor:
+        sm.reserve(8, 64, 0)
+        with torch.inference_mode():
+            sm.forward(0, prompt[:rows], torch.zeros(rows, dtype=torch.long), torch.full((rows,), 5))
+            return sm.forward(0, nxt[:rows], torch.full((rows,), 5), torch.ones(rows, dtype=torch.long))  # [rows, V]
+
+    plain, packed = SlotModel(model), SlotModel(model)
+    assert packed.pack(8) >= 0
+    layer = model.model.layers[0]
+    assert {layer.self_attn, layer.mlp, layer.self_attn.o_proj, layer.mlp.down_proj, model.lm_head} <= set(packed.packed)
+    assert layer.self_attn.q_proj not in packed.packed  # fused into self_attn's entry
+    for rows, padded in ((8, False), (7, True), (6, True), (5, False)):
+        packed._pad = {}
+        a, b = decode(plain, rows), decode(packed, rows)
+        assert a.shape == b.shape == (rows, model.config.vocab_size)
+        assert (a - b).abs().max().item() < 1e-5, rows
+        assert bool(packed._pad) == padded, rows  # 7 and 6 rows went through the padded packed product

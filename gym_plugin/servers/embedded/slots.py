@@ -22,14 +22,20 @@ weights in MKL's packed GEMM layout (``torch.ops.mkl._mkl_reorder_linear_weight`
 behind ``torch.jit.freeze``'s MKL linear). Decode steps multiply a few dozen rows by every weight matrix, where
 sgemm spends a good part of its time re-laying out the weight panel at every call; packed once, the products of
 SmolLM2-135M at 32 rows take 35 ms instead of 43 (LM head 7.5 instead of 9.8), and the engine samples ~10-15%
-more tokens/s. The results are the same bits as ``F.linear`` on the machines measured (any number of rows,
-bias or not; the tests hold them to 1e-5). The copy costs as much memory as the linear weights (SmolLM2-135M
-fp32: ~510 MB) and is stale once the weights change, so the engine packs only while it generates (after a few
-decode steps: a short burst does not pay the ~0.15 s packing) and drops the copy when it goes idle.
+more tokens/s. MKL runs a packed product only at the row count it was packed for (``_mkl_linear`` falls back to
+the plain weight otherwise), so a decode step of 3/4 of that count or more is padded up to it (measured: 24 rows
+padded 68 ms against 74 plain; 16 rows 69 against 64, not padded); prefill runs plain. The packed copy fuses
+q/k/v into one product and gate/up into another (3 and 2 fewer calls a layer, each call's output split as
+views: ~5% of a decode step; the products after a GEMM pay for the cache it evicted). The results are the same
+bits as ``F.linear`` on the machines measured (padded or not, fused or not, bias or not; the tests hold them to
+1e-5). The copy costs as much memory as the linear weights (SmolLM2-135M fp32: ~510 MB) and is stale once the
+weights change, so the engine packs only while it generates (after a few decode steps: a short burst does not
+pay the ~0.15 s packing) and drops the copy when it goes idle.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -79,6 +85,12 @@ def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _no_weight(out: int, k: int) -> torch.Tensor:
+    """A [out, k] tensor that holds no memory: ``_mkl_linear``'s plain-weight argument where it is never read."""
+    return torch.zeros((), dtype=torch.float32).expand(out, k)
+
+
 class SlotModel:
     """The model's forward over slots of preallocated KV buffers. Not thread-safe (the engine's worker owns it)."""
 
@@ -96,9 +108,12 @@ class SlotModel:
         self.dtype, self.device = p.dtype, p.device
         self.k: list[torch.Tensor] = []  # per layer [S, Hkv, C, D]
         self.v: list[torch.Tensor] = []
-        self.packed: dict[torch.nn.Linear, torch.Tensor] = {}
-        """Linear module -> its weight in MKL's packed layout (``pack``); empty: every linear runs as itself."""
+        self.packed: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """Module -> (its weight(s) in MKL's packed layout, bias) (``pack``): a layer's ``self_attn`` (q, k, v
+        fused), its ``mlp`` (gate, up fused), every ``o_proj``, ``down_proj`` and the LM head. Empty: every linear
+        runs as itself."""
         self._pack_rows = 0
+        self._pad: dict[int, torch.Tensor] = {}  # in_features -> [pack_rows, in_features]: padded inputs
         self.initialized = 0
         """Positions ``0 .. initialized`` of every slot hold finite values (written or zeroed). Attention reads a
         view up to the longest row, so a shorter row's masked positions are read too: masked weights are 0, but
@@ -184,37 +199,92 @@ class SlotModel:
 
     # ------------------------------------------------------------------ packed weights
     def pack(self, rows: int) -> float:
-        """Pack the weights of every linear layer (attention, MLP, LM head) for MKL's GEMM, sized for about
-        ``rows`` rows per product (any number works). Call only where ``packing_unsupported_reason`` is None,
-        while the weights cannot change (the engine holds its weights lock). Returns the seconds it took."""
+        """Pack the weights of every linear layer (attention, MLP, LM head) for MKL's GEMM at ``rows`` rows per
+        product (decode steps of ``rows`` or a little fewer use them). Call only where
+        ``packing_unsupported_reason`` is None, while the weights cannot change (the engine holds its weights
+        lock). Returns the seconds it took."""
         t0 = time.perf_counter()
-        linears = [self.model.lm_head]
+        self._pack_rows = max(1, int(rows))
+        packed = {}
+
+        def put(key: torch.nn.Module, parts: list[torch.nn.Module]) -> None:
+            if not all(type(m) is torch.nn.Linear for m in parts):
+                return
+            biases = [m.bias for m in parts]
+            if any(b is None for b in biases) and not all(b is None for b in biases):
+                return  # some with a bias, some without: not fused, runs as itself
+            w = parts[0].weight.detach() if len(parts) == 1 else torch.cat([m.weight.detach() for m in parts])
+            bias = None if biases[0] is None else biases[0].detach() if len(parts) == 1 else \
+                torch.cat([b.detach() for b in biases])
+            packed[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, self._pack_rows), bias)
+
+        put(self.model.lm_head, [self.model.lm_head])
         for layer in self.inner.layers:
             a = layer.self_attn
-            linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+            put(a, [a.q_proj, a.k_proj, a.v_proj])
+            put(a.o_proj, [a.o_proj])
             if all(hasattr(layer.mlp, n) for n in _MLP_PARTS):
-                linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        self._pack_rows = max(1, int(rows))
-        self.packed = {m: torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), self._pack_rows)
-                       for m in linears if type(m) is torch.nn.Linear}
+                put(layer.mlp, [layer.mlp.gate_proj, layer.mlp.up_proj])
+                put(layer.mlp.down_proj, [layer.mlp.down_proj])
+        self.packed = packed
         return time.perf_counter() - t0
 
     def unpack(self) -> None:
         """Drop the packed copies (the engine is idle: the weights may change, the memory goes back)."""
         self.packed = {}
+        self._pad = {}
+
+    def _packed_for(self, key: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``key``'s packed weight and bias if ``x``'s rows can use it (3/4 of the packed row count to all of it:
+        fewer rows run faster plain than padded); else None."""
+        if not self.packed:
+            return None
+        rows = x.numel() // x.shape[-1]
+        if not 4 * rows >= 3 * self._pack_rows or rows > self._pack_rows:
+            return None
+        return self.packed.get(key)
+
+    def _mm(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None], out: int) -> torch.Tensor:
+        """``x @ W.T + b`` from a packed weight, the rows padded up to the packed count. x: [..., in] ->
+        [..., out]"""
+        w, bias = packed
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)  # [rows, in]
+        rows = x2.shape[0]
+        if rows < self._pack_rows:
+            buf = self._pad.get(k)
+            if buf is None:
+                buf = self._pad[k] = torch.zeros(self._pack_rows, k, dtype=x.dtype, device=x.device)
+            buf[:rows].copy_(x2)
+            x2 = buf
+        # the 3rd argument (the plain weight) is read only when the rows differ from the packed count: never here
+        y = torch.ops.mkl._mkl_linear(x2, w, _no_weight(out, k), bias, self._pack_rows)[:rows]  # [rows, out]
+        return y.view(*x.shape[:-1], out)
 
     def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``m(x)``, from its packed weight when there is one. x: [..., in] -> [..., out]"""
-        w = self.packed.get(m)
-        if w is None:
-            return m(x)
-        return torch.ops.mkl._mkl_linear(x, w, m.weight, m.bias, self._pack_rows)
+        """``m(x)``, from its packed weight when there is one for these rows. x: [..., in] -> [..., out]"""
+        p = self._packed_for(m, x)
+        return m(x) if p is None else self._mm(x, p, m.out_features)
+
+    def _qkv(self, attn: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k, v projections of ``h`` [B, T, hidden]: one fused packed product (split as views) or the
+        three modules. Returns [B, T, H*D], [B, T, Hkv*D], [B, T, Hkv*D]."""
+        p = self._packed_for(attn, h)
+        if p is None:
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        nq, nk = attn.q_proj.out_features, attn.k_proj.out_features
+        qkv = self._mm(h, p, nq + 2 * nk)  # [B, T, nq + 2 nk]
+        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
 
     def _mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The gated MLP ``down(act(gate(x)) * up(x))`` through ``_linear``; any other MLP runs as itself."""
-        if not self.packed or mlp.down_proj not in self.packed:
+        """The gated MLP ``down(act(gate(x)) * up(x))``, gate and up as one fused packed product when there is
+        one for these rows; otherwise the module itself."""
+        p = self._packed_for(mlp, x)
+        if p is None:
             return mlp(x)
-        return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+        n = mlp.gate_proj.out_features
+        gu = self._mm(x, p, 2 * n)  # [..., 2 n]
+        return self._linear(mlp.down_proj, mlp.act_fn(gu[..., :n]) * gu[..., n:])
 
     # ------------------------------------------------------------------ forward
     def forward(self, slot0: int, ids: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
@@ -248,9 +318,10 @@ class SlotModel:
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             h = self._norm(layer.input_layernorm, x)
-            q = self._linear(attn.q_proj, h).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-            k = self._linear(attn.k_proj, h).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-            v = self._linear(attn.v_proj, h).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+            q, k, v = self._qkv(attn, h)
+            q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+            v = v.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kbuf, vbuf = self.k[i], self.v[i]
             kbuf.view(-1, D).index_copy_(0, flat, k.reshape(-1, D))  # [B*Hkv*T, D] into [S*Hkv*C, D]
