@@ -91,6 +91,11 @@ def _no_weight(out: int, k: int) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32).expand(out, k)
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated along dim 0; a single part as itself (no copy of e.g. the LM head's weight)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class SlotModel:
     """The model's forward over slots of preallocated KV buffers. Not thread-safe (the engine's worker owns it)."""
 
@@ -213,9 +218,8 @@ class SlotModel:
             biases = [m.bias for m in parts]
             if any(b is None for b in biases) and not all(b is None for b in biases):
                 return  # some with a bias, some without: not fused, runs as itself
-            w = parts[0].weight.detach() if len(parts) == 1 else torch.cat([m.weight.detach() for m in parts])
-            bias = None if biases[0] is None else biases[0].detach() if len(parts) == 1 else \
-                torch.cat([b.detach() for b in biases])
+            w = _joined([m.weight.detach() for m in parts])
+            bias = None if biases[0] is None else _joined([b.detach() for b in biases])
             packed[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, self._pack_rows), bias)
 
         put(self.model.lm_head, [self.model.lm_head])
@@ -240,7 +244,7 @@ class SlotModel:
         if not self.packed:
             return None
         rows = x.numel() // x.shape[-1]
-        if not 4 * rows >= 3 * self._pack_rows or rows > self._pack_rows:
+        if 4 * rows < 3 * self._pack_rows or rows > self._pack_rows:
             return None
         return self.packed.get(key)
 
