@@ -17,6 +17,7 @@ import torch
 
 from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer
 from gym_plugin.servers.embedded import GenerationEngine, SamplingParams
+from gym_plugin.servers.embedded import slots
 from gym_plugin.servers.embedded.slots import SlotModel, packing_unsupported_reason
 
 FP32_TOL = 1e-4
@@ -392,7 +393,7 @@ def test_a_request_that_comes_while_the_worker_lingers_starts_in_the_same_busy_p
         engine.stop()
 
 
-def test_packed_products_padded_and_fused_give_the_logits_of_the_modules():
+def test_packed_products_padded_and_fused_give_the_logits_of_the_modules(monkeypatch):
     """``SlotModel.pack(8)``: a decode step of 8 rows runs packed, 7 and 6 rows padded to 8, 5 rows plain (below
     3/4 of 8); q/k/v and gate/up are fused. Every step's logits are those of the unpacked forward (the same bits
     on MKL; held to 1e-5)."""
@@ -415,9 +416,15 @@ def test_packed_products_padded_and_fused_give_the_logits_of_the_modules():
     layer = model.model.layers[0]
     assert {layer.self_attn, layer.mlp, layer.self_attn.o_proj, layer.mlp.down_proj, model.lm_head} <= set(packed.packed)
     assert layer.self_attn.q_proj not in packed.packed  # fused into self_attn's entry
-    for rows, padded in ((8, False), (7, True), (6, True), (5, False)):
-        packed._pad = {}
+    for rows, runs_packed in ((8, True), (7, True), (6, True), (5, False)):
+        # the plain weight MKL is handed holds no memory: a packed product that fell back to it gives zeros
+        assert packed._packs(rows) == runs_packed, rows  # 7 and 6 rows padded up to 8
         a, b = decode(plain, rows), decode(packed, rows)
         assert a.shape == b.shape == (rows, model.config.vocab_size)
         assert (a - b).abs().max().item() < 1e-5, rows
-        assert bool(packed._pad) == padded, rows  # 7 and 6 rows went through the padded packed product
+        if runs_packed:  # the layers scripted by TorchScript and the same function as Python
+            assert slots._scripted_packed_layers() is not None  # TorchScript compiles it here
+            monkeypatch.setattr(slots, "SCRIPTED", False)
+            c = decode(packed, rows)
+            monkeypatch.setattr(slots, "SCRIPTED", True)
+            assert (b - c).abs().max().item() < 1e-5, rows

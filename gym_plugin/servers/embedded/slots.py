@@ -36,13 +36,19 @@ pay the ~0.15 s packing) and drops the copy when it goes idle.
 from __future__ import annotations
 
 import functools
+import logging
 import time
+import warnings
+from typing import List, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _LAYOUTS = ("llama", "mistral", "qwen2")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_SILUS = ("SiLUActivation", "SiLU")
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -82,6 +88,22 @@ def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
         torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear  # noqa: B018
     except (AttributeError, RuntimeError):
         return "this torch build has no torch.ops.mkl._mkl_linear"
+    if type(model.lm_head) is not torch.nn.Linear:
+        return f"the LM head is a {type(model.lm_head).__name__}, not a torch.nn.Linear"
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj] + [getattr(mlp, n, None) for n in _MLP_PARTS[:3]]
+        if not all(type(m) is torch.nn.Linear for m in linears):
+            return "a layer's projections are not all torch.nn.Linear (gate_proj, up_proj, down_proj included)"
+        if len({a.q_proj.bias is None, a.k_proj.bias is None, a.v_proj.bias is None}) > 1:
+            return "q/k/v projections where only some have a bias"
+        if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None):
+            return "gate/up projections where only one has a bias"
+        if type(getattr(mlp, "act_fn", None)).__name__ not in _SILUS:
+            return f"the MLP's activation is {type(getattr(mlp, 'act_fn', None)).__name__}, not SiLU"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm).__name__ not in _RMS_NORMS or getattr(norm, "variance_epsilon", None) is None:
+                return f"a layer's norm is a {type(norm).__name__}, not one of {list(_RMS_NORMS)}"
     return None
 
 
@@ -94,6 +116,101 @@ def _no_weight(out: int, k: int) -> torch.Tensor:
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """``parts`` concatenated along dim 0; a single part as itself (no copy of e.g. the LM head's weight)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+# ---------------------------------------------------------------------- the layers as tensor functions
+# Written for TorchScript (type comments, no Python objects): ``_packed_layers`` runs as one scripted call per
+# forward, so its ~20 ops a layer run from C++ with no Python in between. Why: a matrix product streams 1.3-3.5 MB
+# of weights through each core's 2 MB L2 and evicts the interpreter's and dispatcher's code and data, so the
+# first ops after it ran 3-5x slower than warm (an RMS norm 110-130 us against 30-40); from C++ there is much less
+# of that to fetch again (measured: a 32-row decode step of SmolLM2's layers 79 -> 73 ms).
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
+            flat: torch.Tensor, slot0: int, length: int, mask: torch.Tensor, cos: torch.Tensor,
+            signed_sin: torch.Tensor, heads: int, kv_heads: int, scaling: float) -> torch.Tensor:
+    """One layer's attention after its projections: rotary embedding, the new keys/values written into the
+    layer's KV buffers, attention over the first ``length`` positions of the rows' slots.
+
+    q: [B, T, H*D]; k, v: [B, T, Hkv*D]; kbuf, vbuf: [S, Hkv, C, D]; flat: [B*Hkv*T] where each new key goes in
+    the buffer seen as [S*Hkv*C, D]; mask: [B, 1, G*T or 1, length] additive; cos, signed_sin: [B, 1, T, D].
+    Returns [B, T, H*D]."""
+    B, T = q.size(0), q.size(1)
+    D = kbuf.size(-1)
+    q = q.view(B, T, heads, D).transpose(1, 2)  # [B, H, T, D]
+    k = k.view(B, T, kv_heads, D).transpose(1, 2)  # [B, Hkv, T, D]
+    v = v.view(B, T, kv_heads, D).transpose(1, 2)  # [B, Hkv, T, D]
+    # rotary in 3 kernels: rotate_half(x) * sin == x.roll(D/2) * signed_sin (HF's spelling takes 7)
+    q = torch.addcmul(q * cos, q.roll(D // 2, -1), signed_sin)
+    k = torch.addcmul(k * cos, k.roll(D // 2, -1), signed_sin)
+    kbuf.view(-1, D).index_copy_(0, flat, k.reshape(-1, D))  # [B*Hkv*T, D] into [S*Hkv*C, D]
+    vbuf.view(-1, D).index_copy_(0, flat, v.reshape(-1, D))
+    keys = kbuf[slot0 : slot0 + B, :, :length]  # [B, Hkv, L, D] view
+    values = vbuf[slot0 : slot0 + B, :, :length]
+    qg = q.reshape(B, kv_heads, (heads // kv_heads) * T, D)  # grouped heads folded into the query axis
+    o = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask,
+                                                         scale=scaling)  # [B, Hkv, G*T, D]
+    return o.reshape(B, heads, T, D).transpose(1, 2).reshape(B, T, heads * D)  # [B, T, H*D]
+
+
+def _packed_product(x: torch.Tensor, w: torch.Tensor, plain: torch.Tensor, bias: Optional[torch.Tensor],
+                    rows: int) -> torch.Tensor:
+    """``x @ W.T + b`` from W packed for ``rows`` rows, x's rows zero-padded up to ``rows`` (MKL runs a packed
+    product only at the row count it was packed for and reads ``plain``, [out, in], otherwise: it is given one
+    that holds no memory, so a wrong count would show, not fall back). x: [..., in] -> [..., out]"""
+    k = x.size(-1)
+    x2 = x.reshape(-1, k)  # [n, in]
+    n = x2.size(0)
+    if n < rows:
+        x2 = torch.nn.functional.pad(x2, [0, 0, 0, rows - n])  # [rows, in]
+    y = torch.ops.mkl._mkl_linear(x2, w, plain, bias, rows)  # [rows, out]
+    if n < rows:
+        y = y[:n]
+    return y.view(list(x.shape[:-1]) + [plain.size(0)])
+
+
+def _packed_layers(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: torch.Tensor,
+                   flat: torch.Tensor, slot0: int, length: int, kbufs: List[torch.Tensor],
+                   vbufs: List[torch.Tensor], norms: List[torch.Tensor], eps: List[float],
+                   weights: List[torch.Tensor], plains: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                   rows: int, heads: int, kv_heads: int, scaling: float) -> torch.Tensor:
+    """Every decoder layer from packed weights (``SlotModel.pack``): per layer, 2 RMS norm weights and eps
+    (input, post-attention) and 4 products (q/k/v fused, o, gate/up fused, down; ``_packed_product``'s w, plain,
+    bias). x: [B, T, hidden] -> [B, T, hidden]"""
+    D = kbufs[0].size(-1)
+    nq, nk = heads * D, kv_heads * D
+    hidden = [x.size(-1)]
+    for i in range(len(kbufs)):
+        h = torch.rms_norm(x, hidden, norms[2 * i], eps[2 * i])
+        qkv = _packed_product(h, weights[4 * i], plains[4 * i], biases[4 * i], rows)  # [B, T, nq + 2 nk]
+        o = _attend(qkv[:, :, :nq], qkv[:, :, nq : nq + nk], qkv[:, :, nq + nk :], kbufs[i], vbufs[i], flat,
+                    slot0, length, mask, cos, signed_sin, heads, kv_heads, scaling)  # [B, T, H*D]
+        x = x + _packed_product(o, weights[4 * i + 1], plains[4 * i + 1], biases[4 * i + 1], rows)
+        h = torch.rms_norm(x, hidden, norms[2 * i + 1], eps[2 * i + 1])
+        gu = _packed_product(h, weights[4 * i + 2], plains[4 * i + 2], biases[4 * i + 2], rows)  # [B, T, 2 I]
+        n = gu.size(-1) // 2
+        a = torch.nn.functional.silu(gu[:, :, :n]) * gu[:, :, n:]  # [B, T, I]
+        x = x + _packed_product(a, weights[4 * i + 3], plains[4 * i + 3], biases[4 * i + 3], rows)
+    return x
+
+
+SCRIPTED = True
+"""Run ``_packed_layers`` compiled by TorchScript (False: as Python, the same ops; for comparisons)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _scripted_packed_layers():
+    """``_packed_layers`` compiled by TorchScript once per process, or None where TorchScript cannot compile it
+    (torch deprecates ``torch.jit.script`` in favour of ``torch.compile``, which took minutes to compile this
+    model's forward here and ran it slower; a torch without it, or sources not on disk, land here)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(_packed_layers)
+    except Exception as exc:  # any failure to compile: the same function runs as Python
+        log.info("embedded policy: packed decode runs as Python, TorchScript could not compile it (%s: %s)",
+                 type(exc).__name__, str(exc)[:200])
+        return None
 
 
 class SlotModel:
@@ -113,12 +230,13 @@ class SlotModel:
         self.dtype, self.device = p.dtype, p.device
         self.k: list[torch.Tensor] = []  # per layer [S, Hkv, C, D]
         self.v: list[torch.Tensor] = []
-        self.packed: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        """Module -> (its weight(s) in MKL's packed layout, bias) (``pack``): a layer's ``self_attn`` (q, k, v
+        self.packed: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+        """Module -> (its weight(s) in MKL's packed layout, bias, out features) (``pack``): a layer's ``self_attn`` (q, k, v
         fused), its ``mlp`` (gate, up fused), every ``o_proj``, ``down_proj`` and the LM head. Empty: every linear
         runs as itself."""
         self._pack_rows = 0
-        self._pad: dict[int, torch.Tensor] = {}  # in_features -> [pack_rows, in_features]: padded inputs
+        self._plan: tuple | None = None
+        """``_packed_layers``' per-layer arguments (norm weights, eps, packed weights, plain stand-ins, biases)."""
         self.initialized = 0
         """Positions ``0 .. initialized`` of every slot hold finite values (written or zeroed). Attention reads a
         view up to the longest row, so a shorter row's masked positions are read too: masked weights are 0, but
@@ -212,83 +330,46 @@ class SlotModel:
         self._pack_rows = max(1, int(rows))
         packed = {}
 
-        def put(key: torch.nn.Module, parts: list[torch.nn.Module]) -> None:
-            if not all(type(m) is torch.nn.Linear for m in parts):
-                return
-            biases = [m.bias for m in parts]
-            if any(b is None for b in biases) and not all(b is None for b in biases):
-                return  # some with a bias, some without: not fused, runs as itself
+        def put(key: torch.nn.Module, parts: list[torch.nn.Linear]) -> None:
             w = _joined([m.weight.detach() for m in parts])
-            bias = None if biases[0] is None else _joined([b.detach() for b in biases])
-            packed[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, self._pack_rows), bias)
+            bias = None if parts[0].bias is None else _joined([m.bias.detach() for m in parts])
+            packed[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, self._pack_rows), bias, w.shape[0])
 
         put(self.model.lm_head, [self.model.lm_head])
+        norms, eps, weights, plains, biases = [], [], [], [], []
         for layer in self.inner.layers:
-            a = layer.self_attn
-            put(a, [a.q_proj, a.k_proj, a.v_proj])
-            put(a.o_proj, [a.o_proj])
-            if all(hasattr(layer.mlp, n) for n in _MLP_PARTS):
-                put(layer.mlp, [layer.mlp.gate_proj, layer.mlp.up_proj])
-                put(layer.mlp.down_proj, [layer.mlp.down_proj])
+            a, mlp = layer.self_attn, layer.mlp
+            for key, parts in ((a, [a.q_proj, a.k_proj, a.v_proj]), (a.o_proj, [a.o_proj]),
+                               (mlp, [mlp.gate_proj, mlp.up_proj]), (mlp.down_proj, [mlp.down_proj])):
+                put(key, parts)
+                w, bias, out = packed[key]
+                weights.append(w)
+                plains.append(_no_weight(out, parts[0].in_features))
+                biases.append(bias)
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norms.append(norm.weight.detach())
+                eps.append(float(norm.variance_epsilon))
         self.packed = packed
+        self._plan = (norms, eps, weights, plains, biases)
         return time.perf_counter() - t0
 
     def unpack(self) -> None:
         """Drop the packed copies (the engine is idle: the weights may change, the memory goes back)."""
         self.packed = {}
-        self._pad = {}
+        self._plan = None
 
-    def _packed_for(self, key: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """``key``'s packed weight and bias if ``x``'s rows can use it (3/4 of the packed row count to all of it:
-        fewer rows run faster plain than padded); else None."""
-        if not self.packed:
-            return None
-        rows = x.numel() // x.shape[-1]
-        if 4 * rows < 3 * self._pack_rows or rows > self._pack_rows:
-            return None
-        return self.packed.get(key)
+    def _packs(self, rows: int) -> bool:
+        """Whether a product of ``rows`` rows runs from the packed weights: 3/4 of the packed row count to all of
+        it (fewer rows run faster plain than padded)."""
+        return bool(self.packed) and 3 * self._pack_rows <= 4 * rows <= 4 * self._pack_rows
 
-    def _mm(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None], out: int) -> torch.Tensor:
-        """``x @ W.T + b`` from a packed weight, the rows padded up to the packed count. x: [..., in] ->
-        [..., out]"""
-        w, bias = packed
-        k = x.shape[-1]
-        x2 = x.reshape(-1, k)  # [rows, in]
-        rows = x2.shape[0]
-        if rows < self._pack_rows:
-            buf = self._pad.get(k)
-            if buf is None:
-                buf = self._pad[k] = torch.zeros(self._pack_rows, k, dtype=x.dtype, device=x.device)
-            buf[:rows].copy_(x2)
-            x2 = buf
-        # the 3rd argument (the plain weight) is read only when the rows differ from the packed count: never here
-        y = torch.ops.mkl._mkl_linear(x2, w, _no_weight(out, k), bias, self._pack_rows)[:rows]  # [rows, out]
-        return y.view(*x.shape[:-1], out)
-
-    def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``m(x)``, from its packed weight when there is one for these rows. x: [..., in] -> [..., out]"""
-        p = self._packed_for(m, x)
-        return m(x) if p is None else self._mm(x, p, m.out_features)
-
-    def _qkv(self, attn: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The q, k, v projections of ``h`` [B, T, hidden]: one fused packed product (split as views) or the
-        three modules. Returns [B, T, H*D], [B, T, Hkv*D], [B, T, Hkv*D]."""
-        p = self._packed_for(attn, h)
+        p = self.packed.get(m) if self._packs(x.numel() // x.shape[-1]) else None
         if p is None:
-            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        nq, nk = attn.q_proj.out_features, attn.k_proj.out_features
-        qkv = self._mm(h, p, nq + 2 * nk)  # [B, T, nq + 2 nk]
-        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
-
-    def _mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The gated MLP ``down(act(gate(x)) * up(x))``, gate and up as one fused packed product when there is
-        one for these rows; otherwise the module itself."""
-        p = self._packed_for(mlp, x)
-        if p is None:
-            return mlp(x)
-        n = mlp.gate_proj.out_features
-        gu = self._mm(x, p, 2 * n)  # [..., 2 n]
-        return self._linear(mlp.down_proj, mlp.act_fn(gu[..., :n]) * gu[..., n:])
+            return m(x)
+        w, bias, out = p
+        return _packed_product(x, w, _no_weight(out, x.shape[-1]), bias, self._pack_rows)
 
     # ------------------------------------------------------------------ forward
     def forward(self, slot0: int, ids: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
@@ -302,7 +383,7 @@ class SlotModel:
         """
         B, T = ids.shape
         C = self.capacity
-        H, Hkv, G, D = self.num_heads, self.num_kv_heads, self.groups, self.head_dim
+        H, Hkv, G = self.num_heads, self.num_kv_heads, self.groups
         pos = start[:, None] + torch.arange(T, device=ids.device)[None, :]  # [B, T]
         L = int((start + n_new).max())  # keys any real query needs
         write = pos.clamp(max=C - 1)  # [B, T]
@@ -319,25 +400,18 @@ class SlotModel:
         x = self.inner.embed_tokens(ids)  # [B, T, hidden]
         cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
         cos, sin = cos[:, None], self._signed_sin(sin)[:, None]  # [B, 1, T, D]
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = self._norm(layer.input_layernorm, x)
-            q, k, v = self._qkv(attn, h)
-            q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-            k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-            v = v.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            kbuf, vbuf = self.k[i], self.v[i]
-            kbuf.view(-1, D).index_copy_(0, flat, k.reshape(-1, D))  # [B*Hkv*T, D] into [S*Hkv*C, D]
-            vbuf.view(-1, D).index_copy_(0, flat, v.reshape(-1, D))
-            keys = kbuf[slot0 : slot0 + B, :, :L]  # [B, Hkv, L, D] view
-            values = vbuf[slot0 : slot0 + B, :, :L]
-            qg = q.reshape(B, Hkv, G * T, D)  # grouped heads folded into the query axis
-            o = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask,
-                                                                 scale=self.scaling)  # [B, Hkv, G*T, D]
-            o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
-            x = x + self._linear(attn.o_proj, o)
-            x = x + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, x))
+        if self._plan is not None and self._packs(B * T):
+            layers = _scripted_packed_layers() if SCRIPTED else None
+            x = (layers or _packed_layers)(x, cos, sin, mask, flat, slot0, L, self.k, self.v, *self._plan,
+                                           self._pack_rows, H, Hkv, self.scaling)
+        else:
+            for i, layer in enumerate(self.inner.layers):
+                attn = layer.self_attn
+                h = self._norm(layer.input_layernorm, x)
+                o = _attend(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), self.k[i], self.v[i], flat, slot0, L,
+                            mask, cos, sin, H, Hkv, self.scaling)  # [B, T, H*D]
+                x = x + attn.o_proj(o)
+                x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         last = x[torch.arange(B, device=ids.device), n_new - 1]  # [B, hidden]
         return self._linear(self.model.lm_head, self._norm(self.inner.norm, last)).float()  # [B, V]
 
@@ -356,9 +430,3 @@ class SlotModel:
         layout, whose halves share the same frequencies. [..., D] -> [..., D]"""
         half = sin.shape[-1] // 2
         return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding in 3 kernels (HF's ``apply_rotary_pos_emb`` takes 7 per tensor: slices, neg, cat).
-        x: [B, heads, T, D]; cos, signed_sin: [B, 1, T, D]. Returns [B, heads, T, D]."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
