@@ -402,8 +402,11 @@ class SlotModel:
         cos, sin = cos[:, None], self._signed_sin(sin)[:, None]  # [B, 1, T, D]
         if self._plan is not None and self._packs(B * T):
             layers = _scripted_packed_layers() if SCRIPTED else None
-            x = (layers or _packed_layers)(x, cos, sin, mask, flat, slot0, L, self.k, self.v, *self._plan,
-                                           self._pack_rows, H, Hkv, self.scaling)
+            # TorchScript's optimizing executor would profile the first calls and specialize the graph to their
+            # shapes (rows and keys change every step); it has nothing to fuse on CPU: the plain executor
+            with torch.jit.optimized_execution(False):
+                x = (layers or _packed_layers)(x, cos, sin, mask, flat, slot0, L, self.k, self.v, *self._plan,
+                                               self._pack_rows, H, Hkv, self.scaling)
         else:
             for i, layer in enumerate(self.inner.layers):
                 attn = layer.self_attn
