@@ -354,6 +354,19 @@ def test_packing_is_refused_with_a_reason_off_the_cpu_fp32_path():
         engine.stop()
 
 
+def test_packing_names_the_layer_part_its_packed_layers_do_not_cover():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    if packing_unsupported_reason(model) is not None:
+        pytest.skip(f"packing unsupported here: {packing_unsupported_reason(model)}")
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    assert packing_unsupported_reason(model) == "the MLP's activation is GELU, not SiLU"
+    model = build_tiny_model(tok)
+    model.model.layers[0].self_attn.k_proj.bias = torch.nn.Parameter(torch.zeros(model.config.num_key_value_heads
+                                                                                 * model.config.head_dim))
+    assert packing_unsupported_reason(model) == "q/k/v projections where only some have a bias"
+
+
 def test_a_request_that_comes_while_the_worker_lingers_starts_in_the_same_busy_period():
     """The next call of a client (here: sent from the first call's done callback, as the last row ends) is taken
     during ``LINGER_S``: the packed weights made in the first call's busy period serve it (one packing, not two),

@@ -30,7 +30,9 @@ views: ~5% of a decode step; the products after a GEMM pay for the cache it evic
 bits as ``F.linear`` on the machines measured (padded or not, fused or not, bias or not; the tests hold them to
 1e-5). The copy costs as much memory as the linear weights (SmolLM2-135M fp32: ~510 MB) and is stale once the
 weights change, so the engine packs only while it generates (after a few decode steps: a short burst does not
-pay the ~0.15 s packing) and drops the copy when it goes idle.
+pay the ~0.15 s packing) and drops the copy when it goes idle. A packed forward runs every layer in one call of
+``_packed_layers``, compiled by TorchScript (see the note above it): it takes the norm weights and packed
+weights as lists, so packing needs the layout it assumes (``packing_unsupported_reason``).
 """
 
 from __future__ import annotations
