@@ -354,6 +354,76 @@ def test_packing_is_refused_with_a_reason_off_the_cpu_fp32_path():
         engine.stop()
 
 
+def test_the_scripted_layers_give_the_module_loops_logits_and_step_aside_for_a_wrapped_module(monkeypatch):
+    """Unpacked, ``SlotModel`` runs the layers as one TorchScript call (``_plain_layers``) where they have its
+    layout: the logits of a prefill and a decode step are those of the module loop (``SCRIPTED`` off); a weight
+    changed in place is seen at the next step; a projection wrapped by another module sends the forward back to
+    the module loop (after ``release``: the plan is read once a busy period), which runs the wrapper."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    if slots.layers_unsupported_reason(model) is not None:
+        pytest.skip(f"layer functions unsupported here: {slots.layers_unsupported_reason(model)}")
+    torch.manual_seed(0)
+    V = model.config.vocab_size
+    prompt, nxt = torch.randint(3, V, (3, 5)), torch.randint(3, V, (3, 1))
+
+    def run(scripted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(slots, "SCRIPTED", scripted)
+        sm = SlotModel(model)
+        sm.reserve(3, 64, 0)
+        with torch.inference_mode():
+            first = sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))  # [3, V]
+            assert (sm._plain is not None and sm._plain[0] is not None) == scripted
+            return first, sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+
+    assert slots._scripted(slots._plain_layers) is not slots._plain_layers  # TorchScript compiled it here
+    for a, b in zip(run(True), run(False)):
+        assert a.shape == b.shape == (3, V)
+        assert (a - b).abs().max().item() < 1e-6
+
+    monkeypatch.setattr(slots, "SCRIPTED", True)
+    sm = SlotModel(model)
+    sm.reserve(3, 64, 0)
+    q = model.model.layers[1].self_attn.q_proj
+    with torch.inference_mode():
+        sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
+        before = sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+        q.weight.mul_(-1.0)  # in place, no release: the listed parameter is the module's
+        after = sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+    assert sm._plain[0] is not None  # both steps ran the scripted layers
+    monkeypatch.setattr(slots, "SCRIPTED", False)
+    sm2 = SlotModel(model)
+    sm2.reserve(3, 64, 0)
+    with torch.inference_mode():
+        sm2.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
+        assert (after - sm2.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))).abs().max() < 1e-6
+    assert (after - before).abs().max() > 1e-3  # the flipped weight changed the logits
+
+    class Doubled(torch.nn.Module):  # an adapter-like wrapper: not a torch.nn.Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    model.model.layers[1].self_attn.q_proj = Doubled(q)
+    monkeypatch.setattr(slots, "SCRIPTED", True)
+    sm.release()
+    sm.reserve(3, 64, 0)
+    with torch.inference_mode():
+        sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
+        wrapped = sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+    assert sm._plain == (None,)  # the layout check refused: the module loop ran, wrapper included
+    monkeypatch.setattr(slots, "SCRIPTED", False)
+    sm2.release()
+    sm2.reserve(3, 64, 0)
+    with torch.inference_mode():
+        sm2.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
+        assert (wrapped - sm2.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))).abs().max() < 1e-6
+    assert (wrapped - after).abs().max() > 1e-3
+
+
 def test_packing_names_the_layer_part_its_packed_layers_do_not_cover():
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok)
@@ -436,7 +506,7 @@ def test_packed_products_padded_and_fused_give_the_logits_of_the_modules(monkeyp
         assert a.shape == b.shape == (rows, model.config.vocab_size)
         assert (a - b).abs().max().item() < 1e-5, rows
         if runs_packed:  # the layers scripted by TorchScript and the same function as Python
-            assert slots._scripted_packed_layers() is not None  # TorchScript compiles it here
+            assert slots._scripted(slots._packed_layers) is not slots._packed_layers  # TorchScript compiled it
             monkeypatch.setattr(slots, "SCRIPTED", False)
             c = decode(packed, rows)
             monkeypatch.setattr(slots, "SCRIPTED", True)

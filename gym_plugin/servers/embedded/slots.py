@@ -77,13 +77,41 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
-    """None if ``SlotModel.pack`` applies to ``model`` (CPU, fp32, torch built with MKL); otherwise why not."""
+def layers_unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None if every decoder layer of ``model`` (one ``unsupported_reason`` accepts) has the layout the layer
+    functions (``_plain_layers``, ``_packed_layers``) assume: fp32 on the CPU, torch.nn.Linear projections (biases
+    on all or none of q/k/v and of gate/up), a SiLU-gated MLP, RMS norms; otherwise why not (``SlotModel`` then
+    calls the modules one by one: e.g. a projection wrapped by an adapter)."""
     p = next(model.parameters())
     if p.device.type != "cpu":
-        return f"the model is on {p.device}, packed weights are CPU only"
+        return f"the model is on {p.device}, the layer functions run on the CPU only"
     if p.dtype != torch.float32:
-        return f"the model is {p.dtype}, packed weights are fp32 only"
+        return f"the model is {p.dtype}, the layer functions are fp32 only"
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, getattr(mlp, "gate_proj", None),
+                   getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None))
+        if not all(type(m) is torch.nn.Linear for m in linears):
+            return "a layer's projections are not all torch.nn.Linear (gate_proj, up_proj, down_proj included)"
+        if not (a.q_proj.bias is None) == (a.k_proj.bias is None) == (a.v_proj.bias is None):
+            return "q/k/v projections where only some have a bias"
+        if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None):
+            return "gate/up projections where only one has a bias"
+        act = type(getattr(mlp, "act_fn", None)).__name__
+        if act not in _SILUS:
+            return f"the MLP's activation is {act}, not SiLU"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm).__name__ not in _RMS_NORMS or getattr(norm, "variance_epsilon", None) is None:
+                return f"a layer's norm is a {type(norm).__name__}, not one of {list(_RMS_NORMS)}"
+    return None
+
+
+def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None if ``SlotModel.pack`` applies to ``model`` (the layout ``layers_unsupported_reason`` accepts: CPU,
+    fp32; a torch built with MKL; a plain LM head); otherwise why not."""
+    why = layers_unsupported_reason(model)
+    if why is not None:
+        return why
     if not torch.backends.mkl.is_available():
         return "this torch build has no MKL"
     try:
@@ -92,20 +120,6 @@ def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
         return "this torch build has no torch.ops.mkl._mkl_linear"
     if type(model.lm_head) is not torch.nn.Linear:
         return f"the LM head is a {type(model.lm_head).__name__}, not a torch.nn.Linear"
-    for layer in model.model.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj] + [getattr(mlp, n, None) for n in _MLP_PARTS[:3]]
-        if not all(type(m) is torch.nn.Linear for m in linears):
-            return "a layer's projections are not all torch.nn.Linear (gate_proj, up_proj, down_proj included)"
-        if len({a.q_proj.bias is None, a.k_proj.bias is None, a.v_proj.bias is None}) > 1:
-            return "q/k/v projections where only some have a bias"
-        if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None):
-            return "gate/up projections where only one has a bias"
-        if type(getattr(mlp, "act_fn", None)).__name__ not in _SILUS:
-            return f"the MLP's activation is {type(getattr(mlp, 'act_fn', None)).__name__}, not SiLU"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if type(norm).__name__ not in _RMS_NORMS or getattr(norm, "variance_epsilon", None) is None:
-                return f"a layer's norm is a {type(norm).__name__}, not one of {list(_RMS_NORMS)}"
     return None
 
 
@@ -196,23 +210,46 @@ def _packed_layers(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
     return x
 
 
+def _plain_layers(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: torch.Tensor,
+                  flat: torch.Tensor, slot0: int, length: int, kbufs: List[torch.Tensor],
+                  vbufs: List[torch.Tensor], norms: List[torch.Tensor], eps: List[float],
+                  weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]], heads: int, kv_heads: int,
+                  scaling: float) -> torch.Tensor:
+    """Every decoder layer from the modules' own weights: per layer, 2 RMS norm weights and eps (input,
+    post-attention) and 7 weights and biases (q, k, v, o, gate, up, down). x: [B, T, hidden] -> [B, T, hidden]"""
+    hidden = [x.size(-1)]
+    F = torch.nn.functional
+    for i in range(len(kbufs)):
+        w = weights[7 * i : 7 * i + 7]
+        b = biases[7 * i : 7 * i + 7]
+        h = torch.rms_norm(x, hidden, norms[2 * i], eps[2 * i])
+        o = _attend(F.linear(h, w[0], b[0]), F.linear(h, w[1], b[1]), F.linear(h, w[2], b[2]), kbufs[i], vbufs[i],
+                    flat, slot0, length, mask, cos, signed_sin, heads, kv_heads, scaling)  # [B, T, H*D]
+        x = x + F.linear(o, w[3], b[3])
+        h = torch.rms_norm(x, hidden, norms[2 * i + 1], eps[2 * i + 1])
+        x = x + F.linear(F.silu(F.linear(h, w[4], b[4])) * F.linear(h, w[5], b[5]), w[6], b[6])
+    return x
+
+
 SCRIPTED = True
-"""Run ``_packed_layers`` compiled by TorchScript (False: as Python, the same ops; for comparisons)."""
+"""Run the layer functions compiled by TorchScript (False: ``_packed_layers`` as Python and, unpacked, the module
+loop; for comparisons and tests)."""
 
 
-@functools.lru_cache(maxsize=1)
-def _scripted_packed_layers():
-    """``_packed_layers`` compiled by TorchScript once per process, or None where TorchScript cannot compile it
-    (torch deprecates ``torch.jit.script`` in favour of ``torch.compile``, which took minutes to compile this
-    model's forward here and ran it slower; a torch without it, or sources not on disk, land here)."""
+@functools.lru_cache(maxsize=None)
+def _scripted(fn):
+    """``fn`` (``_plain_layers`` or ``_packed_layers``) compiled by TorchScript once per process; ``fn`` itself
+    where TorchScript cannot compile it (torch deprecates ``torch.jit.script`` in favour of ``torch.compile``,
+    which took minutes to compile this model's forward here and then ran it slower; a torch without it, or
+    sources not on disk, land here: the same ops then run from Python)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.jit.script(_packed_layers)
-    except Exception as exc:  # any failure to compile: the same function runs as Python
-        log.info("embedded policy: packed decode runs as Python, TorchScript could not compile it (%s: %s)",
+            return torch.jit.script(fn)
+    except Exception as exc:  # any failure to compile: the function runs as Python
+        log.info("embedded policy: %s runs as Python, TorchScript could not compile it (%s: %s)", fn.__name__,
                  type(exc).__name__, str(exc)[:200])
-        return None
+        return fn
 
 
 class SlotModel:
@@ -238,6 +275,7 @@ class SlotModel:
         runs as itself."""
         self._pack_rows = 0
         self._plan: tuple | None = None
+        self._plain: tuple | None = None  # (``_plain_plan``'s result,) once read
         """``_packed_layers``' per-layer arguments (norm weights, eps, packed weights, plain stand-ins, biases)."""
         self.initialized = 0
         """Positions ``0 .. initialized`` of every slot hold finite values (written or zeroed). Attention reads a
@@ -296,8 +334,10 @@ class SlotModel:
         self.initialized = end
 
     def release(self) -> None:
-        """Drop the buffers (the engine is idle; the memory goes back to the trainer)."""
+        """Drop the buffers (the engine is idle; the memory goes back to the trainer) and the plain plan (the
+        modules are read again at the next forward)."""
         self.k, self.v = [], []
+        self._plain = None
         self.initialized = 0
 
     def move(self, dst: list[int], src: list[int], used: int) -> None:
@@ -360,6 +400,31 @@ class SlotModel:
         self.packed = {}
         self._plan = None
 
+    def _plain_plan(self) -> tuple | None:
+        """``_plain_layers``' per-layer arguments (norm weights, eps, the 7 projections' weights and biases), or
+        None where ``layers_unsupported_reason`` says the layers are not its layout. Read from the modules at the
+        first forward after ``release`` (reading them takes ~1 ms, a step 50-100) and kept until the next: the
+        parameters themselves are listed, so weights changed in place (``copy_``, an optimizer step,
+        ``p.data = ...``) are seen at once; a module or parameter replaced by another object is seen from the
+        next busy period (the engine releases when it goes idle, and weights change only then)."""
+        if self._plain is None:
+            self._plain = (self._read_plain_plan(),)
+        return self._plain[0]
+
+    def _read_plain_plan(self) -> tuple | None:
+        if layers_unsupported_reason(self.model) is not None:
+            return None
+        norms, eps, weights, biases = [], [], [], []
+        for layer in self.inner.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                weights.append(m.weight)
+                biases.append(m.bias)
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norms.append(norm.weight)
+                eps.append(float(norm.variance_epsilon))
+        return norms, eps, weights, biases
+
     def _packs(self, rows: int) -> bool:
         """Whether a product of ``rows`` rows runs from the packed weights: 3/4 of the packed row count to all of
         it (fewer rows run faster plain than padded)."""
@@ -403,13 +468,16 @@ class SlotModel:
         cos, sin = self.inner.rotary_emb(x, pos)  # [B, T, D] each
         cos, sin = cos[:, None], self._signed_sin(sin)[:, None]  # [B, 1, T, D]
         if self._plan is not None and self._packs(B * T):
-            layers = _scripted_packed_layers() if SCRIPTED else None
+            run, args = _packed_layers, (*self._plan, self._pack_rows)
+        else:
+            run, args = _plain_layers, self._plain_plan() if SCRIPTED else None
+        if args is not None:
             # TorchScript's optimizing executor would profile the first calls and specialize the graph to their
             # shapes (rows and keys change every step); it has nothing to fuse on CPU: the plain executor
             with torch.jit.optimized_execution(False):
-                x = (layers or _packed_layers)(x, cos, sin, mask, flat, slot0, L, self.k, self.v, *self._plan,
-                                               self._pack_rows, H, Hkv, self.scaling)
-        else:
+                x = (_scripted(run) if SCRIPTED else run)(x, cos, sin, mask, flat, slot0, L, self.k, self.v, *args,
+                                                          H, Hkv, self.scaling)
+        else:  # a layout the layer functions do not cover (or SCRIPTED off): the modules one by one
             for i, layer in enumerate(self.inner.layers):
                 attn = layer.self_attn
                 h = self._norm(layer.input_layernorm, x)
