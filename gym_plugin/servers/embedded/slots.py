@@ -11,8 +11,14 @@ and, with a mask, repeats every KV head for the grouped query heads (``repeat_kv
 at every layer of every step, which is why long answers ran at a third of the machine's limit), and it has no
 notion of rows of different lengths joining a running batch. Here the grouped query heads are folded into the
 query axis (``[B, Hkv, G*T, D]``), so attention reads each KV head once, and the LM head runs only at the last
-position of each row. The weights are the model's own modules (``q_proj(x)`` ...), so a weight update, shared
-weights or a trainer stepping the module in place are seen at once.
+position of each row. The weights are the model's own parameters, so a weight update, shared weights or a
+trainer stepping them in place are seen at once.
+
+Where the layers have the usual layout (fp32 on the CPU, ``torch.nn.Linear`` projections, a SiLU-gated MLP, RMS
+norms: ``layers_unsupported_reason``), a forward runs all of them in one call of a function compiled by
+TorchScript (``_plain_layers``, or ``_packed_layers`` from packed weights), its parameters listed once per busy
+period (``release`` drops the list); otherwise (another norm or activation, a projection wrapped by an adapter,
+bf16, a GPU) it calls the modules one by one. Same ops, same bits.
 
 Supported: ``LlamaForCausalLM`` and the same layout (Mistral without sliding window, Qwen2 with its q/k/v
 biases); ``unsupported_reason`` says why another model is not (the engine then uses the batch-at-a-time path).
@@ -135,11 +141,13 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the layers as tensor functions
-# Written for TorchScript (type comments, no Python objects): ``_packed_layers`` runs as one scripted call per
-# forward, so its ~20 ops a layer run from C++ with no Python in between. Why: a matrix product streams 1.3-3.5 MB
-# of weights through each core's 2 MB L2 and evicts the interpreter's and dispatcher's code and data, so the
-# first ops after it ran 3-5x slower than warm (an RMS norm 110-130 us against 30-40); from C++ there is much less
-# of that to fetch again (measured: a 32-row decode step of SmolLM2's layers 79 -> 73 ms).
+# Written for TorchScript (annotated, tensors and numbers only): ``_plain_layers`` / ``_packed_layers`` run as one
+# scripted call per forward, so the ~20 ops a layer has between its products run from C++ with no Python in
+# between. Why: a matrix product streams 1.3-3.5 MB of weights through each core's 2 MB L2 and evicts the
+# interpreter's and dispatcher's code and data, so the first ops after it ran 3-5x slower than warm (an RMS norm
+# 110-130 us against 30-40, whichever spelling: 3 kernels or 10 cost the same); from C++ there is less of that
+# to fetch again. Measured on SmolLM2-135M (2 cores, alternating): a 32-row packed decode step 84-104 -> 79-94
+# ms, 32 rows unpacked 111 -> 103, 4 rows 63 -> 58.
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
