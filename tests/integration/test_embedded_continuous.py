@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from gym_plugin.models.tiny import build_tiny_model, build_tiny_tokenizer

@@ -278,9 +278,9 @@ class SlotModel:
         self.k: list[torch.Tensor] = []  # per layer [S, Hkv, C, D]
         self.v: list[torch.Tensor] = []
         self.packed: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
-        """Module -> (its weight(s) in MKL's packed layout, bias, out features) (``pack``): a layer's ``self_attn`` (q, k, v
-        fused), its ``mlp`` (gate, up fused), every ``o_proj``, ``down_proj`` and the LM head. Empty: every linear
-        runs as itself."""
+        """Module -> (its weight(s) in MKL's packed layout, bias, out features) (``pack``): a layer's ``self_attn``
+        (q, k, v fused), its ``mlp`` (gate, up fused), every ``o_proj``, ``down_proj`` and the LM head. Empty: every
+        linear runs from its own weight."""
         self._pack_rows = 0
         self._plan: tuple | None = None
         self._plain: tuple | None = None  # (``_plain_plan``'s result,) once read
