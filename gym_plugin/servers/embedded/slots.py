@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import warnings
 from typing import List, Optional
@@ -244,6 +245,9 @@ SCRIPTED = True
 loop; for comparisons and tests)."""
 
 
+_SCRIPT_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _scripted(fn):
     """``fn`` (``_plain_layers`` or ``_packed_layers``) compiled by TorchScript once per process; ``fn`` itself
@@ -251,7 +255,7 @@ def _scripted(fn):
     which took minutes to compile this model's forward here and then ran it slower; a torch without it, or
     sources not on disk, land here: the same ops then run from Python)."""
     try:
-        with warnings.catch_warnings():
+        with _SCRIPT_LOCK, warnings.catch_warnings():  # two engines' first forwards: one compiles
             warnings.simplefilter("ignore")
             return torch.jit.script(fn)
     except Exception as exc:  # any failure to compile: the function runs as Python
