@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -423,6 +426,14 @@ def test_the_scripted_layers_give_the_module_loops_logits_and_step_aside_for_a_w
         sm2.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
         assert (wrapped - sm2.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))).abs().max() < 1e-6
     assert (wrapped - after).abs().max() > 1e-3
+
+
+def test_GYM_PLUGIN_SCRIPTED_LAYERS_0_turns_the_scripted_layers_off():
+    code = "from gym_plugin.servers.embedded import slots; print(slots.SCRIPTED)"
+    env = {**os.environ, "GYM_PLUGIN_SCRIPTED_LAYERS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert slots.SCRIPTED == (os.environ.get("GYM_PLUGIN_SCRIPTED_LAYERS", "1") != "0")  # this process: as set
 
 
 def test_packing_names_the_layer_part_its_packed_layers_do_not_cover():
