@@ -289,8 +289,8 @@ class SlotModel:
         linear runs from its own weight."""
         self._pack_rows = 0
         self._plan: tuple | None = None
-        self._plain: tuple | None = None  # (``_plain_plan``'s result,) once read
         """``_packed_layers``' per-layer arguments (norm weights, eps, packed weights, plain stand-ins, biases)."""
+        self._plain: tuple | None = None  # (``_plain_plan``'s result,) once read
         self.initialized = 0
         """Positions ``0 .. initialized`` of every slot hold finite values (written or zeroed). Attention reads a
         view up to the longest row, so a shorter row's masked positions are read too: masked weights are 0, but
@@ -392,7 +392,7 @@ class SlotModel:
             packed[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, self._pack_rows), bias, w.shape[0])
 
         put(self.model.lm_head, [self.model.lm_head])
-        norms, eps, weights, plains, biases = [], [], [], [], []
+        weights, plains, biases = [], [], []
         for layer in self.inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             for key, parts in ((a, [a.q_proj, a.k_proj, a.v_proj]), (a.o_proj, [a.o_proj]),
@@ -402,11 +402,8 @@ class SlotModel:
                 weights.append(w)
                 plains.append(_no_weight(out, parts[0].in_features))
                 biases.append(bias)
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norms.append(norm.weight.detach())
-                eps.append(float(norm.variance_epsilon))
         self.packed = packed
-        self._plan = (norms, eps, weights, plains, biases)
+        self._plan = (*self._norm_args(), weights, plains, biases)
         return time.perf_counter() - t0
 
     def unpack(self) -> None:
@@ -428,16 +425,23 @@ class SlotModel:
     def _read_plain_plan(self) -> tuple | None:
         if layers_unsupported_reason(self.model) is not None:
             return None
-        norms, eps, weights, biases = [], [], [], []
+        weights, biases = [], []
         for layer in self.inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 weights.append(m.weight)
                 biases.append(m.bias)
+        return (*self._norm_args(), weights, biases)
+
+    def _norm_args(self) -> tuple[list[torch.Tensor], list[float]]:
+        """The layer functions' norm arguments: each layer's input and post-attention RMS norm weights (the
+        parameters themselves) and their eps, in that order."""
+        norms, eps = [], []
+        for layer in self.inner.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norms.append(norm.weight)
                 eps.append(float(norm.variance_epsilon))
-        return norms, eps, weights, biases
+        return norms, eps
 
     def _packs(self, rows: int) -> bool:
         """Whether a product of ``rows`` rows runs from the packed weights: 3/4 of the packed row count to all of
