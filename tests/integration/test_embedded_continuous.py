@@ -371,14 +371,24 @@ def test_the_scripted_layers_give_the_module_loops_logits_and_step_aside_for_a_w
     V = model.config.vocab_size
     prompt, nxt = torch.randint(3, V, (3, 5)), torch.randint(3, V, (3, 1))
 
+    def steps(sm: SlotModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of a 5-token prefill and of one decode step of 3 rows. [3, V] each"""
+        sm.reserve(3, 64, 0)
+        with torch.inference_mode():
+            first = sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
+            return first, sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+
+    def module_loop() -> torch.Tensor:
+        """The decode step's logits from the module loop (``SCRIPTED`` off, a fresh SlotModel). [3, V]"""
+        monkeypatch.setattr(slots, "SCRIPTED", False)
+        return steps(SlotModel(model))[1]
+
     def run(scripted: bool) -> tuple[torch.Tensor, torch.Tensor]:
         monkeypatch.setattr(slots, "SCRIPTED", scripted)
         sm = SlotModel(model)
-        sm.reserve(3, 64, 0)
-        with torch.inference_mode():
-            first = sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))  # [3, V]
-            assert (sm._plain is not None and sm._plain[0] is not None) == scripted
-            return first, sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+        out = steps(sm)
+        assert (sm._plain is not None and sm._plain[0] is not None) == scripted
+        return out
 
     assert slots._scripted(slots._plain_layers) is not slots._plain_layers  # TorchScript compiled it here
     for a, b in zip(run(True), run(False)):
@@ -387,20 +397,13 @@ def test_the_scripted_layers_give_the_module_loops_logits_and_step_aside_for_a_w
 
     monkeypatch.setattr(slots, "SCRIPTED", True)
     sm = SlotModel(model)
-    sm.reserve(3, 64, 0)
     q = model.model.layers[1].self_attn.q_proj
+    _, before = steps(sm)
     with torch.inference_mode():
-        sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
-        before = sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
         q.weight.mul_(-1.0)  # in place, no release: the listed parameter is the module's
         after = sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
     assert sm._plain[0] is not None  # both steps ran the scripted layers
-    monkeypatch.setattr(slots, "SCRIPTED", False)
-    sm2 = SlotModel(model)
-    sm2.reserve(3, 64, 0)
-    with torch.inference_mode():
-        sm2.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
-        assert (after - sm2.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))).abs().max() < 1e-6
+    assert (after - module_loop()).abs().max() < 1e-6
     assert (after - before).abs().max() > 1e-3  # the flipped weight changed the logits
 
     class Doubled(torch.nn.Module):  # an adapter-like wrapper: not a torch.nn.Linear
@@ -414,17 +417,9 @@ def test_the_scripted_layers_give_the_module_loops_logits_and_step_aside_for_a_w
     model.model.layers[1].self_attn.q_proj = Doubled(q)
     monkeypatch.setattr(slots, "SCRIPTED", True)
     sm.release()
-    sm.reserve(3, 64, 0)
-    with torch.inference_mode():
-        sm.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
-        wrapped = sm.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))
+    _, wrapped = steps(sm)
     assert sm._plain == (None,)  # the layout check refused: the module loop ran, wrapper included
-    monkeypatch.setattr(slots, "SCRIPTED", False)
-    sm2.release()
-    sm2.reserve(3, 64, 0)
-    with torch.inference_mode():
-        sm2.forward(0, prompt, torch.zeros(3, dtype=torch.long), torch.full((3,), 5))
-        assert (wrapped - sm2.forward(0, nxt, torch.full((3,), 5), torch.ones(3, dtype=torch.long))).abs().max() < 1e-6
+    assert (wrapped - module_loop()).abs().max() < 1e-6
     assert (wrapped - after).abs().max() > 1e-3
 
 
