@@ -11,6 +11,10 @@ same plus LOW_MEMORY (memory=low), ``ours_inbwd`` plus IN_BACKWARD (AdamW steppe
 bench/trl_grpo.py run with ``--trl-python`` (a venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
 of the machine hits every side.
 
+Allocator: our recipe runs under jemalloc where it is installed (gym_plugin/allocator.py; its log's first line
+says which); ``GYM_PLUGIN_ALLOCATOR=system python bench/vs_trl.py ...`` runs ours on the C library's malloc.
+``trl_jemalloc`` runs TRL's side with jemalloc preloaded too.
+
 Collection = our ``perf/collect_time_s`` (rollouts from the embedded server through the Gym servers) vs TRL's
 ``_generate_and_score_completions``; training = the rest of the step (ours: process_rollouts, grpo_step, weight
 sync, logging; TRL: loss, backward, optimizer). Peak RSS = the run's process, from ``os.wait4``. s/step is the
@@ -48,7 +52,9 @@ IN_BACKWARD = ["train.optimizer_in_backward=true", "step.max_grad_norm=null"]
 """``ours_inbwd``: the default's AdamW (its moments kept), each parameter stepped inside backward, so the model's
 gradients never exist at once (-517 MB for SmolLM2); the global norm is not clipped."""
 SIDE_OVERRIDES = {"ours": [], "ours_lowmem": LOW_MEMORY, "ours_inbwd": IN_BACKWARD}
-TRL_SIDES = ("trl", "trl_gym")
+TRL_SIDES = ("trl", "trl_gym", "trl_jemalloc")
+"""``trl_jemalloc``: TRL's run with jemalloc preloaded, as our recipe runs where it is installed
+(gym_plugin/allocator.py): the comparison with the allocator taken out."""
 
 
 def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:
@@ -65,9 +71,17 @@ def ours(args, run_dir: Path, env: dict, extra: list[str] = ()) -> dict:
     return {"steps": steps, "peak_rss_mb": rss, "wall_s": wall}
 
 
-def trl(args, out: Path, env: dict, gym: bool = False) -> dict:
+def trl(args, out: Path, env: dict, gym: bool = False, jemalloc: bool = False) -> dict:
     cmd = [args.trl_python, "bench/trl_grpo.py", "--steps", str(args.steps), "--max-new-tokens",
            str(args.max_new_tokens), "--out", str(out), *(["--gym"] if gym else [])]
+    if jemalloc:
+        sys.path.insert(0, str(ROOT))
+        from gym_plugin.allocator import find_jemalloc
+
+        path = find_jemalloc()
+        if path is None:
+            sys.exit("--sides trl_jemalloc: libjemalloc is not installed (apt-get install libjemalloc2)")
+        env = {**env, "LD_PRELOAD": path}
     rc, wall, rss = run(cmd, out.with_suffix(".log"), env)
     if rc != 0:
         sys.exit(f"TRL failed (rc {rc}); see {out.with_suffix('.log')}")
@@ -101,7 +115,8 @@ def main() -> None:
                         help="comma-separated, run in this order each round: ours (the default recipe: AdamW), "
                              "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), ours_inbwd (+ " + " ".join(IN_BACKWARD)
                              + "), trl, trl_gym (TRL's trainer with "
-                             "gym_plugin.trl's rollouts: bench/trl_grpo.py --gym)")
+                             "gym_plugin.trl's rollouts: bench/trl_grpo.py --gym), trl_jemalloc (trl with "
+                             "jemalloc preloaded)")
     parser.add_argument("ours_overrides", nargs="*", help="extra Hydra overrides for our recipe")
     args = parser.parse_args()
     out_dir = (ROOT / args.out_dir) if not os.path.isabs(args.out_dir) else Path(args.out_dir)
@@ -118,7 +133,8 @@ def main() -> None:
         for side in order:
             stamp = time.strftime("%H%M%S")
             if side in TRL_SIDES:
-                res = trl(args, out_dir / f"{side}_r{r}_{stamp}.json", env, gym=side == "trl_gym")
+                res = trl(args, out_dir / f"{side}_r{r}_{stamp}.json", env, gym=side == "trl_gym",
+                          jemalloc=side == "trl_jemalloc")
             else:
                 res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, SIDE_OVERRIDES[side])
             results[side].append(res)
@@ -132,14 +148,17 @@ def main() -> None:
     for side, s in sides.items():
         print(f"{side:11} {s['step_s_2..N']:8.1f} {s['collect_s_2..N']:8.1f} {s['train_s_2..N']:8.1f} "
               f"{s['step_s_all']:11.1f} {s['peak_rss_mb']:12.0f}  {[round(x, 2) for x in s['reward_by_step']]}")
-    if "trl" in sides and len(sides) > 1:
-        t = sides["trl"]
-        for name, o in sides.items():
-            if name == "trl":
-                continue
-            print(f"{name + '/trl':11} {o['step_s_2..N'] / t['step_s_2..N']:8.2f} "
-                  f"{o['collect_s_2..N'] / t['collect_s_2..N']:8.2f} {o['train_s_2..N'] / t['train_s_2..N']:8.2f} "
-                  f"{o['step_s_all'] / t['step_s_all']:11.2f} {o['peak_rss_mb'] / t['peak_rss_mb']:12.2f}")
+    bases = [b for b in ("trl", "trl_jemalloc") if b in sides]
+    if bases and len(sides) > 1:
+        for base in bases:
+            t = sides[base]
+            for name, o in sides.items():
+                if name in TRL_SIDES:
+                    continue
+                print(f"{name + '/' + base:11} {o['step_s_2..N'] / t['step_s_2..N']:8.2f} "
+                      f"{o['collect_s_2..N'] / t['collect_s_2..N']:8.2f} {o['train_s_2..N'] / t['train_s_2..N']:8.2f} "
+                      f"{o['step_s_all'] / t['step_s_all']:11.2f} {o['peak_rss_mb'] / t['peak_rss_mb']:12.2f}")
+        t = sides[bases[0]]
         print("(ratios: ours / TRL; targets (issue \"The sampler\"): s/step <= 0.3 and peak RSS <= 0.3, both at 48 and 256 tokens)")
         half = len(t["reward_by_step"]) // 2 or 1
         for side, s in sides.items():

@@ -6,8 +6,12 @@ block stays in the process (one arena per thread: the embedded engine's generati
 thread). A training step allocates and frees ~1 GB of activations, so the resident size ratchets up step by
 step. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic one off) maps every block
 of at least ``threshold`` bytes on its own and unmaps it on free. Measured on the default recipe (SmolLM2 fp32,
-8 prompts x 4 samples, under load): peak RSS 3409 -> 2976 MB over 3 steps; step time within the noise
-(page faults of re-mapped blocks cost ~0.1 s of a step).
+8 prompts x 4 samples, under load): peak RSS 3409 -> 2976 MB over 3 steps. The price, measured later
+(2026-12-07, memory=low, 640 packed tokens): the step's ~9 GB of freed blocks come back as fresh pages, 2.3 M
+page faults and ~4 s of kernel time per step (6.5-6.8 s instead of 4.4 s with blocks kept, which costs +780 MB
+of fragmented heap instead). Hence ``gym_plugin.allocator``: the recipe runs under jemalloc where installed
+(fast and lean), and all of this module's glibc settings apply only where it is not (``_libc`` is None under
+jemalloc).
 
 The other side: a decode step allocates and frees the same blocks every step (logits ``[rows, vocab]`` fp32 and
 the sampler's temporaries: 6.3 MB each for 32 rows of SmolLM2). Unmapped on free, or trimmed off the top of the
@@ -39,8 +43,15 @@ _libc_handle: ctypes.CDLL | None | bool = None  # False: not glibc
 
 
 def _libc() -> ctypes.CDLL | None:
+    """glibc, when its malloc is the process's; None under jemalloc (``gym_plugin.allocator``: it keeps and
+    returns freed memory by itself) and where the C library is not glibc."""
     global _libc_handle
     if _libc_handle is None:
+        from gym_plugin.allocator import loaded_allocator
+
+        if loaded_allocator() != "system":
+            _libc_handle = False
+            return None
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             lib.mallopt, lib.malloc_trim  # noqa: B018 (glibc only: musl and macOS have no mallopt)

@@ -44,14 +44,22 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a fresh clone runs without `pip install -e .`
+if __name__ == "__main__":
+    from gym_plugin.allocator import use_jemalloc
+    from gym_plugin.errors import exit_on_user_error
+
+    # jemalloc where installed (GYM_PLUGIN_ALLOCATOR=auto|jemalloc|system): re-executes this process with it
+    # preloaded before torch is imported; training steps run ~1.3x faster (gym_plugin/allocator.py)
+    exit_on_user_error(use_jemalloc)
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gym_plugin import distributed as dist_utils  # noqa: E402
+from gym_plugin.allocator import loaded_allocator  # noqa: E402
 from gym_plugin.checkpoint import last_checkpoint, load_optimizer_state, read_trainer_state, save_checkpoint  # noqa: E402,E501
 from gym_plugin.datasets import load_rows as read_rows  # noqa: E402
 from gym_plugin.errors import ConfigError, GymPluginError, debug_enabled, exit_on_user_error, format_user_error  # noqa: E402,E501
@@ -69,6 +77,7 @@ from gym_plugin.redact import redact  # noqa: E402
 from gym_plugin.run_logging import RunLogger, read_metrics, run_summary  # noqa: E402
 from gym_plugin.step import grpo_step  # noqa: E402
 from gym_plugin.tasks import prompt_batches, task_rows  # noqa: E402
+from gym_plugin.threads import in_fresh_thread  # noqa: E402
 from gym_plugin.trackers import Trackers  # noqa: E402
 from gym_plugin.weight_sync import open_weight_sync  # noqa: E402
 
@@ -215,7 +224,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
         next(batches)
     log = RunLogger(run_dir, cfg.train.steps, enabled=info.is_main, start_step=start_step,
                     progress=cfg.logging.progress, trackers=trackers)
-    log.info(f"run dir {run_dir} | {cfg.model.name} ({cfg.model.dtype}, {info.device}) | task {cfg.env.task or cfg.env.data_path} | "
+    log.info(f"run dir {run_dir} | {cfg.model.name} ({cfg.model.dtype}, {info.device}, {loaded_allocator()} malloc) | task {cfg.env.task or cfg.env.data_path} | "
              f"{cfg.train.prompts_per_step} prompts x {cfg.train.group_size} samples | ranks {info.world_size}"
              + (f" | resumed at step {start_step} from {ckpt} (params sha256 {dist_utils.params_digest(model)})"
                 + resume_note if cfg.resume else ""))
@@ -280,7 +289,7 @@ async def train(cfg: GRPOConfig, info: dist_utils.DistInfo, state: RunState) -> 
             rss_collect = peak_rss_mb()
             dist_utils.raise_if_any_rank_failed(failure, f"step {step}: collecting and processing rollouts")
             # ---- update: one GRPO step (DDP averages gradients; tokens normalized over all ranks) --------------
-            metrics = await asyncio.to_thread(train_step, batch.to(info.device), step)
+            metrics = await in_fresh_thread(train_step, batch.to(info.device), step, name="grpo-train-step")
             # ---- sync: the policy serves the new weights before the next collection starts ------------------
             if pending is not None:
                 await pending  # (overlap) that collection used the old weights; wait before swapping them

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gym_plugin.allocator import ENV as ALLOCATOR_ENV, find_jemalloc
 from gym_plugin.distributed import params_digest
 from gym_plugin.models import load_policy_model
 
@@ -91,6 +92,9 @@ def test_two_steps_then_resume(tmp_path):
     # train.save_optimizer: resume below continues Adam's moments exactly (by default a checkpoint is the model only)
     out = run_recipe(SMOKE + ["train.steps=2", "train.save_optimizer=true"], run_dir)
     assert "step 2/2 | reward" in out  # the per-step line
+    # the process re-executed itself with jemalloc where this machine has it (gym_plugin/allocator.py)
+    malloc = "system" if find_jemalloc() is None or os.environ.get(ALLOCATOR_ENV) == "system" else "jemalloc"
+    assert f"(float32, cpu, {malloc} malloc)" in out
 
     # ---- files: metrics (2 lines), rollouts of each step, the PNG, the checkpoint -----------------------------
     rows = read_jsonl(run_dir / "metrics.jsonl")
