@@ -51,7 +51,9 @@ in chunks (gym_plugin/logprobs.py)."""
 IN_BACKWARD = ["train.optimizer_in_backward=true", "step.max_grad_norm=null"]
 """``ours_inbwd``: the default's AdamW (its moments kept), each parameter stepped inside backward, so the model's
 gradients never exist at once (-517 MB for SmolLM2); the global norm is not clipped."""
-SIDE_OVERRIDES = {"ours": [], "ours_lowmem": LOW_MEMORY, "ours_inbwd": IN_BACKWARD}
+SIDE_OVERRIDES = {"ours": [], "ours_lowmem": LOW_MEMORY, "ours_inbwd": IN_BACKWARD, "ours_lowmem_glibc": LOW_MEMORY}
+SIDE_ENV = {"ours_lowmem_glibc": {"GYM_PLUGIN_ALLOCATOR": "system"}}
+"""``ours_lowmem_glibc``: ``ours_lowmem`` on the C library's malloc (no jemalloc re-exec): the allocator's share."""
 TRL_SIDES = ("trl", "trl_gym", "trl_jemalloc")
 """``trl_jemalloc``: TRL's run with jemalloc preloaded, as our recipe runs where it is installed
 (gym_plugin/allocator.py): the comparison with the allocator taken out."""
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default="runs/bench_vs_trl")
     parser.add_argument("--sides", default="ours,ours_lowmem,trl",
                         help="comma-separated, run in this order each round: ours (the default recipe: AdamW), "
-                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), ours_inbwd (+ " + " ".join(IN_BACKWARD)
+                             "ours_lowmem (+ " + " ".join(LOW_MEMORY) + "), ours_lowmem_glibc (the same on glibc's malloc), ours_inbwd (+ " + " ".join(IN_BACKWARD)
                              + "), trl, trl_gym (TRL's trainer with "
                              "gym_plugin.trl's rollouts: bench/trl_grpo.py --gym), trl_jemalloc (trl with "
                              "jemalloc preloaded)")
@@ -136,7 +138,8 @@ def main() -> None:
                 res = trl(args, out_dir / f"{side}_r{r}_{stamp}.json", env, gym=side == "trl_gym",
                           jemalloc=side == "trl_jemalloc")
             else:
-                res = ours(args, out_dir / f"{side}_r{r}_{stamp}", env, SIDE_OVERRIDES[side])
+                res = ours(args, out_dir / f"{side}_r{r}_{stamp}", {**env, **SIDE_ENV.get(side, {})},
+                           SIDE_OVERRIDES[side])
             results[side].append(res)
             s = summary([res])
             print(f"round {r + 1} {side:11}: {s['step_s_2..N']:.1f} s/step (collect {s['collect_s_2..N']:.1f} + train "
