@@ -391,7 +391,7 @@ def main(raw: DictConfig) -> None:
     run_dir = raw.get("run_dir")
     try:
         cfg = parse_grpo_config(OmegaConf.to_container(raw, resolve=True))
-        return_freed_memory_to_os()  # freed activations leave the process (gym_plugin/memory.py: -430 MB peak)
+        return_freed_memory_to_os()  # glibc only (a no-op under jemalloc): freed activations leave the process
         info = dist_utils.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.model.device)
         try:
             asyncio.run(train(cfg, info, state))
