@@ -11,7 +11,7 @@ same plus LOW_MEMORY (memory=low), ``ours_inbwd`` plus IN_BACKWARD (AdamW steppe
 bench/trl_grpo.py run with ``--trl-python`` (a venv with trl; see that file for its config). Runs alternate (``--sides`` order, every round) so a slow period
 of the machine hits every side.
 
-Allocator: our recipe runs under jemalloc where it is installed (gym_plugin/allocator.py; its log's first line
+Allocator: our recipe runs under jemalloc where it is installed (gym_plugin/allocator.py; its "run dir" log line
 says which); ``GYM_PLUGIN_ALLOCATOR=system python bench/vs_trl.py ...`` runs ours on the C library's malloc.
 ``trl_jemalloc`` runs TRL's side with jemalloc preloaded too.
 
